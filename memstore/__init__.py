@@ -1,0 +1,40 @@
+"""memstore: a distributed, sharded memory store for Engram tables.
+
+Shards hold table rows and their optimizer state and serve batched lookups and sparse
+updates over gRPC; `MemStoreClient` routes, de-duplicates and retries; `InProcessStore` is
+the same interface in one process, the reference the sharded store is tested against.
+"""
+
+import sys
+
+if sys.byteorder != "little":  # rows and keys travel and are stored little-endian
+    raise ImportError("memstore needs a little-endian machine")
+
+from memstore.client import ClientConfig, MemStoreClient  # noqa: E402
+from memstore.errors import (  # noqa: E402
+    DeadlineExceeded,
+    InvalidArgument,
+    MemStoreError,
+    TableExists,
+    TableNotFound,
+    Unavailable,
+    WrongShard,
+)
+from memstore.local import InProcessStore  # noqa: E402
+from memstore.spec import InitSpec, OptimizerSpec, TableSpec  # noqa: E402
+
+__all__ = [
+    "ClientConfig",
+    "DeadlineExceeded",
+    "InProcessStore",
+    "InitSpec",
+    "InvalidArgument",
+    "MemStoreClient",
+    "MemStoreError",
+    "OptimizerSpec",
+    "TableExists",
+    "TableNotFound",
+    "TableSpec",
+    "Unavailable",
+    "WrongShard",
+]

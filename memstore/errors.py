@@ -1,0 +1,37 @@
+"""Typed errors shared by every layer of the store.
+
+The engine raises them naming the bad key, table or shard; the gRPC servicer maps each class
+to one status code (`memstore.server.STATUS_OF`); the client maps status codes back to these
+classes, so a caller sees the same exception whether the table is in process or remote.
+"""
+
+
+class MemStoreError(Exception):
+    """Base class of every error the store reports."""
+
+
+class InvalidArgument(MemStoreError, ValueError):
+    """A request that can never succeed as sent: bad key, shape, dtype, value or payload."""
+
+
+class TableNotFound(MemStoreError, KeyError):
+    """The named table does not exist."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
+
+
+class TableExists(MemStoreError):
+    """A table of that name exists with a different spec."""
+
+
+class WrongShard(MemStoreError):
+    """The request was routed with a shard layout the server does not have."""
+
+
+class Unavailable(MemStoreError):
+    """A shard could not be reached (after retries)."""
+
+
+class DeadlineExceeded(MemStoreError):
+    """A call did not finish within its deadline (after retries)."""

@@ -1,0 +1,172 @@
+"""Table specifications: what a table is, independent of where its rows live.
+
+A `TableSpec` fully determines a table's initial contents and how updates change it, so two
+stores built from the same spec hold bit-identical rows whatever their shard count. Specs
+travel as plain dicts (msgpack in checkpoints, TOML in store configs, the proto's
+`TableSpec` on the wire) using the field names below.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from memstore.errors import InvalidArgument
+
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+OPTIMIZER_KINDS = ("adam", "adagrad", "sgd")
+INIT_KINDS = ("normal", "uniform", "zeros")
+_NAME = re.compile(r"^[A-Za-z0-9_.\-:/]{1,128}$")
+
+
+@dataclass(frozen=True)
+class OptimizerSpec:
+    """The sparse optimizer a shard applies to the rows of each update.
+
+    kind: "adam" (lazy Adam, per-row moments and per-row step count), "adagrad" (row-wise
+    Adagrad: one accumulator per row) or "sgd" (optional momentum). The learning rate is not
+    here: it travels with every update so the trainer owns the schedule. weight_decay is
+    decoupled (AdamW-style, p -= lr * wd * p) and touches only the rows of an update.
+    """
+
+    kind: str = "adam"
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+
+    def validate(self) -> None:
+        if self.kind not in OPTIMIZER_KINDS:
+            raise InvalidArgument(f"optimizer kind {self.kind!r} is not one of {OPTIMIZER_KINDS}")
+        if not (0.0 <= self.beta1 < 1.0 and 0.0 <= self.beta2 < 1.0):
+            raise InvalidArgument(f"optimizer betas must lie in [0, 1): {self.beta1}, {self.beta2}")
+        if not self.eps > 0.0:
+            raise InvalidArgument(f"optimizer eps must be > 0, got {self.eps}")
+        if not 0.0 <= self.momentum < 1.0:
+            raise InvalidArgument(f"optimizer momentum must lie in [0, 1), got {self.momentum}")
+        if not self.weight_decay >= 0.0:
+            raise InvalidArgument(f"optimizer weight_decay must be >= 0, got {self.weight_decay}")
+
+
+@dataclass(frozen=True)
+class InitSpec:
+    """How rows start: "normal" (mean 0, `std`), "uniform" (in [-bound, bound]) or "zeros".
+
+    The default, N(0, 1), is torch.nn.Embedding's, which the Engram reference uses.
+    """
+
+    kind: str = "normal"
+    std: float = 1.0
+    bound: float = 1.0
+
+    def validate(self) -> None:
+        if self.kind not in INIT_KINDS:
+            raise InvalidArgument(f"init kind {self.kind!r} is not one of {INIT_KINDS}")
+        if not (self.std >= 0.0 and self.bound >= 0.0):
+            raise InvalidArgument(f"init std and bound must be >= 0: {self.std}, {self.bound}")
+
+
+@dataclass(frozen=True)
+class TableSpec:
+    """A table of `num_rows` rows of `dim` values, addressed by keys 0..num_rows-1.
+
+    dtype: how rows are stored; wire_dtype: how rows and gradients travel (defaults to dtype).
+    Optimizer state is always float32.
+    """
+
+    name: str
+    num_rows: int
+    dim: int
+    dtype: str = "float32"
+    wire_dtype: str = ""
+    init: InitSpec = field(default_factory=InitSpec)
+    seed: int = 0
+    optimizer: OptimizerSpec = field(default_factory=OptimizerSpec)
+
+    def __post_init__(self) -> None:
+        if not self.wire_dtype:
+            object.__setattr__(self, "wire_dtype", self.dtype)
+
+    def validate(self) -> "TableSpec":
+        if not isinstance(self.name, str) or not _NAME.match(self.name):
+            raise InvalidArgument(
+                f"table name {self.name!r} must be 1-128 characters of letters, digits and _.-:/"
+            )
+        if not (isinstance(self.num_rows, int) and 0 < self.num_rows < 2**62):
+            raise InvalidArgument(f"table {self.name!r}: num_rows must be a positive integer, got {self.num_rows!r}")
+        if not (isinstance(self.dim, int) and 0 < self.dim <= 1 << 16):
+            raise InvalidArgument(f"table {self.name!r}: dim must be in 1..65536, got {self.dim!r}")
+        for what, value in (("dtype", self.dtype), ("wire_dtype", self.wire_dtype)):
+            if value not in DTYPES:
+                raise InvalidArgument(f"table {self.name!r}: {what} {value!r} is not one of {tuple(DTYPES)}")
+        if not (isinstance(self.seed, int) and 0 <= self.seed < 2**63):
+            raise InvalidArgument(f"table {self.name!r}: seed must be an integer in [0, 2**63), got {self.seed!r}")
+        self.init.validate()
+        self.optimizer.validate()
+        return self
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    @property
+    def wire_torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.wire_dtype]
+
+    @property
+    def row_bytes(self) -> int:
+        return self.dim * DTYPE_BYTES[self.dtype]
+
+    @property
+    def wire_row_bytes(self) -> int:
+        return self.dim * DTYPE_BYTES[self.wire_dtype]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TableSpec":
+        """Builds a spec from a dict (TOML, msgpack, JSON); unknown fields are an error."""
+        d = dict(d)
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise InvalidArgument(f"table spec has unknown fields {sorted(unknown)}; known: {sorted(known)}")
+        if "name" not in d or "num_rows" not in d or "dim" not in d:
+            raise InvalidArgument(f"table spec needs name, num_rows and dim, got {sorted(d)}")
+        try:
+            if isinstance(d.get("optimizer"), dict):
+                d["optimizer"] = OptimizerSpec(**d["optimizer"])
+            if isinstance(d.get("init"), dict):
+                d["init"] = InitSpec(**d["init"])
+        except TypeError as e:
+            raise InvalidArgument(f"table spec {d.get('name')!r}: {e}") from None
+        return cls(**d).validate()
+
+
+def as_key_array(keys: Any) -> np.ndarray:
+    """Any integer array, tensor or sequence of keys as a C-contiguous int64 numpy array."""
+    if isinstance(keys, torch.Tensor):
+        if keys.is_floating_point() or keys.is_complex() or keys.dtype == torch.bool:
+            raise InvalidArgument(f"keys must be integers, got a tensor of {keys.dtype}")
+        keys = keys.detach().to("cpu", torch.int64).numpy()
+    arr = np.asarray(keys)
+    if arr.dtype.kind not in "iu":
+        if arr.size == 0:
+            arr = arr.astype(np.int64)
+        else:
+            raise InvalidArgument(f"keys must be integers, got dtype {arr.dtype}")
+    if arr.dtype == np.uint64 and arr.size and int(arr.max()) >= 2**63:
+        raise InvalidArgument(f"key {int(arr.max())} does not fit in int64")
+    return np.asarray(arr, dtype=np.int64, order="C")  # keeps 0-d shapes, unlike ascontiguousarray
