@@ -1,0 +1,303 @@
+"""memstore.optim's sparse optimizers against plain references and torch.optim.
+
+Run: python -m pytest tests/test_optim.py -q
+
+Two kinds of reference: a per-row, per-step loop in float64 that is the definition of each
+update (lazy semantics: only the rows of a step change), and torch.optim itself where the
+two coincide (every step touching the same rows). Tables are small and chunks are forced to
+a few rows so that chunk boundaries and uneven last chunks are exercised.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import memstore.optim as optim
+from memstore.errors import InvalidArgument
+from memstore.optim import make_optimizer
+from memstore.spec import OptimizerSpec
+
+NUM_ROWS, DIM, STEPS = 48, 12, 6
+
+SPECS = {
+    "sgd": OptimizerSpec("sgd"),
+    "sgd_wd": OptimizerSpec("sgd", weight_decay=0.1),
+    "sgd_momentum": OptimizerSpec("sgd", momentum=0.9),
+    "sgd_momentum_wd": OptimizerSpec("sgd", momentum=0.9, weight_decay=0.1),
+    "adagrad": OptimizerSpec("adagrad"),
+    "adagrad_wd": OptimizerSpec("adagrad", weight_decay=0.1),
+    "adam": OptimizerSpec("adam"),
+    "adam_wd": OptimizerSpec("adam", beta1=0.8, beta2=0.95, eps=1e-6, weight_decay=0.1),
+}
+
+
+@pytest.fixture(autouse=True)
+def small_chunks(monkeypatch):
+    """7 rows per chunk at DIM 12: several chunks per step, the last one short."""
+    monkeypatch.setattr(optim, "CPU_CHUNK_ELEMENTS", 7 * DIM)
+
+
+def close(actual: torch.Tensor, expected: torch.Tensor, *, atol: float, rtol: float, what: str) -> None:
+    """Element-wise |actual - expected| <= atol + rtol * |expected|; reports max and mean diff."""
+    a, e = actual.double(), expected.double()
+    assert a.shape == e.shape, f"{what}: shape {tuple(a.shape)} != {tuple(e.shape)}"
+    diff = (a - e).abs()
+    ok = diff <= atol + rtol * e.abs()
+    assert bool(ok.all()), (
+        f"{what}: {int((~ok).sum())} of {ok.numel()} differ; max abs diff {diff.max():.3g}, "
+        f"mean abs diff {diff.mean():.3g} (atol {atol}, rtol {rtol})"
+    )
+
+
+class RowLoopReference:
+    """Each update applied row by row in float64, rounded to the storage dtype after each step.
+
+    This is the definition of the optimizers, written for reading rather than speed.
+    """
+
+    def __init__(self, spec: OptimizerSpec, rows: torch.Tensor):
+        self.spec, self.dtype = spec, rows.dtype
+        self.rows = rows.double()
+        self.buf = torch.zeros_like(self.rows)  # sgd momentum buffer / adam exp_avg
+        self.sq = torch.zeros_like(self.rows)  # adam exp_avg_sq
+        self.acc = torch.zeros(rows.shape[0], dtype=torch.float64)  # adagrad accumulator
+        self.step_count = torch.zeros(rows.shape[0], dtype=torch.int64)
+
+    def step(self, idx: torch.Tensor, grads: torch.Tensor, lr: float) -> None:
+        s = self.spec
+        for r, g in zip(idx.tolist(), grads.double()):
+            p = self.rows[r] * (1.0 - lr * s.weight_decay)
+            if s.kind == "sgd":
+                self.buf[r] = s.momentum * self.buf[r] + g
+                p = p - lr * (self.buf[r] if s.momentum else g)
+            elif s.kind == "adagrad":
+                self.acc[r] += float((g * g).mean())
+                p = p - lr * g / (math.sqrt(self.acc[r]) + s.eps)
+            else:
+                self.step_count[r] += 1
+                t = int(self.step_count[r])
+                self.buf[r] = s.beta1 * self.buf[r] + (1 - s.beta1) * g
+                self.sq[r] = s.beta2 * self.sq[r] + (1 - s.beta2) * g * g
+                m_hat = self.buf[r] / (1 - s.beta1**t)
+                v_hat = self.sq[r] / (1 - s.beta2**t)
+                p = p - lr * m_hat / (v_hat.sqrt() + s.eps)
+            self.rows[r] = p.to(self.dtype).double()
+
+    def state(self) -> dict[str, torch.Tensor]:
+        """The reference's state under memstore's state names."""
+        s = self.spec
+        if s.kind == "sgd":
+            return {"momentum_buffer": self.buf} if s.momentum else {}
+        if s.kind == "adagrad":
+            return {"momentum1": self.acc}
+        return {"exp_avg": self.buf, "exp_avg_sq": self.sq, "step": self.step_count}
+
+
+def random_steps(gen: torch.Generator, num_rows: int, dim: int, steps: int, never_touched: int = 4):
+    """(idx, grads, lr) per step: unique rows in random order, sets of varying size that overlap.
+
+    The last `never_touched` rows are in no set.
+    """
+    out = []
+    for _ in range(steps):
+        n = int(torch.randint(num_rows // 4, num_rows * 3 // 4, (1,), generator=gen))
+        idx = torch.randperm(num_rows - never_touched, generator=gen)[:n]
+        grads = torch.randn(n, dim, generator=gen)
+        lr = float(torch.empty(()).uniform_(0.01, 0.1, generator=gen))
+        out.append((idx, grads, lr))
+    return out
+
+
+def run_and_check_laziness(opt, rows, state, steps) -> None:
+    """Applies the steps, checking after each that rows and state outside idx are bit-identical."""
+    for idx, grads, lr in steps:
+        untouched = torch.ones(rows.shape[0], dtype=torch.bool)
+        untouched[idx] = False
+        rows_before = rows.clone()
+        state_before = {k: v.clone() for k, v in state.items()}
+        opt.step(rows, state, idx, grads, lr)
+        assert torch.equal(rows[untouched], rows_before[untouched]), "a row outside idx changed"
+        for name, t in state.items():
+            assert torch.equal(t[untouched], state_before[name][untouched]), f"state {name!r} outside idx changed"
+
+
+@pytest.mark.parametrize("name", list(SPECS))
+def test_float32_matches_row_loop_reference(name):
+    spec = SPECS[name]
+    gen = torch.Generator().manual_seed(1)
+    rows = torch.randn(NUM_ROWS, DIM, generator=gen)
+    ref = RowLoopReference(spec, rows)
+    opt = make_optimizer(spec)
+    state = opt.init_state(NUM_ROWS, DIM)
+    steps = random_steps(gen, NUM_ROWS, DIM, STEPS)
+    run_and_check_laziness(opt, rows, state, steps)
+    for idx, grads, lr in steps:
+        ref.step(idx, grads, lr)
+    # float32 against float64 arithmetic over a few steps of size <= 0.1: a few float32 ulps.
+    close(rows, ref.rows, atol=1e-6, rtol=1e-5, what=f"{name} rows")
+    ref_state = ref.state()
+    assert set(state) == set(ref_state) == set(opt.state_names)
+    for key, t in state.items():
+        close(t, ref_state[key], atol=1e-7, rtol=1e-5, what=f"{name} state {key}")
+    for key, t in state.items():  # random_steps leaves the last rows alone
+        assert not t[-4:].any(), f"state {key!r} of never-touched rows is not zero"
+
+
+# Low-precision storage: the reference rounds each row to the storage dtype after each step,
+# as the shard does, but its float64 arithmetic can land on the other side of a rounding
+# boundary than our float32 arithmetic, so rows may differ by an ulp of the storage dtype
+# (relative 2**-8 for bfloat16, 2**-11 for float16); allow two.
+LOW_PRECISION = {torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10}
+
+
+@pytest.mark.parametrize("dtype", list(LOW_PRECISION), ids=str)
+@pytest.mark.parametrize("name", ["sgd_momentum_wd", "adagrad_wd", "adam", "adam_wd"])
+def test_low_precision_rows_match_reference(name, dtype):
+    spec = SPECS[name]
+    gen = torch.Generator().manual_seed(2)
+    rows = torch.randn(NUM_ROWS, DIM, generator=gen).to(dtype)
+    ref = RowLoopReference(spec, rows)
+    opt = make_optimizer(spec)
+    state = opt.init_state(NUM_ROWS, DIM)
+    steps = random_steps(gen, NUM_ROWS, DIM, STEPS)
+    run_and_check_laziness(opt, rows, state, steps)
+    for idx, grads, lr in steps:
+        ref.step(idx, grads, lr)
+    assert rows.dtype == dtype
+    close(rows, ref.rows, atol=1e-6, rtol=LOW_PRECISION[dtype], what=f"{name} {dtype} rows")
+    for key, t in state.items():
+        assert t.dtype in (torch.float32, torch.int64), f"state {key!r} is {t.dtype}"
+        # State is float32 whatever the rows and depends on the gradients alone, not on the
+        # rounded rows, so it stays as close as in float32.
+        close(t, ref.state()[key], atol=1e-7, rtol=1e-5, what=f"{name} {dtype} state {key}")
+
+
+def dense_steps(gen: torch.Generator, num_rows: int, dim: int, steps: int):
+    """(idx, grads, lr) per step, every step touching every row, in a different order each time."""
+    return [
+        (torch.randperm(num_rows, generator=gen), torch.randn(num_rows, dim, generator=gen), 0.01 * (i + 1))
+        for i in range(steps)
+    ]
+
+
+def run_against_torch(spec, torch_opt_factory, num_rows=NUM_ROWS, dim=DIM, steps=STEPS, subset=None):
+    """Runs memstore's optimizer and a torch.optim one on the same table; returns both tables.
+
+    subset: if given, every step touches these rows only (torch gets sparse gradients).
+    """
+    gen = torch.Generator().manual_seed(3)
+    rows = torch.randn(num_rows, dim, generator=gen)
+    param = torch.nn.Parameter(rows.clone())
+    torch_opt = torch_opt_factory([param])
+    opt = make_optimizer(spec)
+    state = opt.init_state(num_rows, dim)
+    for idx, grads, lr in dense_steps(gen, num_rows, dim, steps):
+        if subset is not None:
+            idx, grads = subset[torch.randperm(len(subset), generator=gen)], grads[: len(subset)]
+            param.grad = torch.sparse_coo_tensor(idx.unsqueeze(0), grads, (num_rows, dim), check_invariants=True)
+        else:
+            param.grad = torch.zeros_like(rows).index_copy_(0, idx, grads)
+        for group in torch_opt.param_groups:  # constructed with a placeholder lr
+            group["lr"] = lr
+        torch_opt.step()
+        opt.step(rows, state, idx, grads, lr)
+    return rows, param.detach()
+
+
+# Same float32 formulas as torch.optim, evaluated with per-row tensors instead of Python
+# scalars; only float reassociation may differ. (Measured with torch 2.13: Adam and AdamW
+# agree bit for bit, SGD and Adagrad within 2.4e-7 absolute.)
+TORCH_ATOL, TORCH_RTOL = 1e-6, 1e-6
+
+
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+def test_sgd_equals_torch_sgd(momentum):
+    ours, theirs = run_against_torch(
+        OptimizerSpec("sgd", momentum=momentum), lambda p: torch.optim.SGD(p, lr=1.0, momentum=momentum)
+    )
+    close(ours, theirs, atol=TORCH_ATOL, rtol=TORCH_RTOL, what=f"sgd momentum {momentum}")
+
+
+def test_adam_equals_torch_adam():
+    ours, theirs = run_against_torch(OptimizerSpec("adam"), lambda p: torch.optim.Adam(p, lr=1.0))
+    close(ours, theirs, atol=TORCH_ATOL, rtol=TORCH_RTOL, what="adam vs torch Adam")
+
+
+def test_adam_weight_decay_equals_torch_adamw():
+    spec = OptimizerSpec("adam", beta1=0.8, beta2=0.95, eps=1e-6, weight_decay=0.1)
+    ours, theirs = run_against_torch(
+        spec, lambda p: torch.optim.AdamW(p, lr=1.0, betas=(0.8, 0.95), eps=1e-6, weight_decay=0.1)
+    )
+    close(ours, theirs, atol=TORCH_ATOL, rtol=TORCH_RTOL, what="adam wd vs torch AdamW")
+
+
+def test_adam_equals_torch_sparse_adam_on_a_fixed_subset():
+    subset = torch.randperm(NUM_ROWS, generator=torch.Generator().manual_seed(4))[: NUM_ROWS // 3]
+    ours, theirs = run_against_torch(OptimizerSpec("adam"), lambda p: torch.optim.SparseAdam(p, lr=1.0), subset=subset)
+    # SparseAdam arranges the same formula differently (lr * sqrt(bc2) / bc1 as one factor).
+    close(ours, theirs, atol=1e-5, rtol=1e-5, what="adam vs torch SparseAdam")
+
+
+def test_rowwise_adagrad_with_one_value_per_row_equals_torch_adagrad():
+    # With dim 1 the row mean of g**2 is g**2, so row-wise Adagrad is torch's Adagrad.
+    ours, theirs = run_against_torch(OptimizerSpec("adagrad"), lambda p: torch.optim.Adagrad(p, lr=1.0, eps=1e-8), dim=1)
+    close(ours, theirs, atol=TORCH_ATOL, rtol=TORCH_RTOL, what="row-wise adagrad vs torch Adagrad, dim 1")
+
+
+@pytest.mark.parametrize("name", ["sgd_momentum", "adagrad", "adam_wd"])
+def test_result_does_not_depend_on_row_order_or_chunking(name, monkeypatch):
+    spec = SPECS[name]
+    gen = torch.Generator().manual_seed(5)
+    rows0 = torch.randn(NUM_ROWS, DIM, generator=gen)
+    steps = random_steps(gen, NUM_ROWS, DIM, STEPS)
+    results = []
+    for chunk_elements, shuffle in ((7 * DIM, False), (7 * DIM, True), (1 << 18, True)):
+        monkeypatch.setattr(optim, "CPU_CHUNK_ELEMENTS", chunk_elements)
+        opt, rows = make_optimizer(spec), rows0.clone()
+        state = opt.init_state(NUM_ROWS, DIM)
+        for idx, grads, lr in steps:
+            order = torch.randperm(len(idx), generator=gen) if shuffle else torch.arange(len(idx))
+            opt.step(rows, state, idx[order], grads[order], lr)
+        results.append((rows, state))
+    for rows, state in results[1:]:
+        assert torch.equal(rows, results[0][0])
+        assert all(torch.equal(state[k], results[0][1][k]) for k in state)
+
+
+def test_init_state_layout():
+    assert make_optimizer(OptimizerSpec("sgd")).init_state(5, 3) == {}
+    (buf,) = make_optimizer(OptimizerSpec("sgd", momentum=0.5)).init_state(5, 3).values()
+    assert buf.shape == (5, 3) and buf.dtype == torch.float32
+    acc = make_optimizer(OptimizerSpec("adagrad")).init_state(5, 3)["momentum1"]
+    assert acc.shape == (5,) and acc.dtype == torch.float32
+    adam = make_optimizer(OptimizerSpec("adam"))
+    state = adam.init_state(5, 3)
+    assert tuple(state) == adam.state_names
+    assert state["exp_avg"].shape == state["exp_avg_sq"].shape == (5, 3)
+    assert state["step"].shape == (5,) and state["step"].dtype == torch.int64
+    assert all(not t.any() for t in state.values())
+
+
+def test_empty_update_changes_nothing():
+    opt = make_optimizer(OptimizerSpec("adam"))
+    rows = torch.randn(4, 3)
+    state = opt.init_state(4, 3)
+    before = rows.clone()
+    opt.step(rows, state, torch.empty(0, dtype=torch.int64), torch.empty(0, 3), 0.1)
+    assert torch.equal(rows, before) and not state["step"].any()
+
+
+def test_bad_spec_and_learning_rate_raise_invalid_argument():
+    with pytest.raises(InvalidArgument, match="kind"):
+        make_optimizer(OptimizerSpec("lamb"))
+    with pytest.raises(InvalidArgument, match="momentum"):
+        make_optimizer(OptimizerSpec("sgd", momentum=1.5))
+    opt = make_optimizer(OptimizerSpec("sgd"))
+    rows = torch.zeros(4, 3)
+    for lr in (-0.1, float("nan"), float("inf")):
+        with pytest.raises(InvalidArgument, match="learning rate"):
+            opt.step(rows, {}, torch.tensor([1]), torch.ones(1, 3), lr)
+    assert not rows.any()
