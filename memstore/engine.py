@@ -1,0 +1,155 @@
+"""The storage engine of one shard: its tables, and the checks every request passes first.
+
+Plain Python + torch/numpy, no gRPC: the servicer decodes a request into arrays, calls one
+method here and encodes the result. Every check runs before anything changes, so a rejected
+request changes nothing; failures are typed `memstore.errors` exceptions that name the bad
+key, table or shard.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import torch
+
+from memstore.errors import InvalidArgument, TableExists, TableNotFound, WrongShard
+from memstore.spec import TableSpec
+from memstore.table import REMEMBERED_UPDATE_IDS, ShardTable
+
+
+class ShardEngine:
+    """Shard `shard_index` of a store of `num_shards`: holds its part of every table."""
+
+    def __init__(self, shard_index: int = 0, num_shards: int = 1) -> None:
+        if not 0 <= shard_index < num_shards:
+            raise InvalidArgument(f"shard index {shard_index} is not in [0, {num_shards})")
+        self.shard_index = shard_index
+        self.num_shards = num_shards
+        self._tables: dict[str, ShardTable] = {}
+        self._lock = threading.Lock()  # guards _tables (the dict, not the tables)
+
+    # ---- table management -------------------------------------------------------------
+    def create_table(self, spec: TableSpec) -> ShardTable:
+        spec.validate()
+        with self._lock:
+            existing = self._tables.get(spec.name)
+            if existing is not None:
+                if existing.spec != spec:
+                    raise TableExists(
+                        f"table {spec.name!r} exists with a different spec: {existing.spec} (asked: {spec})"
+                    )
+                return existing
+        table = ShardTable(spec, self.shard_index, self.num_shards)  # allocation outside the lock
+        with self._lock:
+            table = self._tables.setdefault(spec.name, table)
+        if table.spec != spec:
+            raise TableExists(f"table {spec.name!r} was created concurrently with a different spec")
+        return table
+
+    def table(self, name: str) -> ShardTable:
+        table = self._tables.get(name)
+        if table is None:
+            raise TableNotFound(f"table {name!r} does not exist on shard {self.shard_index}")
+        return table
+
+    def tables(self) -> list[ShardTable]:
+        with self._lock:
+            return list(self._tables.values())
+
+    def drop_table(self, name: str) -> bool:
+        with self._lock:
+            return self._tables.pop(name, None) is not None
+
+    def check_route(self, shard_index: int, num_shards: int) -> None:
+        if (shard_index, num_shards) != (self.shard_index, self.num_shards):
+            raise WrongShard(
+                f"request routed to shard {shard_index} of {num_shards}, but this server is "
+                f"shard {self.shard_index} of {self.num_shards}"
+            )
+
+    # ---- data path ----------------------------------------------------------------------
+    def local_index(self, table: ShardTable, keys: np.ndarray, unique: bool) -> torch.Tensor:
+        """Validates global keys for this shard and returns their local rows (int64 tensor)."""
+        n = table.spec.num_rows
+        bad = (keys < 0) | (keys >= n)
+        if bad.any():
+            first = int(keys[np.flatnonzero(bad)[0]])
+            raise InvalidArgument(f"key {first} is out of range [0, {n}) for table {table.spec.name!r}")
+        if self.num_shards > 1:
+            stray = keys % self.num_shards != self.shard_index
+            if stray.any():
+                first = int(keys[np.flatnonzero(stray)[0]])
+                raise WrongShard(
+                    f"key {first} of table {table.spec.name!r} belongs to shard "
+                    f"{first % self.num_shards}, not shard {self.shard_index} of {self.num_shards}"
+                )
+        local = keys // self.num_shards if self.num_shards > 1 else keys
+        if unique and len(local) > 1:
+            ordered = np.sort(local)
+            dup = np.flatnonzero(ordered[1:] == ordered[:-1])
+            if len(dup):
+                key = int(ordered[dup[0]]) * self.num_shards + self.shard_index
+                raise InvalidArgument(
+                    f"key {key} appears twice in one request to table {table.spec.name!r}; "
+                    "sum the gradients of duplicate keys before sending"
+                )
+        return torch.from_numpy(local)
+
+    def lookup(self, name: str, keys: np.ndarray) -> tuple[torch.Tensor, int]:
+        """Rows of `keys` in the table's wire dtype [n, dim], and the version read at."""
+        table = self.table(name)
+        local = self.local_index(table, keys, unique=False)
+        out = torch.empty(len(keys), table.spec.dim, dtype=table.spec.wire_torch_dtype)
+        return out, table.gather(local, out)
+
+    def update(
+        self, name: str, keys: np.ndarray, grads: torch.Tensor, lr: float, update_id: str = ""
+    ) -> tuple[int, bool]:
+        """Applies one sparse update; returns (version, duplicate). All checks run first."""
+        table = self.table(name)
+        self._check_values(table, keys, grads, "gradient")
+        if not (np.isfinite(lr) and lr >= 0.0):
+            raise InvalidArgument(f"learning rate must be finite and >= 0, got {lr}")
+        local = self.local_index(table, keys, unique=True)
+        grads32 = grads.float()
+        return self._write(table, update_id, lambda: table.apply(local, grads32, lr))
+
+    def assign(
+        self, name: str, keys: np.ndarray, values: torch.Tensor, keep_state: bool, update_id: str = ""
+    ) -> tuple[int, bool]:
+        """Writes rows verbatim; returns (version, duplicate). All checks run first."""
+        table = self.table(name)
+        self._check_values(table, keys, values, "row")
+        local = self.local_index(table, keys, unique=True)
+        return self._write(table, update_id, lambda: table.assign(local, values, keep_state))
+
+    @staticmethod
+    def _check_values(table: ShardTable, keys: np.ndarray, values: torch.Tensor, what: str) -> None:
+        dim = table.spec.dim
+        if values.dim() != 2 or values.shape[0] != len(keys) or values.shape[1] != dim:
+            raise InvalidArgument(
+                f"{what}s for table {table.spec.name!r} must have shape ({len(keys)}, {dim}), "
+                f"got {tuple(values.shape)}"
+            )
+        if len(keys) and not bool(torch.isfinite(values).all()):
+            row = int(torch.nonzero(~torch.isfinite(values).all(dim=1))[0, 0])
+            raise InvalidArgument(
+                f"{what} of key {int(keys[row])} for table {table.spec.name!r} holds NaN or Inf"
+            )
+
+    def _write(self, table: ShardTable, update_id: str, apply) -> tuple[int, bool]:
+        """Runs `apply` at most once per update id: the id is checked, applied and recorded
+        under the table's ids_lock, so two concurrent retries of one update cannot both apply."""
+        if not update_id:
+            return apply(), False
+        applied = table.applied_ids
+        with table.ids_lock:
+            version = applied.get(update_id)
+            if version is not None:
+                return version, True
+            version = apply()
+            applied[update_id] = version
+            while len(applied) > REMEMBERED_UPDATE_IDS:
+                applied.popitem(last=False)
+            return version, False

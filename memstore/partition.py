@@ -1,0 +1,77 @@
+"""Where a key lives, and what its row starts as.
+
+Partitioning: shard i of S holds the keys k with `k % S == i`, at local row `k // S`. Engram
+hash ids are uniform modulo a prime, so modulo placement balances rows and load, and a
+shard's local rows keep the global key order.
+
+Initial values are a pure function of (table seed, key, column): a counter-based generator
+(SplitMix64 over the counter `key * dim + column`, keyed by the seed) gives the same row
+whichever shard builds it, so a table built with 1 or 5 shards holds identical rows.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from memstore.spec import InitSpec
+
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+_MIX1 = np.uint64(0xBF58476D1CE4E5B9)
+_MIX2 = np.uint64(0x94D049BB133111EB)
+# Values generated per chunk when building rows: bounds the temporaries to ~64 MiB.
+_CHUNK_VALUES = 1 << 20
+
+
+def shard_of(keys: np.ndarray, num_shards: int) -> np.ndarray:
+    """Shard index of each key (keys are non-negative int64)."""
+    return keys % num_shards
+
+
+def local_rows(num_rows: int, shard_index: int, num_shards: int) -> int:
+    """How many of a table's rows shard `shard_index` of `num_shards` holds."""
+    return (num_rows - shard_index + num_shards - 1) // num_shards
+
+
+def _splitmix64(counter: np.ndarray) -> np.ndarray:
+    """SplitMix64's output function over uint64 counters (wrapping arithmetic)."""
+    z = counter * _GOLDEN
+    z = (z ^ (z >> np.uint64(30))) * _MIX1
+    z = (z ^ (z >> np.uint64(27))) * _MIX2
+    return z ^ (z >> np.uint64(31))
+
+
+def _uniform01(seed: int, counter: np.ndarray, stream: int) -> np.ndarray:
+    """Uniform doubles in (0, 1) from 53 random bits of (seed, stream, counter)."""
+    key = _splitmix64(np.array([seed * 2 + stream], dtype=np.uint64))[0]
+    bits = _splitmix64(counter ^ key) >> np.uint64(11)
+    return (bits.astype(np.float64) + 0.5) * (1.0 / (1 << 53))
+
+
+def initial_values(init: InitSpec, seed: int, keys: np.ndarray, dim: int) -> np.ndarray:
+    """float64 [len(keys), dim]: the initial rows of the given global keys."""
+    counter = (keys.astype(np.uint64)[:, None] * np.uint64(dim) + np.arange(dim, dtype=np.uint64)).ravel()
+    if init.kind == "zeros":
+        return np.zeros((len(keys), dim))
+    if init.kind == "uniform":
+        u = _uniform01(seed, counter, 0)
+        return ((2.0 * u - 1.0) * init.bound).reshape(len(keys), dim)
+    # Box-Muller over two independent streams of the same counter.
+    u1, u2 = _uniform01(seed, counter, 0), _uniform01(seed, counter, 1)
+    z = np.sqrt(-2.0 * np.log(u1)) * np.cos(2.0 * np.pi * u2)
+    return (z * init.std).reshape(len(keys), dim)
+
+
+def fill_initial_rows(
+    rows: torch.Tensor, init: InitSpec, seed: int, shard_index: int, num_shards: int
+) -> None:
+    """Writes the initial values of this shard's rows into `rows` [local_rows, dim], in chunks."""
+    n, dim = rows.shape
+    if init.kind == "zeros":
+        rows.zero_()
+        return
+    step = max(1, _CHUNK_VALUES // dim)
+    for start in range(0, n, step):
+        local = np.arange(start, min(n, start + step), dtype=np.int64)
+        keys = local * num_shards + shard_index
+        rows[start : start + len(local)] = torch.from_numpy(initial_values(init, seed, keys, dim))

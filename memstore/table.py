@@ -1,0 +1,122 @@
+"""One shard's part of one table: its rows, optimizer state and version, behind a lock.
+
+Rows live in one contiguous tensor [local_rows, dim] per table (so they could move into a
+shared-memory segment); optimizer state sits beside them. Every read and write goes through
+the table's reader-writer lock, so a lookup running while an update applies sees each row
+whole, either before or after the update.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from contextlib import contextmanager
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from memstore.optim import make_optimizer
+from memstore.partition import fill_initial_rows, local_rows
+from memstore.spec import TableSpec
+
+# How many update ids a table remembers for retry de-duplication. A client retries an
+# update within seconds; this covers far more updates than can be in flight.
+REMEMBERED_UPDATE_IDS = 1 << 16
+
+
+class RWLock:
+    """Many readers or one writer; a waiting writer blocks new readers (no writer starvation)."""
+
+    def __init__(self) -> None:
+        # Guards _readers, _writer and _writers_waiting.
+        self._cond = threading.Condition(threading.Lock())
+        self._readers = 0
+        self._writer = False
+        self._writers_waiting = 0
+
+    @contextmanager
+    def read(self) -> Iterator[None]:
+        with self._cond:
+            while self._writer or self._writers_waiting:
+                self._cond.wait()
+            self._readers += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._readers -= 1
+                if self._readers == 0:
+                    self._cond.notify_all()
+
+    @contextmanager
+    def write(self) -> Iterator[None]:
+        with self._cond:
+            self._writers_waiting += 1
+            while self._writer or self._readers:
+                self._cond.wait()
+            self._writers_waiting -= 1
+            self._writer = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._writer = False
+                self._cond.notify_all()
+
+
+class ShardTable:
+    """The rows of `spec` that shard `shard_index` of `num_shards` holds (keys k % S == i)."""
+
+    def __init__(self, spec: TableSpec, shard_index: int = 0, num_shards: int = 1) -> None:
+        self.spec = spec
+        self.shard_index = shard_index
+        self.num_shards = num_shards
+        self.local_rows = local_rows(spec.num_rows, shard_index, num_shards)
+        self.rows = torch.empty(self.local_rows, spec.dim, dtype=spec.torch_dtype)
+        fill_initial_rows(self.rows, spec.init, spec.seed, shard_index, num_shards)
+        self.optimizer = make_optimizer(spec.optimizer)
+        self.state = self.optimizer.init_state(self.local_rows, spec.dim)
+        self.version = 0  # updates + assigns applied; guarded by lock
+        self.lock = RWLock()
+        self.applied_ids: OrderedDict[str, int] = OrderedDict()  # update id -> version; guarded by ids_lock
+        self.ids_lock = threading.Lock()  # serialises id-tagged writes: check id, apply, record id
+
+    @property
+    def row_bytes(self) -> int:
+        return self.rows.numel() * self.rows.element_size()
+
+    @property
+    def state_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.state.values())
+
+    def gather(self, local: torch.Tensor, out: torch.Tensor) -> int:
+        """Copies rows `local` (int64 [n]) into `out` [n, dim] (wire dtype); returns the version."""
+        with self.lock.read():
+            if out.dtype == self.rows.dtype:
+                torch.index_select(self.rows, 0, local, out=out)
+            else:
+                out.copy_(self.rows.index_select(0, local))
+            return self.version
+
+    def apply(self, local: torch.Tensor, grads: torch.Tensor, lr: float) -> int:
+        """Applies the optimizer to unique rows `local` with float32 `grads`; returns the version."""
+        with self.lock.write():
+            self.optimizer.step(self.rows, self.state, local, grads, lr)
+            self.version += 1
+            return self.version
+
+    def assign(self, local: torch.Tensor, values: torch.Tensor, keep_state: bool) -> int:
+        """Writes `values` into unique rows `local` verbatim; resets their optimizer state unless kept."""
+        with self.lock.write():
+            self.rows.index_copy_(0, local, values.to(self.rows.dtype))
+            if not keep_state:
+                for t in self.state.values():
+                    t.index_fill_(0, local, 0)
+            self.version += 1
+            return self.version
+
+    def snapshot(self) -> tuple[int, np.ndarray]:
+        """A copy of (version, rows as float32) taken under the read lock; for tests and tools."""
+        with self.lock.read():
+            return self.version, self.rows.float().numpy().copy()

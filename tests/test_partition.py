@@ -1,0 +1,56 @@
+"""Key placement and deterministic initial rows.
+
+Run: python -m pytest tests/test_partition.py -q
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from memstore.partition import initial_values, local_rows, shard_of
+from memstore.spec import InitSpec, TableSpec
+from memstore.table import ShardTable
+
+
+@pytest.mark.parametrize("num_rows,num_shards", [(1, 1), (10, 3), (20483, 5), (7, 8)])
+def test_every_key_has_exactly_one_home(num_rows, num_shards):
+    keys = np.arange(num_rows)
+    shard = shard_of(keys, num_shards)
+    counts = np.bincount(shard, minlength=num_shards)
+    assert [local_rows(num_rows, i, num_shards) for i in range(num_shards)] == counts.tolist()
+    for i in range(num_shards):
+        # local row k // S of shard i covers its keys densely, in key order
+        np.testing.assert_array_equal(keys[shard == i] // num_shards, np.arange(counts[i]))
+
+
+@pytest.mark.parametrize("init", [InitSpec("normal", std=0.5), InitSpec("uniform", bound=0.1), InitSpec("zeros")])
+def test_rows_are_identical_for_any_shard_count(init):
+    spec = TableSpec("t", num_rows=1001, dim=7, seed=12345, init=init)
+    whole = ShardTable(spec).rows.numpy()
+    for num_shards in (2, 5):
+        rebuilt = np.empty_like(whole)
+        for i in range(num_shards):
+            rebuilt[i::num_shards] = ShardTable(spec, i, num_shards).rows.numpy()
+        np.testing.assert_array_equal(rebuilt, whole)
+
+
+def test_initial_values_depend_on_seed_and_key_only():
+    init = InitSpec("normal", std=1.0)
+    a = initial_values(init, 7, np.array([5, 900_000_000_000]), 4)
+    b = initial_values(init, 7, np.array([900_000_000_000, 5]), 4)
+    np.testing.assert_array_equal(a, b[::-1])
+    assert not np.array_equal(initial_values(init, 8, np.array([5]), 4), a[:1])
+    assert not np.array_equal(a[0], a[1])
+
+
+def test_initial_value_distributions():
+    keys = np.arange(50_000)
+    z = initial_values(InitSpec("normal", std=2.0), 1, keys, 8)
+    assert abs(z.mean()) < 0.02 and abs(z.std() - 2.0) < 0.02
+    assert abs(((z / 2.0) ** 4).mean() - 3.0) < 0.1  # normal kurtosis, not uniform's 1.8
+    u = initial_values(InitSpec("uniform", bound=0.3), 1, keys, 8)
+    assert u.min() >= -0.3 and u.max() <= 0.3 and abs(u.std() - 0.3 / np.sqrt(3)) < 0.003
+    # neighbouring columns and keys are uncorrelated
+    assert abs(np.corrcoef(z[:, 0], z[:, 1])[0, 1]) < 0.02
+    assert abs(np.corrcoef(z[:-1, 0], z[1:, 0])[0, 1]) < 0.02
