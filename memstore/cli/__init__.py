@@ -1,0 +1,1 @@
+"""The `memstore` command line: one module per subcommand, dispatched from main.py."""

@@ -1,0 +1,61 @@
+"""Entry point of the `memstore` command: parses flags, dispatches, maps failures to exit codes.
+
+Every failure becomes one line on stderr and a documented exit code (`ExitStatus`);
+`--debug` shows the traceback as well.
+"""
+
+from __future__ import annotations
+
+import argparse
+import enum
+import logging
+import sys
+import traceback
+
+from memstore.cli import demo, serve
+from memstore.errors import InvalidArgument, MemStoreError, TableNotFound, Unavailable
+
+SUBCOMMANDS = {"serve": serve, "demo": demo}
+
+
+class ExitStatus(enum.IntEnum):
+    OK = 0
+    ERROR = 1  # the command failed (bad input, a rejected request)
+    UNAVAILABLE = 2  # the store or a shard could not be reached / not found
+    USAGE = 64  # bad flags (argparse itself exits with 2 on syntax errors)
+    INTERRUPTED = 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="memstore", description="A sharded memory store for Engram tables.")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for module in SUBCOMMANDS.values():
+        module.add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        return SUBCOMMANDS[args.command].run(args)
+    except KeyboardInterrupt:
+        return ExitStatus.INTERRUPTED
+    except Exception as e:  # the one ladder that turns failures into exit codes
+        if args.debug:
+            traceback.print_exc()
+        if isinstance(e, (Unavailable, TableNotFound)):
+            status = ExitStatus.UNAVAILABLE
+        elif isinstance(e, (ValueError, InvalidArgument)):
+            status = ExitStatus.USAGE
+        elif isinstance(e, (MemStoreError, OSError)):
+            status = ExitStatus.ERROR
+        else:
+            status = ExitStatus.ERROR
+        print(f"memstore {args.command}: error: {e}", file=sys.stderr)
+        return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,40 @@
+"""`memstore serve`: run one shard as a standalone gRPC server (no Ray needed)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import threading
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="run one shard of a store as a standalone gRPC server")
+    net = p.add_argument_group("network")
+    net.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    net.add_argument("--port", type=int, default=0, help="port to bind; 0 picks a free one (default 0)")
+    shard = p.add_argument_group("placement")
+    shard.add_argument("--shard-index", type=int, default=0, help="this shard's index i in [0, S) (default 0)")
+    shard.add_argument("--num-shards", type=int, default=1, help="number of shards S of the store (default 1)")
+    p.add_argument("--workers", type=int, default=8, help="gRPC handler threads (default 8)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from memstore.engine import ShardEngine
+    from memstore.server import ShardServer
+
+    if not 0 < args.num_shards <= 4096:
+        raise ValueError(f"--num-shards must be in 1..4096, got {args.num_shards}")
+    if not 0 <= args.port < 65536:
+        raise ValueError(f"--port must be in 0..65535, got {args.port}")
+    engine = ShardEngine(args.shard_index, args.num_shards)
+    server = ShardServer(engine, args.host, args.port, max_workers=args.workers).start()
+    # Tests and launchers read this line to learn the bound port.
+    print(f"memstore shard {args.shard_index}/{args.num_shards} serving on {server.address}", flush=True)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+    logging.getLogger("memstore.server").info("stopping shard %d", args.shard_index)
+    server.stop()
+    return 0

@@ -1,0 +1,315 @@
+"""The client of a sharded store: routes, de-duplicates, batches and retries.
+
+`MemStoreClient(["host:port", ...])` talks to shard i at position i. A lookup or update is
+validated whole before anything is sent (one bad key rejects it on every shard), its keys
+are de-duplicated and grouped by shard, split into requests below gRPC's message limits and
+sent to all shards at once. Calls retry with backoff while a shard is UNAVAILABLE; updates
+carry an id, so a retried update is applied at most once. Every call has a deadline. Status
+codes come back as the typed exceptions of `memstore.errors`.
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+import threading
+import time
+import uuid
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import grpc
+import numpy as np
+import torch
+
+from memstore import keys as keyplan
+from memstore import wire
+from memstore.errors import (
+    DeadlineExceeded,
+    InvalidArgument,
+    MemStoreError,
+    TableExists,
+    TableNotFound,
+    Unavailable,
+    WrongShard,
+)
+from memstore.server import CHANNEL_OPTIONS, SERVICE
+from memstore.spec import TableSpec, as_key_array
+from memstore.v1 import memstore_pb2 as pb
+
+ERROR_OF = {
+    grpc.StatusCode.NOT_FOUND: TableNotFound,
+    grpc.StatusCode.ALREADY_EXISTS: TableExists,
+    grpc.StatusCode.INVALID_ARGUMENT: InvalidArgument,
+    grpc.StatusCode.FAILED_PRECONDITION: WrongShard,
+    grpc.StatusCode.UNAVAILABLE: Unavailable,
+    grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceeded,
+}
+RETRYABLE = (grpc.StatusCode.UNAVAILABLE,)
+
+
+@dataclass(frozen=True)
+class ClientConfig:
+    timeout_s: float = 60.0  # deadline of one RPC
+    retry_s: float = 30.0  # how long a call keeps retrying an unavailable shard
+    backoff_s: tuple[float, float] = (0.05, 2.0)  # first and largest pause between retries
+    max_request_bytes: int = 8 << 20  # payload of one data request (rows or grads), split above
+
+
+@dataclass
+class ShardTableInfo:
+    spec: TableSpec
+    shard_index: int
+    local_rows: int
+    version: int
+    row_bytes: int
+    state_bytes: int
+
+
+def _info_from_pb(m: pb.TableInfo) -> ShardTableInfo:
+    return ShardTableInfo(
+        wire.spec_from_pb(m.spec), m.shard_index, m.local_rows, m.version, m.row_bytes, m.state_bytes
+    )
+
+
+class _Shard:
+    """The channel and method callables of one shard."""
+
+    def __init__(self, index: int, address: str) -> None:
+        self.index = index
+        self.address = address
+        self.channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+        ident = lambda b: b  # noqa: E731 -- frames are bytes both ways
+        self.methods: dict[str, grpc.UnaryUnaryMultiCallable] = {}
+        for m in pb.DESCRIPTOR.services_by_name["MemStore"].methods:
+            framed = m.name in ("Lookup", "Update", "Assign")
+            out_cls = getattr(pb, m.output_type.name)
+            self.methods[m.name] = self.channel.unary_unary(
+                f"/{SERVICE}/{m.name}",
+                request_serializer=ident if framed else (lambda msg: msg.SerializeToString()),
+                response_deserializer=ident if framed else out_cls.FromString,
+            )
+
+
+class MemStoreClient:
+    """A handle on a store of len(addresses) shards; shard i serves at addresses[i]."""
+
+    def __init__(self, addresses: Sequence[str], config: ClientConfig | None = None) -> None:
+        if not addresses:
+            raise InvalidArgument("a store needs at least one shard address")
+        self.config = config or ClientConfig()
+        self._shards = [_Shard(i, a) for i, a in enumerate(addresses)]
+        self._specs: dict[str, TableSpec] = {}  # table name -> spec, filled on first use
+        self._specs_lock = threading.Lock()  # guards _specs
+        self._client_id = uuid.uuid4().hex
+        self._seq = itertools.count()  # update ids; next() is atomic under the GIL
+        self._pool: ThreadPoolExecutor | None = None
+        self._pool_lock = threading.Lock()  # guards _pool creation
+
+    @property
+    def num_shards(self) -> int:
+        return len(self._shards)
+
+    @property
+    def addresses(self) -> list[str]:
+        return [s.address for s in self._shards]
+
+    # ---- table management ---------------------------------------------------------------
+    def create_table(self, spec: TableSpec) -> TableSpec:
+        """Creates the table on every shard; idempotent for an identical spec."""
+        spec.validate()
+        self._fan_out(
+            "CreateTable",
+            [(s.index, pb.CreateTableRequest(spec=wire.spec_to_pb(spec), route=self._route(s.index))) for s in self._shards],
+        )
+        with self._specs_lock:
+            self._specs[spec.name] = spec
+        return spec
+
+    def describe(self, table: str) -> list[ShardTableInfo]:
+        """Each shard's part of the table."""
+        replies = self._fan_out("DescribeTable", [(s.index, pb.TableRef(name=table)) for s in self._shards])
+        return [_info_from_pb(r) for r in replies]
+
+    def spec(self, table: str) -> TableSpec:
+        with self._specs_lock:
+            spec = self._specs.get(table)
+        if spec is None:
+            spec = self.describe(table)[0].spec
+            with self._specs_lock:
+                self._specs[table] = spec
+        return spec
+
+    def list_tables(self) -> list[TableSpec]:
+        reply = self._fan_out("ListTables", [(0, pb.ListTablesRequest())])[0]
+        return [wire.spec_from_pb(t.spec) for t in reply.tables]
+
+    def drop_table(self, table: str) -> bool:
+        replies = self._fan_out("DropTable", [(s.index, pb.TableRef(name=table)) for s in self._shards])
+        with self._specs_lock:
+            self._specs.pop(table, None)
+        return any(r.dropped for r in replies)
+
+    def stats(self) -> list[pb.StatsResponse]:
+        return self._fan_out("Stats", [(s.index, pb.StatsRequest()) for s in self._shards])
+
+    # ---- data path ----------------------------------------------------------------------
+    def lookup(self, table: str, keys: Any, *, as_tensor: bool = False) -> np.ndarray | torch.Tensor:
+        """Rows of `keys` (any integer array or tensor), shape keys.shape + (dim,), in key order.
+
+        The result is a numpy array of the table's wire dtype (float32 when that is bfloat16,
+        which numpy lacks), or a torch tensor of the wire dtype with as_tensor=True.
+        """
+        spec = self.spec(table)
+        arr = as_key_array(keys)
+        flat = arr.reshape(-1)
+        plan = keyplan.plan_keys(flat, spec, self.num_shards)
+        requests = []
+        for shard in range(self.num_shards):
+            for chunk in self._chunks(plan.shard_keys(shard), spec.wire_row_bytes):
+                header = pb.LookupRequest(table=table, route=self._route(shard), num_keys=len(chunk))
+                requests.append((shard, wire.encode_frame(header, chunk)))
+        replies = self._fan_out("Lookup", requests)
+        unique_rows = self._assemble(replies, len(plan.unique), spec)
+        rows = torch.index_select(unique_rows, 0, plan.position).view(*arr.shape, spec.dim)  # (*keys.shape, dim)
+        if as_tensor:
+            return rows
+        return rows.numpy() if rows.dtype != torch.bfloat16 else rows.float().numpy()
+
+    def lookup_async(self, table: str, keys: Any, *, as_tensor: bool = False) -> Future:
+        """`lookup` on a background thread; the future's result is its return value."""
+        return self._executor().submit(self.lookup, table, keys, as_tensor=as_tensor)
+
+    def update(self, table: str, keys: Any, grads: Any, lr: float) -> int:
+        """Applies the table's optimizer with learning rate `lr` to the rows of `keys`.
+
+        grads: shape keys.shape + (dim,); the gradients of repeated keys are summed. All or
+        nothing: a bad key or value rejects the whole update before anything is sent. Returns
+        the number of rows updated.
+        """
+        if not (np.isfinite(lr) and lr >= 0.0):
+            raise InvalidArgument(f"learning rate must be finite and >= 0, got {lr}")
+        spec = self.spec(table)
+        flat = as_key_array(keys).reshape(-1)
+        grads = keyplan.as_value_tensor(grads, len(flat), spec, "gradient")
+        plan = keyplan.plan_keys(flat, spec, self.num_shards)
+        summed = keyplan.sum_duplicates(plan, grads).to(spec.wire_torch_dtype)  # (U, dim)
+        update_id = f"{self._client_id}:{next(self._seq)}"
+
+        def header(shard: int, chunk_id: str, n: int) -> pb.UpdateRequest:
+            return pb.UpdateRequest(
+                table=table, route=self._route(shard), num_keys=n, dim=spec.dim,
+                dtype=wire.DTYPE_TO_PB[spec.wire_dtype], lr=lr, update_id=chunk_id,
+            )
+
+        self._fan_out("Update", self._value_frames(plan, summed, spec, update_id, header))
+        return len(plan.unique)
+
+    def update_async(self, table: str, keys: Any, grads: Any, lr: float) -> Future:
+        return self._executor().submit(self.update, table, keys, grads, lr)
+
+    def assign(self, table: str, keys: Any, rows: Any, *, keep_optimizer_state: bool = False) -> int:
+        """Writes rows verbatim (cast to the storage dtype); repeated keys are an error. The
+        assigned rows' optimizer state is reset unless keep_optimizer_state. Returns rows written."""
+        spec = self.spec(table)
+        flat = as_key_array(keys).reshape(-1)
+        values = keyplan.as_value_tensor(rows, len(flat), spec, "row")
+        plan = keyplan.plan_keys(flat, spec, self.num_shards)
+        keyplan.check_no_duplicates(plan, flat, spec, "assign")
+        ordered = torch.empty_like(values)
+        ordered.index_copy_(0, plan.position, values)  # (U, dim) in plan order; keys are distinct
+        ordered = ordered.to(spec.torch_dtype)
+        update_id = f"{self._client_id}:{next(self._seq)}"
+
+        def header(shard: int, chunk_id: str, n: int) -> pb.AssignRequest:
+            return pb.AssignRequest(
+                table=table, route=self._route(shard), num_keys=n, dim=spec.dim,
+                dtype=wire.DTYPE_TO_PB[spec.dtype], keep_optimizer_state=keep_optimizer_state, update_id=chunk_id,
+            )
+
+        self._fan_out("Assign", self._value_frames(plan, ordered, spec, update_id, header))
+        return len(plan.unique)
+
+    # ---- helpers --------------------------------------------------------------------------
+    def _route(self, shard: int) -> pb.Route:
+        return pb.Route(shard_index=shard, num_shards=self.num_shards)
+
+    def _chunks(self, keys: np.ndarray, row_bytes: int) -> list[np.ndarray]:
+        """Splits one shard's keys so no request's rows exceed max_request_bytes."""
+        per = max(1, self.config.max_request_bytes // row_bytes)
+        return [keys[i : i + per] for i in range(0, len(keys), per)]
+
+    def _value_frames(self, plan, values: torch.Tensor, spec: TableSpec, update_id: str, header) -> list:
+        """Frames of keys || values per shard and chunk, each chunk with its own update id."""
+        frames = []
+        row_bytes = spec.dim * values.element_size()
+        for shard in range(self.num_shards):
+            lo = int(plan.bounds[shard])
+            for j, chunk in enumerate(self._chunks(plan.shard_keys(shard), row_bytes)):
+                part = values[lo : lo + len(chunk)]
+                lo += len(chunk)
+                frames.append((shard, wire.encode_frame(header(shard, f"{update_id}:{shard}:{j}", len(chunk)), chunk, wire.tensor_bytes(part))))
+        return frames
+
+    @staticmethod
+    def _assemble(replies: list[bytes], n: int, spec: TableSpec) -> torch.Tensor:
+        """[n, dim] rows of the distinct keys in plan order from the replies, in request order."""
+        views = []
+        for frame in replies:
+            header, payload = wire.decode_frame(frame, pb.LookupResponse)
+            views.append(wire.rows_from_buffer(payload, header.num_keys, header.dim, wire.dtype_name(header.dtype, "reply")))
+        if len(views) == 1:
+            return views[0]
+        out = torch.empty(n, spec.dim, dtype=spec.wire_torch_dtype)
+        return torch.cat(views, out=out) if views else out
+
+    def _fan_out(self, method: str, requests: list[tuple[int, Any]]) -> list[Any]:
+        """Sends every (shard, request) at once; retries those that find their shard
+        unavailable, with jittered exponential backoff, until config.retry_s has passed."""
+        cfg = self.config
+        deadline = time.monotonic() + cfg.retry_s
+        pending = {i: self._shards[s].methods[method].future(req, timeout=cfg.timeout_s) for i, (s, req) in enumerate(requests)}
+        results: list[Any] = [None] * len(requests)
+        pause = cfg.backoff_s[0]
+        while pending:
+            retry = []
+            for i, fut in pending.items():
+                try:
+                    results[i] = fut.result()
+                except grpc.RpcError as e:
+                    if e.code() in RETRYABLE and time.monotonic() < deadline:
+                        retry.append(i)
+                    else:
+                        raise self._error(requests[i][0], method, e) from None
+            if not retry:
+                break
+            time.sleep(pause * (0.5 + random.random()))
+            pause = min(pause * 2, cfg.backoff_s[1])
+            pending = {i: self._shards[requests[i][0]].methods[method].future(requests[i][1], timeout=cfg.timeout_s) for i in retry}
+        return results
+
+    def _error(self, shard: int, method: str, e: grpc.RpcError) -> MemStoreError:
+        cls = ERROR_OF.get(e.code(), MemStoreError)
+        if cls in (TableNotFound, WrongShard):
+            with self._specs_lock:
+                self._specs.clear()  # the layout or the tables changed under us
+        return cls(f"{method} on shard {shard} ({self._shards[shard].address}): {e.details()}")
+
+    def _executor(self) -> ThreadPoolExecutor:
+        with self._pool_lock:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="memstore-client")
+            return self._pool
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+        for s in self._shards:
+            s.channel.close()
+
+    def __enter__(self) -> "MemStoreClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

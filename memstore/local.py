@@ -1,0 +1,95 @@
+"""The in-process store: the same row-source interface as `MemStoreClient`, no network.
+
+It is the reference that tests hold the sharded store against, and the store a trainer uses
+when tables fit in its own memory. Keys go through the same planning (de-duplication and
+gradient summing) as the client's, and rows through the same engine as a shard's.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+import torch
+
+from memstore import keys as keyplan
+from memstore.engine import ShardEngine
+from memstore.errors import InvalidArgument
+from memstore.spec import TableSpec, as_key_array
+
+
+class InProcessStore:
+    """All of every table in this process (one shard of one)."""
+
+    num_shards = 1
+
+    def __init__(self) -> None:
+        self.engine = ShardEngine(0, 1)
+        self._pool: ThreadPoolExecutor | None = None
+
+    def create_table(self, spec: TableSpec) -> TableSpec:
+        return self.engine.create_table(spec).spec
+
+    def spec(self, table: str) -> TableSpec:
+        return self.engine.table(table).spec
+
+    def list_tables(self) -> list[TableSpec]:
+        return [t.spec for t in self.engine.tables()]
+
+    def drop_table(self, table: str) -> bool:
+        return self.engine.drop_table(table)
+
+    def lookup(self, table: str, keys: Any, *, as_tensor: bool = False) -> np.ndarray | torch.Tensor:
+        spec = self.spec(table)
+        arr = as_key_array(keys)
+        plan = keyplan.plan_keys(arr.reshape(-1), spec, 1)
+        unique_rows, _ = self.engine.lookup(table, plan.unique)
+        rows = torch.index_select(unique_rows, 0, plan.position).view(*arr.shape, spec.dim)  # (*keys.shape, dim)
+        if as_tensor:
+            return rows
+        return rows.numpy() if rows.dtype != torch.bfloat16 else rows.float().numpy()
+
+    def lookup_async(self, table: str, keys: Any, *, as_tensor: bool = False) -> Future:
+        return self._executor().submit(self.lookup, table, keys, as_tensor=as_tensor)
+
+    def update(self, table: str, keys: Any, grads: Any, lr: float) -> int:
+        if not (np.isfinite(lr) and lr >= 0.0):
+            raise InvalidArgument(f"learning rate must be finite and >= 0, got {lr}")
+        spec = self.spec(table)
+        flat = as_key_array(keys).reshape(-1)
+        grads = keyplan.as_value_tensor(grads, len(flat), spec, "gradient")
+        plan = keyplan.plan_keys(flat, spec, 1)
+        # The same rounding as on the wire, so both stores apply identical gradients.
+        summed = keyplan.sum_duplicates(plan, grads).to(spec.wire_torch_dtype)
+        self.engine.update(table, plan.unique, summed, lr)
+        return len(plan.unique)
+
+    def update_async(self, table: str, keys: Any, grads: Any, lr: float) -> Future:
+        return self._executor().submit(self.update, table, keys, grads, lr)
+
+    def assign(self, table: str, keys: Any, rows: Any, *, keep_optimizer_state: bool = False) -> int:
+        spec = self.spec(table)
+        flat = as_key_array(keys).reshape(-1)
+        values = keyplan.as_value_tensor(rows, len(flat), spec, "row")
+        plan = keyplan.plan_keys(flat, spec, 1)
+        keyplan.check_no_duplicates(plan, flat, spec, "assign")
+        ordered = torch.empty_like(values)
+        ordered.index_copy_(0, plan.position, values)  # (U, dim); keys are distinct
+        self.engine.assign(table, plan.unique, ordered.to(spec.torch_dtype), keep_optimizer_state)
+        return len(plan.unique)
+
+    def _executor(self) -> ThreadPoolExecutor:
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="memstore-local")
+        return self._pool
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+
+    def __enter__(self) -> "InProcessStore":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,238 @@
+"""The gRPC server of one shard: translates between the wire and the storage engine.
+
+`MemStoreServicer` has one thin method per RPC of protos/memstore/v1/memstore.proto; engine
+exceptions become status codes in one place (`STATUS_OF`). Data RPCs are registered with
+frame (de)serializers through a generic handler, so rows travel as raw bytes. `serve()` wires
+the servicer, the standard grpc.health.v1 service and the message-size limits together.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import resource
+import threading
+import time
+from concurrent import futures
+from dataclasses import dataclass
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from memstore import wire
+from memstore.engine import ShardEngine
+from memstore.errors import InvalidArgument, MemStoreError, TableExists, TableNotFound, WrongShard
+from memstore.v1 import memstore_pb2 as pb
+
+log = logging.getLogger("memstore.server")
+
+SERVICE = "memstore.v1.MemStore"
+# Largest message either side accepts. The client splits batches well below this.
+MAX_MESSAGE_BYTES = 256 << 20
+# HTTP/2 flow control sized for multi-MiB replies: with gRPC's defaults (64 KiB initial window,
+# window grown by BDP probing, 16 KiB frames) a 4 MiB reply on loopback ran at ~0.5 GB/s;
+# with a 16 MiB window and the largest frame, ~1.5-2 GB/s (bench/bench_store.py measures both).
+CHANNEL_OPTIONS = [
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.http2.lookahead_bytes", 16 << 20),
+    ("grpc.http2.bdp_probe", 0),
+    ("grpc.http2.max_frame_size", (1 << 24) - 1),
+]
+
+STATUS_OF: dict[type[MemStoreError], grpc.StatusCode] = {
+    TableNotFound: grpc.StatusCode.NOT_FOUND,
+    TableExists: grpc.StatusCode.ALREADY_EXISTS,
+    InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
+    WrongShard: grpc.StatusCode.FAILED_PRECONDITION,
+}
+
+
+@dataclass
+class MethodCounters:
+    calls: int = 0
+    errors: int = 0
+    rows: int = 0
+    bytes_in: int = 0
+    bytes_out: int = 0
+
+
+class MemStoreServicer:
+    """One method per RPC; each decodes, calls the engine once and encodes."""
+
+    def __init__(self, engine: ShardEngine) -> None:
+        self.engine = engine
+        self.started = time.monotonic()
+        self._counters = {m.name: MethodCounters() for m in pb.DESCRIPTOR.services_by_name["MemStore"].methods}
+        self._counters_lock = threading.Lock()  # guards the counters' fields
+
+    # ---- control RPCs ----------------------------------------------------------------------
+    def CreateTable(self, request: pb.CreateTableRequest, context) -> pb.TableInfo:
+        self._route(request.route)
+        return self._info(self.engine.create_table(wire.spec_from_pb(request.spec)))
+
+    def DescribeTable(self, request: pb.TableRef, context) -> pb.TableInfo:
+        return self._info(self.engine.table(request.name))
+
+    def ListTables(self, request: pb.ListTablesRequest, context) -> pb.ListTablesResponse:
+        return pb.ListTablesResponse(tables=[self._info(t) for t in self.engine.tables()])
+
+    def DropTable(self, request: pb.TableRef, context) -> pb.DropTableResponse:
+        return pb.DropTableResponse(dropped=self.engine.drop_table(request.name))
+
+    def Stats(self, request: pb.StatsRequest, context) -> pb.StatsResponse:
+        with self._counters_lock:
+            methods = [pb.MethodStats(method=name, **vars(c)) for name, c in self._counters.items()]
+        return pb.StatsResponse(
+            shard_index=self.engine.shard_index,
+            num_shards=self.engine.num_shards,
+            tables=[self._info(t) for t in self.engine.tables()],
+            methods=methods,
+            uptime_s=time.monotonic() - self.started,
+            rss_bytes=_rss_bytes(),
+        )
+
+    # ---- data RPCs (framed) ------------------------------------------------------------------
+    def Lookup(self, frame: bytes, context) -> bytes:
+        header, payload = wire.decode_frame(frame, pb.LookupRequest)
+        self._route(header.route)
+        keys = wire.keys_from_payload(payload, header.num_keys)
+        rows, version = self.engine.lookup(header.table, keys)
+        spec = self.engine.table(header.table).spec
+        reply = pb.LookupResponse(
+            num_keys=len(keys), dim=spec.dim, dtype=wire.DTYPE_TO_PB[spec.wire_dtype], version=version
+        )
+        out = wire.encode_frame(reply, wire.tensor_bytes(rows))
+        self._count("Lookup", len(keys), len(frame), len(out))
+        return out
+
+    def Update(self, frame: bytes, context) -> bytes:
+        header, payload = wire.decode_frame(frame, pb.UpdateRequest)
+        self._route(header.route)
+        spec = self.engine.table(header.table).spec
+        keys, grads = self._values(header, payload, spec.wire_dtype, "gradient")
+        version, dup = self.engine.update(header.table, keys, grads, header.lr, header.update_id)
+        out = wire.encode_frame(pb.UpdateResponse(version=version, duplicate=dup))
+        self._count("Update", len(keys), len(frame), len(out))
+        return out
+
+    def Assign(self, frame: bytes, context) -> bytes:
+        header, payload = wire.decode_frame(frame, pb.AssignRequest)
+        self._route(header.route)
+        keys, rows = self._values(header, payload, None, "row")
+        version, dup = self.engine.assign(header.table, keys, rows, header.keep_optimizer_state, header.update_id)
+        out = wire.encode_frame(pb.AssignResponse(version=version, duplicate=dup))
+        self._count("Assign", len(keys), len(frame), len(out))
+        return out
+
+    # ---- helpers -----------------------------------------------------------------------------
+    def _route(self, route: pb.Route) -> None:
+        self.engine.check_route(route.shard_index, route.num_shards)
+
+    @staticmethod
+    def _values(header, payload, want_dtype: str | None, what: str):
+        """(keys, values) of an Update/Assign frame; the dtype must be the table's wire dtype
+        for gradients, any supported dtype for assigned rows."""
+        dtype = wire.dtype_name(header.dtype, f"{what} dtype")
+        if want_dtype is not None and dtype != want_dtype:
+            raise InvalidArgument(f"{what}s for table {header.table!r} must be {want_dtype}, got {dtype}")
+        return wire.split_payload(payload, header.num_keys, header.dim, dtype, what)
+
+    def _info(self, table) -> pb.TableInfo:
+        return pb.TableInfo(
+            spec=wire.spec_to_pb(table.spec),
+            shard_index=table.shard_index,
+            num_shards=table.num_shards,
+            local_rows=table.local_rows,
+            version=table.version,
+            row_bytes=table.row_bytes,
+            state_bytes=table.state_bytes,
+        )
+
+    def _count(self, method: str, rows: int, bytes_in: int, bytes_out: int) -> None:
+        with self._counters_lock:
+            c = self._counters[method]
+            c.calls += 1
+            c.rows += rows
+            c.bytes_in += bytes_in
+            c.bytes_out += bytes_out
+
+    def count_error(self, method: str) -> None:
+        with self._counters_lock:
+            self._counters[method].errors += 1
+
+
+def _rss_bytes() -> int:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+FRAMED = ("Lookup", "Update", "Assign")
+
+
+def _handler(servicer: MemStoreServicer, method) -> grpc.RpcMethodHandler:
+    """A unary handler for one RPC that maps engine exceptions to status codes."""
+    name = method.name
+    impl = getattr(servicer, name)
+
+    def call(request, context):
+        try:
+            return impl(request, context)
+        except MemStoreError as e:
+            servicer.count_error(name)
+            code = next(c for t, c in STATUS_OF.items() if isinstance(e, t))
+            context.abort(code, str(e))
+        except Exception:
+            servicer.count_error(name)
+            log.exception("%s failed", name)
+            context.abort(grpc.StatusCode.INTERNAL, f"{name} failed on shard {servicer.engine.shard_index}; see its log")
+
+    if name in FRAMED:
+        return grpc.unary_unary_rpc_method_handler(call)  # frames stay bytes both ways
+    request_cls = getattr(pb, method.input_type.name)
+    return grpc.unary_unary_rpc_method_handler(
+        call, request_deserializer=request_cls.FromString, response_serializer=lambda m: m.SerializeToString()
+    )
+
+
+def add_servicer(servicer: MemStoreServicer, server: grpc.Server) -> None:
+    methods = pb.DESCRIPTOR.services_by_name["MemStore"].methods
+    handlers = {m.name: _handler(servicer, m) for m in methods}
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
+
+
+class ShardServer:
+    """A running shard: engine, gRPC server and health service. `stop()` drains gracefully."""
+
+    def __init__(self, engine: ShardEngine, host: str = "127.0.0.1", port: int = 0, max_workers: int = 8) -> None:
+        self.engine = engine
+        self.servicer = MemStoreServicer(engine)
+        self.health = health.HealthServicer()
+        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), options=CHANNEL_OPTIONS)
+        add_servicer(self.servicer, self.server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        self.port = self.server.add_insecure_port(f"{host}:{port}")
+        if self.port == 0:
+            raise OSError(f"could not bind {host}:{port}")
+        self.address = f"{host}:{self.port}"
+
+    def start(self) -> "ShardServer":
+        self.server.start()
+        for name in ("", SERVICE):
+            self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        return self
+
+    def stop(self, grace_s: float = 2.0) -> None:
+        self.health.enter_graceful_shutdown()
+        self.server.stop(grace_s).wait()
+
+    def wait(self) -> None:
+        self.server.wait_for_termination()
+
+
+def serve(host: str, port: int, shard_index: int, num_shards: int) -> ShardServer:
+    """Starts shard `shard_index` of `num_shards` on host:port (0 picks a free port)."""
+    return ShardServer(ShardEngine(shard_index, num_shards), host, port).start()

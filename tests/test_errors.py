@@ -1,0 +1,217 @@
+"""Bad input gets the right status code and a message naming the problem, and changes nothing.
+
+Run: python -m pytest tests/test_errors.py -q
+"""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import threading
+import time
+
+import grpc
+import numpy as np
+import pytest
+
+from memstore import (
+    ClientConfig,
+    InvalidArgument,
+    MemStoreClient,
+    OptimizerSpec,
+    TableExists,
+    TableNotFound,
+    TableSpec,
+)
+from memstore import wire
+from memstore.server import CHANNEL_OPTIONS, SERVICE
+from memstore.v1 import memstore_pb2 as pb
+
+from conftest import start_shard, wait_serving
+
+SPEC = TableSpec("guarded", num_rows=1000, dim=4, seed=3, optimizer=OptimizerSpec("adam"))
+
+
+@pytest.fixture(scope="module")
+def store(shards_2):
+    client = MemStoreClient(shards_2.addresses)
+    client.create_table(SPEC)
+    yield client
+    client.drop_table(SPEC.name)
+    client.close()
+
+
+def raw(address: str, method: str, frame: bytes) -> bytes:
+    """One framed call straight to a shard, bypassing the client's checks."""
+    with grpc.insecure_channel(address, options=CHANNEL_OPTIONS) as ch:
+        return ch.unary_unary(f"/{SERVICE}/{method}")(frame, timeout=10)
+
+
+def raw_code(address: str, method: str, frame: bytes) -> tuple[grpc.StatusCode, str]:
+    with pytest.raises(grpc.RpcError) as e:
+        raw(address, method, frame)
+    return e.value.code(), e.value.details()
+
+
+def update_frame(shard: int, keys, grads, *, table="guarded", dim=4, dtype=pb.FLOAT32, lr=0.1, uid="", num_keys=None):
+    keys = np.asarray(keys, dtype=np.int64)
+    header = pb.UpdateRequest(table=table, route=pb.Route(shard_index=shard, num_shards=2),
+                              num_keys=len(keys) if num_keys is None else num_keys, dim=dim, dtype=dtype, lr=lr, update_id=uid)
+    return wire.encode_frame(header, keys, np.ascontiguousarray(grads))
+
+
+def lookup_frame(shard: int, keys, table="guarded", num_shards=2, num_keys=None):
+    keys = np.asarray(keys, dtype=np.int64)
+    header = pb.LookupRequest(table=table, route=pb.Route(shard_index=shard, num_shards=num_shards),
+                              num_keys=len(keys) if num_keys is None else num_keys)
+    return wire.encode_frame(header, keys)
+
+
+def all_rows(client) -> np.ndarray:
+    return client.lookup(SPEC.name, np.arange(SPEC.num_rows))
+
+
+# ---- server: status codes on raw requests ----------------------------------------------------
+def test_unknown_table_is_not_found(shards_2):
+    code, msg = raw_code(shards_2.addresses[0], "Lookup", lookup_frame(0, [0, 2], table="nope"))
+    assert code == grpc.StatusCode.NOT_FOUND and "'nope'" in msg
+
+
+def test_out_of_range_key_names_the_first_bad_key(store, shards_2):
+    before = all_rows(store)
+    for keys in ([2, 1000, 4000], [0, -2, 1002]):
+        code, msg = raw_code(shards_2.addresses[0], "Update", update_frame(0, keys, np.ones((3, 4), np.float32)))
+        assert code == grpc.StatusCode.INVALID_ARGUMENT
+        assert f"key {keys[1]} is out of range" in msg
+    code, msg = raw_code(shards_2.addresses[0], "Lookup", lookup_frame(0, [4, 1000]))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "key 1000" in msg
+    np.testing.assert_array_equal(all_rows(store), before)
+
+
+def test_shape_dtype_and_duplicate_mismatches(store, shards_2):
+    before = all_rows(store)
+    addr = shards_2.addresses[0]
+    cases = {
+        "dim": update_frame(0, [0, 2], np.ones((2, 5), np.float32), dim=5),
+        "dtype": update_frame(0, [0, 2], np.ones((2, 4), np.float16), dtype=pb.FLOAT16),
+        "unknown dtype": update_frame(0, [0, 2], np.ones((2, 4), np.float32), dtype=9),
+        "duplicate": update_frame(0, [2, 2], np.ones((2, 4), np.float32)),
+    }
+    for what, frame in cases.items():
+        code, msg = raw_code(addr, "Update", frame)
+        assert code == grpc.StatusCode.INVALID_ARGUMENT, what
+    assert "key 2 appears twice" in raw_code(addr, "Update", cases["duplicate"])[1]
+    np.testing.assert_array_equal(all_rows(store), before)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_non_finite_gradients_are_rejected(store, shards_2, bad):
+    before = all_rows(store)
+    grads = np.ones((3, 4), np.float32)
+    grads[1, 2] = bad
+    code, msg = raw_code(shards_2.addresses[0], "Update", update_frame(0, [0, 2, 4], grads))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "key 2" in msg and "NaN or Inf" in msg
+    code, msg = raw_code(shards_2.addresses[0], "Update", update_frame(0, [0], np.ones((1, 4), np.float32), lr=float(bad)))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "learning rate" in msg
+    np.testing.assert_array_equal(all_rows(store), before)
+
+
+def test_truncated_and_oversized_payloads(store, shards_2):
+    before = all_rows(store)
+    addr = shards_2.addresses[1]
+    good = update_frame(1, [1, 3], np.ones((2, 4), np.float32))
+    for frame in (good[:-4], good + b"\0" * 8, update_frame(1, [1, 3], np.ones((2, 4), np.float32), num_keys=3),
+                  good[:3], (10_000).to_bytes(4, "little") + b"abc", (3).to_bytes(4, "little") + b"\xff\xff\xff"):
+        code, msg = raw_code(addr, "Update", frame)
+        assert code == grpc.StatusCode.INVALID_ARGUMENT, msg
+    code, _ = raw_code(addr, "Lookup", lookup_frame(1, [1, 3])[:-1])
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    code, _ = raw_code(addr, "Lookup", lookup_frame(1, [1, 3], num_keys=-1))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    np.testing.assert_array_equal(all_rows(store), before)
+
+
+def test_wrong_route_is_failed_precondition(store, shards_2):
+    code, msg = raw_code(shards_2.addresses[0], "Lookup", lookup_frame(1, [1]))
+    assert code == grpc.StatusCode.FAILED_PRECONDITION and "shard 0 of 2" in msg
+    code, msg = raw_code(shards_2.addresses[0], "Lookup", lookup_frame(0, [1]))
+    assert code == grpc.StatusCode.FAILED_PRECONDITION and "key 1" in msg
+    code, msg = raw_code(shards_2.addresses[0], "Lookup", lookup_frame(0, [2], num_shards=3))
+    assert code == grpc.StatusCode.FAILED_PRECONDITION
+
+
+def test_retried_update_id_applies_once(store, shards_2):
+    frame = update_frame(0, [10, 12], np.ones((2, 4), np.float32), uid="test-retry-1")
+    first, _ = wire.decode_frame(raw(shards_2.addresses[0], "Update", frame), pb.UpdateResponse)
+    after_first = all_rows(store)
+    second, _ = wire.decode_frame(raw(shards_2.addresses[0], "Update", frame), pb.UpdateResponse)
+    assert not first.duplicate and second.duplicate and second.version == first.version
+    np.testing.assert_array_equal(all_rows(store), after_first)
+
+
+# ---- client: typed errors, validated before fan-out ----------------------------------------
+def test_client_rejects_bad_updates_before_any_shard_changes(store):
+    before = all_rows(store)
+    keys = np.array([0, 1, 2, 3, 1000, 5])  # keys of both shards, one out of range
+    with pytest.raises(InvalidArgument, match="key 1000 is out of range"):
+        store.update(SPEC.name, keys, np.ones((6, 4), np.float32), lr=0.1)
+    with pytest.raises(InvalidArgument, match="key -1"):
+        store.update(SPEC.name, [3, -1], np.ones((2, 4), np.float32), lr=0.1)
+    grads = np.ones((4, 4), np.float32)
+    grads[3, 0] = np.nan
+    with pytest.raises(InvalidArgument, match="NaN or Inf"):
+        store.update(SPEC.name, [0, 1, 2, 3], grads, lr=0.1)
+    with pytest.raises(InvalidArgument, match="shape"):
+        store.update(SPEC.name, [0, 1], np.ones((2, 3), np.float32), lr=0.1)
+    with pytest.raises(InvalidArgument, match="floating point"):
+        store.update(SPEC.name, [0, 1], np.ones((2, 4), np.int32), lr=0.1)
+    with pytest.raises(InvalidArgument, match="integers"):
+        store.lookup(SPEC.name, np.array([0.5]))
+    with pytest.raises(InvalidArgument, match="appears more than once"):
+        store.assign(SPEC.name, [1, 1], np.ones((2, 4), np.float32))
+    with pytest.raises(TableNotFound, match="'missing'"):
+        store.lookup("missing", [0])
+    np.testing.assert_array_equal(all_rows(store), before)
+
+
+def test_recreating_with_a_different_spec(store):
+    store.create_table(SPEC)  # same spec: fine
+    with pytest.raises(TableExists, match="different spec"):
+        store.create_table(TableSpec(SPEC.name, num_rows=1000, dim=8))
+    with pytest.raises(InvalidArgument, match="optimizer kind"):
+        store.create_table(TableSpec("x", num_rows=10, dim=2, optimizer=OptimizerSpec("lamb")))
+
+
+def test_invalid_spec_sent_raw_is_invalid_argument(shards_2):
+    bad = pb.TableSpec(name="bad", num_rows=-5, dim=4, dtype=pb.FLOAT32, wire_dtype=pb.FLOAT32,
+                       init=pb.InitSpec(kind="normal", std=1), optimizer=pb.OptimizerSpec(kind="sgd", eps=1e-8))
+    with grpc.insecure_channel(shards_2.addresses[0]) as ch:
+        call = ch.unary_unary(f"/{SERVICE}/CreateTable", request_serializer=lambda m: m.SerializeToString(),
+                              response_deserializer=pb.TableInfo.FromString)
+        with pytest.raises(grpc.RpcError) as e:
+            call(pb.CreateTableRequest(spec=bad, route=pb.Route(shard_index=0, num_shards=2)), timeout=10)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "num_rows" in e.value.details()
+
+
+def test_client_retries_until_a_shard_comes_up():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs: list[subprocess.Popen] = []
+
+    def start_late():
+        time.sleep(1.5)
+        procs.append(start_shard(0, 1, port=port))
+
+    threading.Thread(target=start_late).start()
+    spec = TableSpec("late", num_rows=10, dim=2)
+    try:
+        with MemStoreClient([f"127.0.0.1:{port}"], ClientConfig(retry_s=60)) as client:
+            client.create_table(spec)  # UNAVAILABLE until the shard is up, then succeeds
+            assert client.lookup("late", [1, 2]).shape == (2, 2)
+    finally:
+        while not procs:
+            time.sleep(0.1)
+        wait_serving(procs[0])
+        procs[0].terminate()
+        procs[0].wait(10)

@@ -1,0 +1,184 @@
+"""The sharded store against the in-process reference, over real `memstore serve` processes.
+
+Run: python -m pytest tests/test_store.py -q
+"""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from memstore import InProcessStore, MemStoreClient, OptimizerSpec, TableSpec
+from memstore.spec import InitSpec
+
+OPTIMIZERS = {
+    "adam": OptimizerSpec("adam", weight_decay=0.01),
+    "adagrad": OptimizerSpec("adagrad"),
+    "sgd": OptimizerSpec("sgd", momentum=0.9),
+}
+
+
+def zipf_keys(rng: np.random.Generator, n: int, num_rows: int, shape=None) -> np.ndarray:
+    """Keys with many repeats, as N-gram hash ids are: Zipfian ranks scattered over the table."""
+    ranks = np.minimum(rng.zipf(1.3, n), num_rows) - 1
+    perm = np.random.default_rng(7).permutation(num_rows)
+    keys = perm[ranks]
+    return keys.reshape(shape) if shape else keys
+
+
+def run_mixed(store, spec: TableSpec, steps: int, seed: int) -> list[np.ndarray]:
+    """Creates the table, then alternates lookups and updates; returns every lookup."""
+    rng = np.random.default_rng(seed)
+    store.create_table(spec)
+    seen = []
+    for step in range(steps):
+        keys = zipf_keys(rng, 600, spec.num_rows, shape=(20, 30))
+        seen.append(np.asarray(store.lookup(spec.name, keys)))
+        grads = rng.standard_normal((20, 30, spec.dim)).astype(np.float32)
+        store.update(spec.name, keys, grads, lr=0.01 * (1 + step % 3))
+    seen.append(np.asarray(store.lookup(spec.name, np.arange(spec.num_rows))))
+    return seen
+
+
+@pytest.mark.parametrize("kind", sorted(OPTIMIZERS))
+def test_three_shards_match_in_process_reference(shards_3, kind):
+    spec = TableSpec(f"mixed.{kind}", num_rows=5003, dim=16, seed=11, optimizer=OPTIMIZERS[kind])
+    with MemStoreClient(shards_3.addresses) as client, InProcessStore() as ref:
+        remote = run_mixed(client, spec, steps=6, seed=3)
+        local = run_mixed(ref, spec, steps=6, seed=3)
+        client.drop_table(spec.name)
+    for i, (r, l) in enumerate(zip(remote, local)):
+        # Same engine, same gradient sums, same order of float operations: bit-identical.
+        np.testing.assert_array_equal(r, l, err_msg=f"lookup {i} differs")
+
+
+def test_two_shards_bfloat16_storage_match_reference(shards_2):
+    spec = TableSpec("mixed.bf16", num_rows=2048, dim=8, dtype="bfloat16", wire_dtype="float32",
+                     optimizer=OptimizerSpec("adagrad"))
+    with MemStoreClient(shards_2.addresses) as client, InProcessStore() as ref:
+        remote = run_mixed(client, spec, steps=4, seed=5)
+        local = run_mixed(ref, spec, steps=4, seed=5)
+        client.drop_table(spec.name)
+    for i, (r, l) in enumerate(zip(remote, local)):
+        np.testing.assert_array_equal(r, l, err_msg=f"lookup {i} differs")
+
+
+def test_rows_do_not_depend_on_shard_count(shards_2, shards_3):
+    spec = TableSpec("init.same", num_rows=3001, dim=12, seed=99, init=InitSpec("uniform", bound=0.5))
+    keys = np.arange(spec.num_rows)
+    with MemStoreClient(shards_2.addresses) as two, MemStoreClient(shards_3.addresses) as three, InProcessStore() as one:
+        rows = []
+        for store in (one, two, three):
+            store.create_table(spec)
+            rows.append(store.lookup(spec.name, keys))
+        two.drop_table(spec.name)
+        three.drop_table(spec.name)
+    np.testing.assert_array_equal(rows[0], rows[1])
+    np.testing.assert_array_equal(rows[0], rows[2])
+    assert np.abs(rows[0]).max() <= 0.5 and rows[0].std() > 0.2
+
+
+def test_lookup_shapes_and_key_types(shards_2):
+    spec = TableSpec("shapes", num_rows=100, dim=4, seed=1)
+    with MemStoreClient(shards_2.addresses) as client:
+        client.create_table(spec)
+        full = client.lookup("shapes", np.arange(100))
+        for keys in ([3, 3, 97], np.array([[5, 6], [7, 5]], dtype=np.int32), torch.tensor([[1], [2]]),
+                     np.array([], dtype=np.int64), np.uint16(42)):
+            rows = client.lookup("shapes", keys)
+            k = np.asarray(keys.numpy() if isinstance(keys, torch.Tensor) else keys)
+            assert rows.shape == k.shape + (4,)
+            np.testing.assert_array_equal(rows, full[k.astype(np.int64)])
+        t = client.lookup("shapes", [1, 2], as_tensor=True)
+        assert isinstance(t, torch.Tensor) and t.dtype == torch.float32
+        assert client.lookup_async("shapes", [9]).result().shape == (1, 4)
+        client.drop_table("shapes")
+
+
+def test_large_batches_are_split_below_message_limits(shards_2):
+    # 40,000 keys x 256 float32 = 40 MiB of rows: far above gRPC's 4 MiB default and above
+    # one request's 8 MiB cap, so the client must split both lookups and updates.
+    spec = TableSpec("big", num_rows=50_000, dim=256, init=InitSpec("zeros"), optimizer=OptimizerSpec("sgd"))
+    keys = np.random.default_rng(0).permutation(50_000)[:40_000]
+    grads = np.ones((len(keys), 256), dtype=np.float32)
+    with MemStoreClient(shards_2.addresses) as client:
+        client.create_table(spec)
+        client.update("big", keys, grads, lr=0.5)
+        rows = client.lookup("big", keys)
+        assert rows.shape == (40_000, 256)
+        assert (rows == -0.5).all()
+        info = client.describe("big")
+        assert sum(i.local_rows for i in info) == 50_000
+        assert all(i.version >= 2 for i in info)  # at least two chunks per shard
+        client.drop_table("big")
+
+
+def test_duplicate_gradients_are_summed(shards_2):
+    spec = TableSpec("dups", num_rows=10, dim=3, init=InitSpec("zeros"), optimizer=OptimizerSpec("sgd"))
+    with MemStoreClient(shards_2.addresses) as client:
+        client.create_table(spec)
+        keys = np.array([4, 4, 4, 7])
+        grads = np.array([[1, 0, 0], [0, 1, 0], [0, 0, 2], [1, 1, 1]], dtype=np.float32)
+        assert client.update("dups", keys, grads, lr=1.0) == 2
+        rows = client.lookup("dups", [4, 7, 0])
+        np.testing.assert_array_equal(rows, [[-1, -1, -2], [-1, -1, -1], [0, 0, 0]])
+        client.drop_table("dups")
+
+
+def test_assign_writes_rows_verbatim_and_resets_state(shards_3):
+    spec = TableSpec("assign", num_rows=30, dim=5, optimizer=OptimizerSpec("adagrad"))
+    rng = np.random.default_rng(1)
+    with MemStoreClient(shards_3.addresses) as client, InProcessStore() as ref:
+        for store in (client, ref):
+            store.create_table(spec)
+            store.update("assign", np.arange(30), np.ones((30, 5), np.float32), lr=0.1)
+        values = rng.standard_normal((7, 5)).astype(np.float32)
+        keys = np.array([29, 0, 3, 4, 5, 17, 11])
+        for store in (client, ref):
+            store.assign("assign", keys, values)
+            np.testing.assert_array_equal(store.lookup("assign", keys), values)
+            store.update("assign", np.arange(30), np.ones((30, 5), np.float32), lr=0.1)
+        np.testing.assert_array_equal(client.lookup("assign", np.arange(30)), ref.lookup("assign", np.arange(30)))
+        client.drop_table("assign")
+
+
+def test_concurrent_lookups_never_see_torn_rows(shards_2):
+    # Every update moves each row by the same amount in all columns, so a row read half
+    # before and half after an update would hold two different values.
+    # Wide rows make each row's write long enough for a lock-free read to catch it midway.
+    dim = 65536
+    spec = TableSpec("torn", num_rows=16, dim=dim, init=InitSpec("zeros"), optimizer=OptimizerSpec("sgd"))
+    keys = np.arange(16)
+    grads = np.ones((16, dim), dtype=np.float32)
+    stop = threading.Event()
+    errors: list[str] = []
+
+    with MemStoreClient(shards_2.addresses) as client:
+        client.create_table(spec)
+
+        def writer():
+            while not stop.is_set():
+                client.update("torn", keys, grads, lr=1.0)
+
+        def reader():
+            for _ in range(60):
+                rows = client.lookup("torn", keys)
+                spread = rows.max(axis=1) - rows.min(axis=1)
+                if (spread != 0).any():
+                    errors.append(f"row {int(np.argmax(spread))} torn: spread {spread.max()}")
+                    return
+
+        threads = [threading.Thread(target=writer)] + [threading.Thread(target=reader) for _ in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads[1:]:
+            t.join()
+        stop.set()
+        threads[0].join()
+        final = client.lookup("torn", keys)
+        client.drop_table("torn")
+    assert not errors, errors
+    assert final.min() < -1  # the writer really ran during the reads
