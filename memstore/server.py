@@ -211,12 +211,17 @@ class ShardServer:
         self.engine = engine
         self.servicer = MemStoreServicer(engine)
         self.health = health.HealthServicer()
-        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), options=CHANNEL_OPTIONS)
+        # so_reuseport off: a second shard started on a taken port must fail, not share it.
+        options = CHANNEL_OPTIONS + [("grpc.so_reuseport", 0)]
+        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), options=options)
         add_servicer(self.servicer, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        self.port = self.server.add_insecure_port(f"{host}:{port}")
+        try:
+            self.port = self.server.add_insecure_port(f"{host}:{port}")
+        except RuntimeError:  # grpcio raises this when the address cannot be bound
+            self.port = 0
         if self.port == 0:
-            raise OSError(f"could not bind {host}:{port}")
+            raise OSError(f"could not bind {host}:{port} (in use, or not an address of this host)")
         self.address = f"{host}:{self.port}"
 
     def start(self) -> "ShardServer":

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import signal
+import socket
 import threading
 
 
@@ -27,6 +28,8 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--num-shards must be in 1..4096, got {args.num_shards}")
     if not 0 <= args.port < 65536:
         raise ValueError(f"--port must be in 0..65535, got {args.port}")
+    if args.port:
+        _check_bindable(args.host, args.port)
     engine = ShardEngine(args.shard_index, args.num_shards)
     server = ShardServer(engine, args.host, args.port, max_workers=args.workers).start()
     # Tests and launchers read this line to learn the bound port.
@@ -38,3 +41,12 @@ def run(args: argparse.Namespace) -> int:
     logging.getLogger("memstore.server").info("stopping shard %d", args.shard_index)
     server.stop()
     return 0
+
+
+def _check_bindable(host: str, port: int) -> None:
+    """Fails with one clear line before gRPC's own multi-line bind error would."""
+    try:
+        with socket.create_server((host, port)):
+            pass
+    except OSError as e:
+        raise OSError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
