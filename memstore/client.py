@@ -25,6 +25,7 @@ import torch
 
 from memstore import keys as keyplan
 from memstore import wire
+from memstore.alloc import keep_freed_memory
 from memstore.errors import (
     DeadlineExceeded,
     InvalidArgument,
@@ -55,6 +56,9 @@ class ClientConfig:
     retry_s: float = 30.0  # how long a call keeps retrying an unavailable shard
     backoff_s: tuple[float, float] = (0.05, 2.0)  # first and largest pause between retries
     max_request_bytes: int = 8 << 20  # payload of one data request (rows or grads), split above
+    # Keep large freed blocks for reuse in this process (memstore.alloc): replies of several
+    # MiB are otherwise page-faulted in afresh on every lookup.
+    keep_freed_memory: bool = True
 
 
 @dataclass
@@ -99,6 +103,8 @@ class MemStoreClient:
         if not addresses:
             raise InvalidArgument("a store needs at least one shard address")
         self.config = config or ClientConfig()
+        if self.config.keep_freed_memory:
+            keep_freed_memory()
         self._shards = [_Shard(i, a) for i, a in enumerate(addresses)]
         self._specs: dict[str, TableSpec] = {}  # table name -> spec, filled on first use
         self._specs_lock = threading.Lock()  # guards _specs
@@ -163,19 +169,27 @@ class MemStoreClient:
         """
         spec = self.spec(table)
         arr = as_key_array(keys)
-        flat = arr.reshape(-1)
-        plan = keyplan.plan_keys(flat, spec, self.num_shards)
-        requests = []
+        plan = keyplan.plan_keys(arr.reshape(-1), spec, self.num_shards)
+        requests, starts = [], []
         for shard in range(self.num_shards):
+            start = int(plan.bounds[shard])
             for chunk in self._chunks(plan.shard_keys(shard), spec.wire_row_bytes):
                 header = pb.LookupRequest(table=table, route=self._route(shard), num_keys=len(chunk))
                 requests.append((shard, wire.encode_frame(header, chunk)))
-        replies = self._fan_out("Lookup", requests)
-        unique_rows = self._assemble(replies, len(plan.unique), spec)
-        rows = torch.index_select(unique_rows, 0, plan.position).view(*arr.shape, spec.dim)  # (*keys.shape, dim)
+                starts.append(start)
+                start += len(chunk)
+        rows = plan.assembler(spec.dim, spec.wire_torch_dtype)
+
+        def place(i: int, frame: bytes) -> None:  # runs as each reply arrives
+            header, payload = wire.decode_frame(frame, pb.LookupResponse)
+            dtype = wire.dtype_name(header.dtype, "lookup reply")
+            rows.put(starts[i], wire.rows_from_buffer(payload, header.num_keys, header.dim, dtype))
+
+        self._fan_out("Lookup", requests, on_reply=place)
+        out = rows.result().view(*arr.shape, spec.dim)  # (*keys.shape, dim)
         if as_tensor:
-            return rows
-        return rows.numpy() if rows.dtype != torch.bfloat16 else rows.float().numpy()
+            return out
+        return out.numpy() if out.dtype != torch.bfloat16 else out.float().numpy()
 
     def lookup_async(self, table: str, keys: Any, *, as_tensor: bool = False) -> Future:
         """`lookup` on a background thread; the future's result is its return value."""
@@ -194,7 +208,7 @@ class MemStoreClient:
         flat = as_key_array(keys).reshape(-1)
         grads = keyplan.as_value_tensor(grads, len(flat), spec, "gradient")
         plan = keyplan.plan_keys(flat, spec, self.num_shards)
-        summed = keyplan.sum_duplicates(plan, grads).to(spec.wire_torch_dtype)  # (U, dim)
+        summed = plan.to_unique_order(grads).to(spec.wire_torch_dtype)  # (U, dim), repeats summed
         update_id = f"{self._client_id}:{next(self._seq)}"
 
         def header(shard: int, chunk_id: str, n: int) -> pb.UpdateRequest:
@@ -216,10 +230,8 @@ class MemStoreClient:
         flat = as_key_array(keys).reshape(-1)
         values = keyplan.as_value_tensor(rows, len(flat), spec, "row")
         plan = keyplan.plan_keys(flat, spec, self.num_shards)
-        keyplan.check_no_duplicates(plan, flat, spec, "assign")
-        ordered = torch.empty_like(values)
-        ordered.index_copy_(0, plan.position, values)  # (U, dim) in plan order; keys are distinct
-        ordered = ordered.to(spec.torch_dtype)
+        keyplan.check_no_duplicates(plan, spec, "assign")
+        ordered = plan.to_unique_order(values).to(spec.torch_dtype)  # (U, dim)
         update_id = f"{self._client_id}:{next(self._seq)}"
 
         def header(shard: int, chunk_id: str, n: int) -> pb.AssignRequest:
@@ -252,21 +264,12 @@ class MemStoreClient:
                 frames.append((shard, wire.encode_frame(header(shard, f"{update_id}:{shard}:{j}", len(chunk)), chunk, wire.tensor_bytes(part))))
         return frames
 
-    @staticmethod
-    def _assemble(replies: list[bytes], n: int, spec: TableSpec) -> torch.Tensor:
-        """[n, dim] rows of the distinct keys in plan order from the replies, in request order."""
-        views = []
-        for frame in replies:
-            header, payload = wire.decode_frame(frame, pb.LookupResponse)
-            views.append(wire.rows_from_buffer(payload, header.num_keys, header.dim, wire.dtype_name(header.dtype, "reply")))
-        if len(views) == 1:
-            return views[0]
-        out = torch.empty(n, spec.dim, dtype=spec.wire_torch_dtype)
-        return torch.cat(views, out=out) if views else out
-
-    def _fan_out(self, method: str, requests: list[tuple[int, Any]]) -> list[Any]:
+    def _fan_out(self, method: str, requests: list[tuple[int, Any]], on_reply=None) -> list[Any]:
         """Sends every (shard, request) at once; retries those that find their shard
-        unavailable, with jittered exponential backoff, until config.retry_s has passed."""
+        unavailable, with jittered exponential backoff, until config.retry_s has passed.
+
+        Returns the replies in request order, or, with on_reply, calls on_reply(i, reply) as
+        each arrives (so decoding overlaps the transfers still running) and returns []."""
         cfg = self.config
         deadline = time.monotonic() + cfg.retry_s
         pending = {i: self._shards[s].methods[method].future(req, timeout=cfg.timeout_s) for i, (s, req) in enumerate(requests)}
@@ -276,18 +279,23 @@ class MemStoreClient:
             retry = []
             for i, fut in pending.items():
                 try:
-                    results[i] = fut.result()
+                    reply = fut.result()
                 except grpc.RpcError as e:
                     if e.code() in RETRYABLE and time.monotonic() < deadline:
                         retry.append(i)
                     else:
                         raise self._error(requests[i][0], method, e) from None
+                else:
+                    if on_reply is None:
+                        results[i] = reply
+                    else:
+                        on_reply(i, reply)
             if not retry:
                 break
             time.sleep(pause * (0.5 + random.random()))
             pause = min(pause * 2, cfg.backoff_s[1])
             pending = {i: self._shards[requests[i][0]].methods[method].future(requests[i][1], timeout=cfg.timeout_s) for i in retry}
-        return results
+        return results if on_reply is None else []
 
     def _error(self, shard: int, method: str, e: grpc.RpcError) -> MemStoreError:
         cls = ERROR_OF.get(e.code(), MemStoreError)

@@ -44,8 +44,9 @@ class InProcessStore:
         spec = self.spec(table)
         arr = as_key_array(keys)
         plan = keyplan.plan_keys(arr.reshape(-1), spec, 1)
-        unique_rows, _ = self.engine.lookup(table, plan.unique)
-        rows = torch.index_select(unique_rows, 0, plan.position).view(*arr.shape, spec.dim)  # (*keys.shape, dim)
+        assembler = plan.assembler(spec.dim, spec.wire_torch_dtype)
+        assembler.put(0, self.engine.lookup(table, plan.unique)[0])
+        rows = assembler.result().view(*arr.shape, spec.dim)  # (*keys.shape, dim)
         if as_tensor:
             return rows
         return rows.numpy() if rows.dtype != torch.bfloat16 else rows.float().numpy()
@@ -61,7 +62,7 @@ class InProcessStore:
         grads = keyplan.as_value_tensor(grads, len(flat), spec, "gradient")
         plan = keyplan.plan_keys(flat, spec, 1)
         # The same rounding as on the wire, so both stores apply identical gradients.
-        summed = keyplan.sum_duplicates(plan, grads).to(spec.wire_torch_dtype)
+        summed = plan.to_unique_order(grads).to(spec.wire_torch_dtype)
         self.engine.update(table, plan.unique, summed, lr)
         return len(plan.unique)
 
@@ -73,10 +74,8 @@ class InProcessStore:
         flat = as_key_array(keys).reshape(-1)
         values = keyplan.as_value_tensor(rows, len(flat), spec, "row")
         plan = keyplan.plan_keys(flat, spec, 1)
-        keyplan.check_no_duplicates(plan, flat, spec, "assign")
-        ordered = torch.empty_like(values)
-        ordered.index_copy_(0, plan.position, values)  # (U, dim); keys are distinct
-        self.engine.assign(table, plan.unique, ordered.to(spec.torch_dtype), keep_optimizer_state)
+        keyplan.check_no_duplicates(plan, spec, "assign")
+        self.engine.assign(table, plan.unique, plan.to_unique_order(values).to(spec.torch_dtype), keep_optimizer_state)
         return len(plan.unique)
 
     def _executor(self) -> ThreadPoolExecutor:

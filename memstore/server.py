@@ -20,6 +20,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from memstore import wire
+from memstore.alloc import keep_freed_memory
 from memstore.engine import ShardEngine
 from memstore.errors import InvalidArgument, MemStoreError, TableExists, TableNotFound, WrongShard
 from memstore.v1 import memstore_pb2 as pb
@@ -208,6 +209,7 @@ class ShardServer:
     """A running shard: engine, gRPC server and health service. `stop()` drains gracefully."""
 
     def __init__(self, engine: ShardEngine, host: str = "127.0.0.1", port: int = 0, max_workers: int = 8) -> None:
+        keep_freed_memory()  # reply buffers are reused instead of page-faulted in per request
         self.engine = engine
         self.servicer = MemStoreServicer(engine)
         self.health = health.HealthServicer()

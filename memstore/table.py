@@ -16,6 +16,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from memstore.keys import as_numpy
 from memstore.optim import make_optimizer
 from memstore.partition import fill_initial_rows, local_rows
 from memstore.spec import TableSpec
@@ -74,6 +75,7 @@ class ShardTable:
         self.num_shards = num_shards
         self.local_rows = local_rows(spec.num_rows, shard_index, num_shards)
         self.rows = torch.empty(self.local_rows, spec.dim, dtype=spec.torch_dtype)
+        self._rows_np = as_numpy(self.rows)  # the same memory, for single-threaded gathers
         fill_initial_rows(self.rows, spec.init, spec.seed, shard_index, num_shards)
         self.optimizer = make_optimizer(spec.optimizer)
         self.state = self.optimizer.init_state(self.local_rows, spec.dim)
@@ -94,7 +96,9 @@ class ShardTable:
         """Copies rows `local` (int64 [n]) into `out` [n, dim] (wire dtype); returns the version."""
         with self.lock.read():
             if out.dtype == self.rows.dtype:
-                torch.index_select(self.rows, 0, local, out=out)
+                # numpy's take runs on this handler thread; torch's index_select would wake
+                # intra-op threads that fight gRPC's for the cores (lookups 1.5x slower on 2).
+                np.take(self._rows_np, local.numpy(), axis=0, out=as_numpy(out))
             else:
                 out.copy_(self.rows.index_select(0, local))
             return self.version

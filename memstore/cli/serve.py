@@ -17,7 +17,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     shard = p.add_argument_group("placement")
     shard.add_argument("--shard-index", type=int, default=0, help="this shard's index i in [0, S) (default 0)")
     shard.add_argument("--num-shards", type=int, default=1, help="number of shards S of the store (default 1)")
-    p.add_argument("--workers", type=int, default=8, help="gRPC handler threads (default 8)")
+    tune = p.add_argument_group("tuning")
+    tune.add_argument("--workers", type=int, default=8, help="gRPC handler threads (default 8)")
+    tune.add_argument("--torch-threads", type=int, default=0,
+                      help="torch intra-op threads for optimizer steps; 0 keeps torch's default (one per core). "
+                           "1 makes large lookups faster on small machines and optimizer steps slower")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -30,6 +34,12 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--port must be in 0..65535, got {args.port}")
     if args.port:
         _check_bindable(args.host, args.port)
+    if args.torch_threads < 0:
+        raise ValueError(f"--torch-threads must be >= 0, got {args.torch_threads}")
+    if args.torch_threads:
+        import torch
+
+        torch.set_num_threads(args.torch_threads)
     engine = ShardEngine(args.shard_index, args.num_shards)
     server = ShardServer(engine, args.host, args.port, max_workers=args.workers).start()
     # Tests and launchers read this line to learn the bound port.

@@ -1,0 +1,190 @@
+"""Store-core benchmark: lookups against their limits, and on-shard optimizer apply rates.
+
+For 65,536 distinct keys x dim 64 float32 (16 MiB of rows) from a 4,000,000-row table, with 1
+and 2 shards, measured side by side in one run:
+  - the same gather in process (torch index_select into a buffer: the memory limit);
+  - a bare raw-bytes gRPC echo of the same payload (the transport ceiling): S echo server
+    processes, the same channel options as memstore, the keys as the request, the rows'
+    bytes as the reply — as one message per server and split like memstore's requests;
+  - memstore lookups through MemStoreClient against S `memstore serve` processes;
+  - each optimizer's on-shard apply rate next to torch.optim.SparseAdam on the same rows.
+Targets: lookups >= 85 % of the raw-bytes ceiling; row-wise Adagrad >= 8 M rows/s; Adam
+>= 2.5x SparseAdam. Prints a table, then one JSON line.
+
+Run: python bench/bench_store.py [--rows 4000000] [--keys 65536] [--reps 15]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from concurrent import futures
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from memstore import ClientConfig, MemStoreClient, OptimizerSpec, TableSpec  # noqa: E402
+from memstore.launch import LocalShards  # noqa: E402
+from memstore.server import CHANNEL_OPTIONS  # noqa: E402
+
+ECHO_METHOD = "/bench.Echo/Echo"
+
+
+def median_s(fn, reps: int, warmup: int = 2) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times))
+
+
+# ---- the transport ceiling: raw bytes through gRPC ----------------------------------------------
+def echo_server(row_bytes: int, tuned: bool) -> None:
+    """Replies to a request of n int64 keys with n * row_bytes raw bytes, prebuilt."""
+    import grpc
+
+    replies: dict[int, bytes] = {}
+
+    def echo(request: bytes, context) -> bytes:
+        n = len(request) // 8
+        if n not in replies:
+            replies[n] = bytes(n * row_bytes)
+        return replies[n]
+
+    server = grpc.server(futures.ThreadPoolExecutor(8), options=CHANNEL_OPTIONS if tuned else CHANNEL_OPTIONS[:2])
+    handler = grpc.method_handlers_generic_handler("bench.Echo", {"Echo": grpc.unary_unary_rpc_method_handler(echo)})
+    server.add_generic_rpc_handlers((handler,))
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    print(port, flush=True)
+    server.wait_for_termination()
+
+
+def measure_echo(num_servers: int, keys: int, row_bytes: int, chunk_keys: int, reps: int, tuned: bool) -> float:
+    import grpc
+
+    procs = [subprocess.Popen([sys.executable, __file__, "--echo-server", str(row_bytes), str(int(tuned))],
+                              stdout=subprocess.PIPE, text=True) for _ in range(num_servers)]
+    try:
+        ports = [int(p.stdout.readline()) for p in procs]
+        opts = CHANNEL_OPTIONS if tuned else CHANNEL_OPTIONS[:2]
+        channels = [grpc.insecure_channel(f"127.0.0.1:{port}", options=opts) for port in ports]
+        calls = [ch.unary_unary(ECHO_METHOD) for ch in channels]
+        per_server = keys // num_servers
+        requests = [bytes(min(chunk_keys, per_server - i) * 8) for i in range(0, per_server, chunk_keys)]
+
+        def round_trip():
+            pending = [call.future(r, timeout=60) for call in calls for r in requests]
+            for f in pending:
+                f.result()
+
+        seconds = median_s(round_trip, reps)
+        for ch in channels:
+            ch.close()
+        return seconds
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+
+
+# ---- memstore lookups -------------------------------------------------------------------------------
+def measure_lookup(num_shards: int, num_rows: int, keys: np.ndarray, dim: int, reps: int) -> tuple[float, float]:
+    """(seconds per lookup, seconds to create the table) with S local serve processes."""
+    spec = TableSpec("bench", num_rows=num_rows, dim=dim, optimizer=OptimizerSpec("adagrad"))
+    with LocalShards(num_shards) as shards, MemStoreClient(shards.addresses, ClientConfig(timeout_s=600)) as client:
+        t0 = time.perf_counter()
+        client.create_table(spec)
+        create_s = time.perf_counter() - t0
+        full_check = client.lookup("bench", keys[:1000])
+        assert full_check.shape == (1000, dim)
+        seconds = median_s(lambda: client.lookup("bench", keys), reps)
+    return seconds, create_s
+
+
+def measure_gather(num_rows: int, keys: np.ndarray, dim: int, reps: int) -> dict[str, float]:
+    table = torch.randn(num_rows, dim)
+    idx = torch.from_numpy(keys)
+    out = torch.empty(len(keys), dim)
+    arr = table.numpy()
+    return {
+        "torch_index_select_s": median_s(lambda: torch.index_select(table, 0, idx, out=out), reps),
+        "numpy_take_s": median_s(lambda: np.take(arr, keys, axis=0), reps),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--rows", type=int, default=4_000_000, help="table rows (default 4,000,000)")
+    ap.add_argument("--keys", type=int, default=65_536, help="distinct keys per lookup (default 65,536)")
+    ap.add_argument("--dim", type=int, default=64, help="row width (default 64)")
+    ap.add_argument("--reps", type=int, default=15, help="timed repetitions; medians are reported (default 15)")
+    ap.add_argument("--shards", type=int, nargs="+", default=[1, 2], help="shard counts to run (default 1 2)")
+    ap.add_argument("--skip-optimizers", action="store_true", help="skip the optimizer apply rates")
+    args = ap.parse_args()
+
+    keys = np.random.default_rng(0).choice(args.rows, size=args.keys, replace=False).astype(np.int64)
+    row_bytes = args.dim * 4
+    payload = args.keys * row_bytes
+    chunk_keys = ClientConfig().max_request_bytes // row_bytes
+    gbps = lambda s: payload / s / 1e9  # noqa: E731
+
+    gather = measure_gather(args.rows, keys, args.dim, args.reps)
+    results: dict = {"config": vars(args) | {"payload_bytes": payload, "chunk_keys": chunk_keys},
+                     "gather": {k: {"s": v, "GB/s": gbps(v)} for k, v in gather.items()}, "shards": {}}
+    for s in args.shards:
+        echo_one = measure_echo(s, args.keys, row_bytes, args.keys, args.reps, tuned=True)
+        echo_split = measure_echo(s, args.keys, row_bytes, chunk_keys, args.reps, tuned=True)
+        echo_default = measure_echo(s, args.keys, row_bytes, args.keys, args.reps, tuned=False)
+        ceiling = min(echo_one, echo_split)
+        lookup_s, create_s = measure_lookup(s, args.rows, keys, args.dim, args.reps)
+        results["shards"][s] = {
+            "lookup_s": lookup_s, "lookup_rows_per_s": args.keys / lookup_s, "lookup_GB/s": gbps(lookup_s),
+            "echo_one_message_s": echo_one, "echo_split_s": echo_split, "echo_grpc_defaults_s": echo_default,
+            "ceiling_GB/s": gbps(ceiling), "ratio_to_ceiling": ceiling / lookup_s, "create_table_s": create_s,
+        }
+
+    print(f"\nlookup of {args.keys:,} distinct keys x {args.dim} float32 ({payload / 2**20:.0f} MiB) "
+          f"from {args.rows:,} rows; medians of {args.reps}")
+    print(f"{'what':46} {'ms':>8} {'GB/s':>7} {'vs ceiling':>11}")
+    for name, r in results["gather"].items():
+        print(f"{'in-process gather, ' + name[:-2]:46} {r['s'] * 1e3:8.2f} {r['GB/s']:7.2f} {'(limit)':>11}")
+    for s, r in results["shards"].items():
+        ceiling_s = payload / r["ceiling_GB/s"] / 1e9
+        rows = [
+            (f"{s} shard(s): raw gRPC echo, one message", r["echo_one_message_s"]),
+            (f"{s} shard(s): raw gRPC echo, split at {chunk_keys} keys", r["echo_split_s"]),
+            (f"{s} shard(s): raw gRPC echo, gRPC default windows", r["echo_grpc_defaults_s"]),
+            (f"{s} shard(s): memstore lookup", r["lookup_s"]),
+        ]
+        for name, sec in rows:
+            print(f"{name:46} {sec * 1e3:8.2f} {gbps(sec):7.2f} {ceiling_s / sec:10.0%}")
+        print(f"{'':46} memstore: {r['lookup_rows_per_s'] / 1e6:.2f} M rows/s; target >= 85 % of ceiling: "
+              f"{'met' if r['ratio_to_ceiling'] >= 0.85 else 'MISSED'}")
+
+    if not args.skip_optimizers:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from bench_optim import measure_optimizers, print_table
+
+        opt = measure_optimizers(num_rows=args.rows, dim=args.dim, batch=args.keys, reps=10)
+        print()
+        print_table(opt)
+        results["optimizers"] = opt
+    print(json.dumps(results, default=float))
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 4 and sys.argv[1] == "--echo-server":
+        echo_server(int(sys.argv[2]), bool(int(sys.argv[3])))
+    else:
+        main()
