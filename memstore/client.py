@@ -112,6 +112,19 @@ class MemStoreClient:
         self._seq = itertools.count()  # update ids; next() is atomic under the GIL
         self._pool: ThreadPoolExecutor | None = None
         self._pool_lock = threading.Lock()  # guards _pool creation
+        self._directory = None  # set by connect(): where a named store's shards serve now
+        self._resolve_lock = threading.Lock()  # serialises re-resolution; _shards is swapped whole
+
+    @classmethod
+    def connect(cls, name: str, *, address: str | None = None, config: ClientConfig | None = None) -> "MemStoreClient":
+        """A client of the store `name` on Ray (at `address`, $RAY_ADDRESS, or the local Ray).
+        It re-resolves shard addresses from the store's coordinator when a shard is unavailable."""
+        from cluster.store import StoreDirectory  # Ray only for clients that ask for it
+
+        directory = StoreDirectory(name, address)
+        client = cls(directory.addresses(), config)
+        client._directory = directory
+        return client
 
     @property
     def num_shards(self) -> int:
@@ -131,6 +144,8 @@ class MemStoreClient:
         )
         with self._specs_lock:
             self._specs[spec.name] = spec
+        if self._directory is not None:
+            self._directory.register_table(spec)  # restarted shards recreate it
         return spec
 
     def describe(self, table: str) -> list[ShardTableInfo]:
@@ -293,9 +308,23 @@ class MemStoreClient:
             if not retry:
                 break
             time.sleep(pause * (0.5 + random.random()))
+            self._re_resolve()
             pause = min(pause * 2, cfg.backoff_s[1])
             pending = {i: self._shards[requests[i][0]].methods[method].future(requests[i][1], timeout=cfg.timeout_s) for i in retry}
         return results if on_reply is None else []
+
+    def _re_resolve(self) -> None:
+        """After UNAVAILABLE: ask the store where its shards serve now (connect() only)."""
+        if self._directory is None:
+            return
+        with self._resolve_lock:
+            try:
+                changed = self._directory.refresh()
+            except Exception:  # the coordinator itself may be unreachable for a moment
+                return
+            if changed:
+                old = self._shards
+                self._shards = [s if s.address == a else _Shard(i, a) for i, (s, a) in enumerate(zip(old, self._directory.addresses()))]
 
     def _error(self, shard: int, method: str, e: grpc.RpcError) -> MemStoreError:
         cls = ERROR_OF.get(e.code(), MemStoreError)

@@ -35,3 +35,7 @@ class Unavailable(MemStoreError):
 
 class DeadlineExceeded(MemStoreError):
     """A call did not finish within its deadline (after retries)."""
+
+
+class StoreNotFound(MemStoreError):
+    """No store of that name is running (on the Ray cluster asked)."""

@@ -12,10 +12,10 @@ import logging
 import sys
 import traceback
 
-from memstore.cli import demo, serve
-from memstore.errors import InvalidArgument, MemStoreError, TableNotFound, Unavailable
+from memstore.cli import demo, down, health, ls, serve, up
+from memstore.errors import InvalidArgument, MemStoreError, StoreNotFound, TableNotFound, Unavailable
 
-SUBCOMMANDS = {"serve": serve, "demo": demo}
+SUBCOMMANDS = {"serve": serve, "demo": demo, "up": up, "down": down, "ls": ls, "health": health}
 
 
 class ExitStatus(enum.IntEnum):
@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # the one ladder that turns failures into exit codes
         if args.debug:
             traceback.print_exc()
-        if isinstance(e, (Unavailable, TableNotFound)):
+        if isinstance(e, (Unavailable, StoreNotFound, TableNotFound)):
             status = ExitStatus.UNAVAILABLE
         elif isinstance(e, (ValueError, InvalidArgument)):
             status = ExitStatus.USAGE

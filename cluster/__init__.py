@@ -1,0 +1,1 @@
+"""The store on Ray: shard actors, a named coordinator per store, bring-up and discovery."""

@@ -1,0 +1,136 @@
+"""Stores on Ray: bring one up, find it by name, take it down.
+
+The public face of cluster/actors.py. `deploy` joins (or starts) a Ray cluster, creates the
+store's detached coordinator, which places the shard actors on the nodes offering the
+`memstore` resource (all nodes when none does), and returns once every shard serves.
+`StoreDirectory` resolves a store's shard addresses for `MemStoreClient.connect`.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+
+import ray
+
+from cluster.actors import NAMESPACE, RESOURCE, _Coordinator, coordinator_name
+from memstore.errors import InvalidArgument, StoreNotFound, Unavailable
+from memstore.spec import TableSpec
+
+
+def ensure_ray(address: str | None = None, *, start_local: bool = False) -> bool:
+    """Connects this process to Ray; returns True if it started a local Ray head for it.
+
+    address, else $RAY_ADDRESS, else a Ray already running on this machine; with
+    start_local, a new local head (`ray start --head`) that outlives this process."""
+    if ray.is_initialized():
+        return False
+    target = address or os.environ.get("RAY_ADDRESS") or "auto"
+    try:
+        ray.init(address=target, namespace=NAMESPACE, log_to_driver=False, logging_level="WARNING")
+        return False
+    except (ConnectionError, RuntimeError) as e:
+        if target != "auto" or not start_local:
+            raise Unavailable(f"cannot reach Ray at {target}: {e}") from None
+    subprocess.run([ray_executable(), "start", "--head", "--disable-usage-stats"], check=True,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ray.init(address="auto", namespace=NAMESPACE, log_to_driver=False, logging_level="WARNING")
+    return True
+
+
+def ray_executable() -> str:
+    """The `ray` command of this Python environment (its bin/ may not be on PATH)."""
+    beside = os.path.join(os.path.dirname(sys.executable), "ray")
+    return beside if os.path.exists(beside) else (shutil.which("ray") or "ray")
+
+
+def stop_local_ray() -> None:
+    ray.shutdown()
+    subprocess.run([ray_executable(), "stop"], check=False, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def memory_resource() -> str | None:
+    """The custom resource shards ask for: `memstore` when some node offers it, else none."""
+    return RESOURCE if ray.cluster_resources().get(RESOURCE, 0) > 0 else None
+
+
+def find(name: str):
+    """The coordinator actor of store `name`; StoreNotFound if there is none."""
+    try:
+        return ray.get_actor(coordinator_name(name), namespace=NAMESPACE)
+    except ValueError:
+        raise StoreNotFound(f"no store named {name!r} on this Ray cluster") from None
+
+
+def deploy(name: str, num_shards: int, specs: list[TableSpec], *, started_local_ray: bool = False) -> dict:
+    """Brings store `name` up (Ray must be connected); idempotent for the same shard count."""
+    if not 1 <= num_shards <= 4096:
+        raise InvalidArgument(f"a store needs 1..4096 shards, got {num_shards}")
+    for spec in specs:
+        spec.validate()
+    try:
+        existing = find(name)
+    except StoreNotFound:
+        existing = None
+    if existing is not None:
+        layout = ray.get(existing.layout.remote())
+        if layout["num_shards"] != num_shards:
+            raise InvalidArgument(f"store {name!r} is already up with {layout['num_shards']} shards, not {num_shards}")
+        for spec in specs:
+            ray.get(existing.create_table.remote(spec.to_dict()))
+        return ray.get(existing.layout.remote())
+    coordinator = (
+        ray.remote(_Coordinator)
+        .options(name=coordinator_name(name), namespace=NAMESPACE, lifetime="detached", num_cpus=0,
+                 max_concurrency=16, max_restarts=0)
+        .remote(name, num_shards, started_local_ray)
+    )
+    return ray.get(coordinator.start.remote([s.to_dict() for s in specs], memory_resource()))
+
+
+def layout(name: str) -> dict:
+    return ray.get(find(name).layout.remote())
+
+
+def shutdown(name: str) -> bool:
+    """Takes store `name` down: its shards, then its coordinator. Returns whether the store
+    had started the local Ray head it ran on (then the caller may stop that Ray)."""
+    coordinator = find(name)
+    started = ray.get(coordinator.layout.remote())["started_local_ray"]
+    ray.get(coordinator.shutdown.remote())
+    ray.kill(coordinator, no_restart=True)
+    return started
+
+
+def list_stores() -> list[dict]:
+    names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+             if a.get("namespace") == NAMESPACE and a["name"].startswith("store:")]
+    return [layout(n.split(":", 1)[1]) for n in sorted(names)]
+
+
+class StoreDirectory:
+    """Where store `name`'s shards serve now; what MemStoreClient.connect routes by."""
+
+    def __init__(self, name: str, address: str | None = None) -> None:
+        ensure_ray(address)
+        self.name = name
+        self._coordinator = find(name)
+        self.layout = ray.get(self._coordinator.layout.remote())
+
+    @property
+    def epoch(self) -> int:
+        return self.layout["epoch"]
+
+    def addresses(self) -> list[str]:
+        return [s["address"] for s in self.layout["shards"]]
+
+    def refresh(self) -> bool:
+        """Re-reads the layout (asking the shards where they serve); True if it changed."""
+        old = self.addresses()
+        self.layout = ray.get(self._coordinator.refresh.remote())
+        return self.addresses() != old
+
+    def register_table(self, spec: TableSpec) -> None:
+        ray.get(self._coordinator.register_table.remote(spec.to_dict()))

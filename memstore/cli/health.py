@@ -1,0 +1,45 @@
+"""`memstore health`: ask every shard's grpc.health.v1 service, with a deadline.
+
+Exit codes (for container and Kubernetes probes): 0 every shard serving, 1 degraded (some
+shard not serving or not answering), 2 store not found or Ray unreachable.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+DEGRADED = 1
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("health", help="check every shard of a store (exit 0 serving, 1 degraded, 2 not found)")
+    p.add_argument("name", help="the store's name")
+    p.add_argument("--address", help="Ray cluster (default $RAY_ADDRESS, else the local Ray)")
+    p.add_argument("--timeout", type=float, default=2.0, help="deadline per shard in seconds (default 2)")
+
+
+def check(address: str, timeout: float) -> str:
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from memstore.server import SERVICE
+
+    try:
+        with grpc.insecure_channel(address) as ch:
+            reply = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=SERVICE), timeout=timeout)
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+    except grpc.RpcError as e:
+        return "UNREACHABLE" if e.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED) else e.code().name
+
+
+def run(args: argparse.Namespace) -> int:
+    from cluster import store
+
+    store.ensure_ray(args.address)
+    layout = store.layout(args.name)
+    states = [check(s["address"], args.timeout) for s in layout["shards"]]
+    for s, state in zip(layout["shards"], states):
+        print(f"shard {s['shard_index']:>3}  {s['address']:<22} {state}")
+    serving = sum(st == "SERVING" for st in states)
+    print(f"store {args.name!r}: {serving}/{len(states)} shards serving")
+    return 0 if serving == len(states) else DEGRADED

@@ -1,0 +1,41 @@
+"""`memstore up`: bring a store up on Ray (joining a cluster, or starting a local one)."""
+
+from __future__ import annotations
+
+import argparse
+import tomllib
+from pathlib import Path
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("up", help="bring a store up on Ray; returns once every shard serves")
+    p.add_argument("--name", required=True, help="the store's name, unique on the Ray cluster")
+    p.add_argument("--shards", type=int, required=True, help="number of shards")
+    p.add_argument("--config", type=Path, help="TOML file of [[tables]] using TableSpec field names")
+    p.add_argument("--address", help="Ray cluster to join (default $RAY_ADDRESS, else a local Ray, started if none runs)")
+
+
+def load_config(path: Path) -> list:
+    from memstore.errors import InvalidArgument
+    from memstore.spec import TableSpec
+
+    try:
+        doc = tomllib.loads(path.read_text())
+    except (OSError, tomllib.TOMLDecodeError) as e:
+        raise InvalidArgument(f"cannot read store config {path}: {e}") from None
+    unknown = set(doc) - {"tables"}
+    if unknown:
+        raise InvalidArgument(f"store config {path} has unknown sections {sorted(unknown)}; expected [[tables]]")
+    return [TableSpec.from_dict(t) for t in doc.get("tables", [])]
+
+
+def run(args: argparse.Namespace) -> int:
+    from cluster import store
+
+    specs = load_config(args.config) if args.config else []
+    started = store.ensure_ray(args.address, start_local=True)
+    layout = store.deploy(args.name, args.shards, specs, started_local_ray=started)
+    print(f"store {args.name!r} is up: {layout['num_shards']} shards, {len(layout['tables'])} tables, epoch {layout['epoch']}")
+    for s in layout["shards"]:
+        print(f"  shard {s['shard_index']:>3}  {s['address']:<22} node {s['node_id'][:12]}")
+    return 0

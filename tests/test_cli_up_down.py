@@ -1,0 +1,59 @@
+"""`memstore up` / `ls` / `health` / `down` from the command line against a local Ray.
+
+`up` starts a local Ray head when none runs; `down` releases the store and that Ray.
+Run: python -m pytest tests/test_cli_up_down.py -q
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+
+from memstore import MemStoreClient
+
+
+def memstore(*args: str, timeout: float = 180) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    return subprocess.run([sys.executable, "-m", "memstore.cli.main", *args], capture_output=True, text=True,
+                          timeout=timeout, env=env)
+
+
+def test_up_ls_health_down_round_trip(tmp_path):
+    config = tmp_path / "store.toml"
+    config.write_text(
+        '[[tables]]\nname = "engram.l1"\nnum_rows = 20483\ndim = 64\n'
+        'optimizer = { kind = "adam", beta1 = 0.9, beta2 = 0.999 }\n'
+    )
+    up = memstore("up", "--name", "cli-store", "--shards", "2", "--config", str(config))
+    try:
+        assert up.returncode == 0, up.stderr
+        assert "store 'cli-store' is up: 2 shards, 1 tables" in up.stdout
+        addresses = [line.split()[2] for line in up.stdout.splitlines() if line.strip().startswith("shard")]
+        assert len(addresses) == 2
+        # The shards outlived the CLI process that created them.
+        with MemStoreClient(addresses) as client:
+            assert client.lookup("engram.l1", np.arange(5)).shape == (5, 64)
+            assert client.spec("engram.l1").optimizer.beta2 == 0.999
+        ls = memstore("ls")
+        assert ls.returncode == 0 and "cli-store" in ls.stdout and "2 shards" in ls.stdout
+        health = memstore("health", "cli-store")
+        assert health.returncode == 0 and "2/2 shards serving" in health.stdout, health.stdout + health.stderr
+        missing = memstore("health", "no-such-store")
+        assert missing.returncode == 2 and "no store named 'no-such-store'" in missing.stderr
+        assert len(missing.stderr.strip().splitlines()) == 1
+    finally:
+        down = memstore("down", "cli-store")
+    assert down.returncode == 0, down.stderr
+    assert "stopped the local Ray" in down.stdout
+    after = memstore("health", "cli-store", timeout=60)
+    assert after.returncode == 2, after.stdout + after.stderr  # no Ray, no store
+
+
+def test_bad_config_is_one_clear_line(tmp_path):
+    config = tmp_path / "bad.toml"
+    config.write_text('[[tables]]\nname = "x"\nnum_rows = 10\ndim = 4\ncolour = "red"\n')
+    r = memstore("up", "--name", "bad", "--shards", "1", "--config", str(config))
+    assert r.returncode != 0 and "unknown fields ['colour']" in r.stderr and "Traceback" not in r.stderr
