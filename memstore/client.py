@@ -224,15 +224,8 @@ class MemStoreClient:
         grads = keyplan.as_value_tensor(grads, len(flat), spec, "gradient")
         plan = keyplan.plan_keys(flat, spec, self.num_shards)
         summed = plan.to_unique_order(grads).to(spec.wire_torch_dtype)  # (U, dim), repeats summed
-        update_id = f"{self._client_id}:{next(self._seq)}"
-
-        def header(shard: int, chunk_id: str, n: int) -> pb.UpdateRequest:
-            return pb.UpdateRequest(
-                table=table, route=self._route(shard), num_keys=n, dim=spec.dim,
-                dtype=wire.DTYPE_TO_PB[spec.wire_dtype], lr=lr, update_id=chunk_id,
-            )
-
-        self._fan_out("Update", self._value_frames(plan, summed, spec, update_id, header))
+        header = pb.UpdateRequest(table=table, dim=spec.dim, dtype=wire.DTYPE_TO_PB[spec.wire_dtype], lr=lr)
+        self._fan_out("Update", self._value_frames(plan, summed, header))
         return len(plan.unique)
 
     def update_async(self, table: str, keys: Any, grads: Any, lr: float) -> Future:
@@ -247,15 +240,9 @@ class MemStoreClient:
         plan = keyplan.plan_keys(flat, spec, self.num_shards)
         keyplan.check_no_duplicates(plan, spec, "assign")
         ordered = plan.to_unique_order(values).to(spec.torch_dtype)  # (U, dim)
-        update_id = f"{self._client_id}:{next(self._seq)}"
-
-        def header(shard: int, chunk_id: str, n: int) -> pb.AssignRequest:
-            return pb.AssignRequest(
-                table=table, route=self._route(shard), num_keys=n, dim=spec.dim,
-                dtype=wire.DTYPE_TO_PB[spec.dtype], keep_optimizer_state=keep_optimizer_state, update_id=chunk_id,
-            )
-
-        self._fan_out("Assign", self._value_frames(plan, ordered, spec, update_id, header))
+        header = pb.AssignRequest(table=table, dim=spec.dim, dtype=wire.DTYPE_TO_PB[spec.dtype],
+                                  keep_optimizer_state=keep_optimizer_state)
+        self._fan_out("Assign", self._value_frames(plan, ordered, header))
         return len(plan.unique)
 
     # ---- helpers --------------------------------------------------------------------------
@@ -267,16 +254,26 @@ class MemStoreClient:
         per = max(1, self.config.max_request_bytes // row_bytes)
         return [keys[i : i + per] for i in range(0, len(keys), per)]
 
-    def _value_frames(self, plan, values: torch.Tensor, spec: TableSpec, update_id: str, header) -> list:
-        """Frames of keys || values per shard and chunk, each chunk with its own update id."""
-        frames = []
-        row_bytes = spec.dim * values.element_size()
+    def _value_frames(self, plan, values: torch.Tensor, header) -> list[tuple[int, bytes]]:
+        """Frames of keys || values per shard and chunk for one call: all parts share a group
+        id (the unit a cut keeps whole), and each part has its own update id (the unit a
+        shard applies at most once)."""
+        group = f"{self._client_id}:{next(self._seq)}"
+        row_bytes = values.shape[1] * values.element_size()
+        parts = []  # (shard, chunk number, first row, keys)
         for shard in range(self.num_shards):
             lo = int(plan.bounds[shard])
             for j, chunk in enumerate(self._chunks(plan.shard_keys(shard), row_bytes)):
-                part = values[lo : lo + len(chunk)]
+                parts.append((shard, j, lo, chunk))
                 lo += len(chunk)
-                frames.append((shard, wire.encode_frame(header(shard, f"{update_id}:{shard}:{j}", len(chunk)), chunk, wire.tensor_bytes(part))))
+        frames = []
+        for shard, j, lo, chunk in parts:
+            header.route.CopyFrom(self._route(shard))
+            header.num_keys = len(chunk)
+            header.update_id = f"{group}:{shard}:{j}"
+            header.group = group
+            header.parts = len(parts)
+            frames.append((shard, wire.encode_frame(header, chunk, wire.tensor_bytes(values[lo : lo + len(chunk)]))))
         return frames
 
     def _fan_out(self, method: str, requests: list[tuple[int, Any]], on_reply=None) -> list[Any]:

@@ -13,6 +13,7 @@ import threading
 import numpy as np
 import torch
 
+from memstore.cut import WriteGate
 from memstore.errors import InvalidArgument, TableExists, TableNotFound, WrongShard
 from memstore.spec import TableSpec
 from memstore.table import REMEMBERED_UPDATE_IDS, ShardTable
@@ -28,6 +29,7 @@ class ShardEngine:
         self.num_shards = num_shards
         self._tables: dict[str, ShardTable] = {}
         self._lock = threading.Lock()  # guards _tables (the dict, not the tables)
+        self.gate = WriteGate()  # every write passes it; a cut closes it (memstore.cut)
 
     # ---- table management -------------------------------------------------------------
     def create_table(self, spec: TableSpec) -> ShardTable:
@@ -104,7 +106,8 @@ class ShardEngine:
         return out, table.gather(local, out)
 
     def update(
-        self, name: str, keys: np.ndarray, grads: torch.Tensor, lr: float, update_id: str = ""
+        self, name: str, keys: np.ndarray, grads: torch.Tensor, lr: float, update_id: str = "",
+        group: str = "", parts: int = 0,
     ) -> tuple[int, bool]:
         """Applies one sparse update; returns (version, duplicate). All checks run first."""
         table = self.table(name)
@@ -113,16 +116,17 @@ class ShardEngine:
             raise InvalidArgument(f"learning rate must be finite and >= 0, got {lr}")
         local = self.local_index(table, keys, unique=True)
         grads32 = grads.float()
-        return self._write(table, update_id, lambda: table.apply(local, grads32, lr))
+        return self._write(table, update_id, group, parts, lambda: table.apply(local, grads32, lr))
 
     def assign(
-        self, name: str, keys: np.ndarray, values: torch.Tensor, keep_state: bool, update_id: str = ""
+        self, name: str, keys: np.ndarray, values: torch.Tensor, keep_state: bool, update_id: str = "",
+        group: str = "", parts: int = 0,
     ) -> tuple[int, bool]:
         """Writes rows verbatim; returns (version, duplicate). All checks run first."""
         table = self.table(name)
         self._check_values(table, keys, values, "row")
         local = self.local_index(table, keys, unique=True)
-        return self._write(table, update_id, lambda: table.assign(local, values, keep_state))
+        return self._write(table, update_id, group, parts, lambda: table.assign(local, values, keep_state))
 
     @staticmethod
     def _check_values(table: ShardTable, keys: np.ndarray, values: torch.Tensor, what: str) -> None:
@@ -138,18 +142,21 @@ class ShardEngine:
                 f"{what} of key {int(keys[row])} for table {table.spec.name!r} holds NaN or Inf"
             )
 
-    def _write(self, table: ShardTable, update_id: str, apply) -> tuple[int, bool]:
-        """Runs `apply` at most once per update id: the id is checked, applied and recorded
-        under the table's ids_lock, so two concurrent retries of one update cannot both apply."""
-        if not update_id:
-            return apply(), False
-        applied = table.applied_ids
-        with table.ids_lock:
-            version = applied.get(update_id)
-            if version is not None:
-                return version, True
-            version = apply()
-            applied[update_id] = version
-            while len(applied) > REMEMBERED_UPDATE_IDS:
-                applied.popitem(last=False)
-            return version, False
+    def _write(self, table: ShardTable, update_id: str, group: str, parts: int, apply) -> tuple[int, bool]:
+        """Runs `apply` at most once per update id, through the write gate (a cut may hold it
+        back). The id is checked, applied and recorded under the table's ids_lock, so two
+        concurrent retries of one update cannot both apply."""
+        with self.gate.write(group, parts) as applied:
+            if not update_id:
+                version, duplicate = apply(), False
+            else:
+                with table.ids_lock:
+                    version = table.applied_ids.get(update_id)
+                    duplicate = version is not None
+                    if not duplicate:
+                        version = apply()
+                        table.applied_ids[update_id] = version
+                        while len(table.applied_ids) > REMEMBERED_UPDATE_IDS:
+                            table.applied_ids.popitem(last=False)
+            applied[0] = not duplicate
+            return version, duplicate

@@ -112,7 +112,7 @@ class MemStoreServicer:
         self._route(header.route)
         spec = self.engine.table(header.table).spec
         keys, grads = self._values(header, payload, spec.wire_dtype, "gradient")
-        version, dup = self.engine.update(header.table, keys, grads, header.lr, header.update_id)
+        version, dup = self.engine.update(header.table, keys, grads, header.lr, header.update_id, header.group, header.parts)
         out = wire.encode_frame(pb.UpdateResponse(version=version, duplicate=dup))
         self._count("Update", len(keys), len(frame), len(out))
         return out
@@ -121,7 +121,9 @@ class MemStoreServicer:
         header, payload = wire.decode_frame(frame, pb.AssignRequest)
         self._route(header.route)
         keys, rows = self._values(header, payload, None, "row")
-        version, dup = self.engine.assign(header.table, keys, rows, header.keep_optimizer_state, header.update_id)
+        version, dup = self.engine.assign(
+            header.table, keys, rows, header.keep_optimizer_state, header.update_id, header.group, header.parts
+        )
         out = wire.encode_frame(pb.AssignResponse(version=version, duplicate=dup))
         self._count("Assign", len(keys), len(frame), len(out))
         return out

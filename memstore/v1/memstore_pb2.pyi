@@ -143,7 +143,7 @@ class LookupResponse(_message.Message):
     def __init__(self, num_keys: _Optional[int] = ..., dim: _Optional[int] = ..., dtype: _Optional[_Union[DType, str]] = ..., version: _Optional[int] = ...) -> None: ...
 
 class UpdateRequest(_message.Message):
-    __slots__ = ("table", "route", "num_keys", "dim", "dtype", "lr", "update_id")
+    __slots__ = ("table", "route", "num_keys", "dim", "dtype", "lr", "update_id", "group", "parts")
     TABLE_FIELD_NUMBER: _ClassVar[int]
     ROUTE_FIELD_NUMBER: _ClassVar[int]
     NUM_KEYS_FIELD_NUMBER: _ClassVar[int]
@@ -151,6 +151,8 @@ class UpdateRequest(_message.Message):
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     LR_FIELD_NUMBER: _ClassVar[int]
     UPDATE_ID_FIELD_NUMBER: _ClassVar[int]
+    GROUP_FIELD_NUMBER: _ClassVar[int]
+    PARTS_FIELD_NUMBER: _ClassVar[int]
     table: str
     route: Route
     num_keys: int
@@ -158,7 +160,9 @@ class UpdateRequest(_message.Message):
     dtype: DType
     lr: float
     update_id: str
-    def __init__(self, table: _Optional[str] = ..., route: _Optional[_Union[Route, _Mapping]] = ..., num_keys: _Optional[int] = ..., dim: _Optional[int] = ..., dtype: _Optional[_Union[DType, str]] = ..., lr: _Optional[float] = ..., update_id: _Optional[str] = ...) -> None: ...
+    group: str
+    parts: int
+    def __init__(self, table: _Optional[str] = ..., route: _Optional[_Union[Route, _Mapping]] = ..., num_keys: _Optional[int] = ..., dim: _Optional[int] = ..., dtype: _Optional[_Union[DType, str]] = ..., lr: _Optional[float] = ..., update_id: _Optional[str] = ..., group: _Optional[str] = ..., parts: _Optional[int] = ...) -> None: ...
 
 class UpdateResponse(_message.Message):
     __slots__ = ("version", "duplicate")
@@ -169,7 +173,7 @@ class UpdateResponse(_message.Message):
     def __init__(self, version: _Optional[int] = ..., duplicate: _Optional[bool] = ...) -> None: ...
 
 class AssignRequest(_message.Message):
-    __slots__ = ("table", "route", "num_keys", "dim", "dtype", "keep_optimizer_state", "update_id")
+    __slots__ = ("table", "route", "num_keys", "dim", "dtype", "keep_optimizer_state", "update_id", "group", "parts")
     TABLE_FIELD_NUMBER: _ClassVar[int]
     ROUTE_FIELD_NUMBER: _ClassVar[int]
     NUM_KEYS_FIELD_NUMBER: _ClassVar[int]
@@ -177,6 +181,8 @@ class AssignRequest(_message.Message):
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     KEEP_OPTIMIZER_STATE_FIELD_NUMBER: _ClassVar[int]
     UPDATE_ID_FIELD_NUMBER: _ClassVar[int]
+    GROUP_FIELD_NUMBER: _ClassVar[int]
+    PARTS_FIELD_NUMBER: _ClassVar[int]
     table: str
     route: Route
     num_keys: int
@@ -184,7 +190,9 @@ class AssignRequest(_message.Message):
     dtype: DType
     keep_optimizer_state: bool
     update_id: str
-    def __init__(self, table: _Optional[str] = ..., route: _Optional[_Union[Route, _Mapping]] = ..., num_keys: _Optional[int] = ..., dim: _Optional[int] = ..., dtype: _Optional[_Union[DType, str]] = ..., keep_optimizer_state: _Optional[bool] = ..., update_id: _Optional[str] = ...) -> None: ...
+    group: str
+    parts: int
+    def __init__(self, table: _Optional[str] = ..., route: _Optional[_Union[Route, _Mapping]] = ..., num_keys: _Optional[int] = ..., dim: _Optional[int] = ..., dtype: _Optional[_Union[DType, str]] = ..., keep_optimizer_state: _Optional[bool] = ..., update_id: _Optional[str] = ..., group: _Optional[str] = ..., parts: _Optional[int] = ...) -> None: ...
 
 class AssignResponse(_message.Message):
     __slots__ = ("version", "duplicate")

@@ -1,0 +1,131 @@
+"""The write gate of a shard: how a store takes a consistent cut across all its shards.
+
+A client call (one update or assign) reaches S shards as `parts` requests sharing a `group`
+id. A cut must hold every call wholly or not at all, so the coordinator runs, on all shards:
+
+1. `freeze()`: new writes are held back; writes already applying finish first. Each shard
+   returns how many parts of each recent group it has applied.
+2. Groups applied on some shards but not all (their other parts are still in flight) are
+   `release()`d everywhere: their held parts may apply, nothing else may. The coordinator
+   polls `applied()` until they complete (or a deadline: a client that died mid-call never
+   sends its other parts; such a call was never acknowledged, and its applied parts stay).
+3. Each shard snapshots its tables (rows and optimizer state together), then `unfreeze()`.
+
+Plain Python: no gRPC, no Ray; the engine calls `write()` around every write.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from contextlib import contextmanager
+from typing import Iterator
+
+# Groups a shard remembers between cuts: enough for every call that can be in flight.
+REMEMBERED_GROUPS = 1 << 16
+
+
+class WriteGate:
+    def __init__(self) -> None:
+        # Guards every field below; writers wait on it while frozen.
+        self._cond = threading.Condition(threading.Lock())
+        self._frozen = False
+        self._released: set[str] = set()
+        self._active = 0  # writes inside write()
+        self._groups: OrderedDict[str, list[int]] = OrderedDict()  # group -> [parts, applied here]
+
+    @contextmanager
+    def write(self, group: str, parts: int) -> Iterator[None]:
+        """Wraps one write; blocks while a cut holds its group back. The caller reports
+        whether it applied (a duplicate retry does not count) through the yielded list."""
+        with self._cond:
+            while self._frozen and group not in self._released:
+                self._cond.wait()
+            self._active += 1
+        applied = [False]
+        try:
+            yield applied
+        finally:
+            with self._cond:
+                self._active -= 1
+                if applied[0] and group:
+                    entry = self._groups.setdefault(group, [parts, 0])
+                    entry[1] += 1
+                    while len(self._groups) > REMEMBERED_GROUPS:
+                        self._groups.popitem(last=False)
+                self._cond.notify_all()
+
+    def freeze(self, timeout_s: float = 60.0) -> dict[str, tuple[int, int]]:
+        """Holds back new writes, waits for running ones, returns {group: (parts, applied)}."""
+        with self._cond:
+            self._frozen = True
+            self._released.clear()
+            if not self._cond.wait_for(lambda: self._active == 0, timeout=timeout_s):
+                self._frozen = False
+                self._cond.notify_all()
+                raise TimeoutError(f"writes did not drain within {timeout_s} s")
+            return {g: (p, a) for g, (p, a) in self._groups.items()}
+
+    def release(self, groups: list[str]) -> None:
+        """Lets held parts of these groups apply during the cut."""
+        with self._cond:
+            self._released.update(groups)
+            self._cond.notify_all()
+
+    def applied(self, groups: list[str]) -> dict[str, int]:
+        """Parts of these groups applied here so far (waits for released writes to finish)."""
+        with self._cond:
+            self._cond.wait_for(lambda: self._active == 0, timeout=5.0)
+            return {g: self._groups.get(g, (0, 0))[1] for g in groups}
+
+    def unfreeze(self, forget: bool = True) -> None:
+        """Lets writes flow again; after a completed cut, forgets the groups it covered."""
+        with self._cond:
+            self._frozen = False
+            self._released.clear()
+            if forget:
+                self._groups.clear()
+            self._cond.notify_all()
+
+    @property
+    def frozen(self) -> bool:
+        with self._cond:
+            return self._frozen
+
+
+def take_cut(shards: list, snapshot, deadline_s: float = 30.0, poll_s: float = 0.01):
+    """Runs the cut protocol over `shards` (objects with freeze/release/applied/unfreeze, e.g.
+    WriteGates, or proxies of remote shards) and calls `snapshot()` while all are frozen and
+    every in-flight call is complete. Returns (snapshot's result, groups completed during
+    the cut, groups abandoned at the deadline)."""
+    import time
+
+    frozen = []
+    try:
+        seen: dict[str, list[int]] = {}  # group -> [parts, applied on all shards]
+        for shard in shards:
+            for group, (parts, applied) in shard.freeze().items():
+                seen.setdefault(group, [parts, 0])[1] += applied
+            frozen.append(shard)
+        partial = [g for g, (parts, applied) in seen.items() if 0 < applied < parts]
+        if partial:
+            for shard in shards:
+                shard.release(partial)
+            deadline = time.monotonic() + deadline_s
+            while partial and time.monotonic() < deadline:
+                totals = dict.fromkeys(partial, 0)
+                for shard in shards:
+                    for group, n in shard.applied(partial).items():
+                        totals[group] += n
+                partial = [g for g in partial if totals[g] < seen[g][0]]
+                if partial:
+                    time.sleep(poll_s)
+        completed = [g for g, (parts, applied) in seen.items() if 0 < applied < parts and g not in partial]
+        result = snapshot()
+    except BaseException:
+        for shard in frozen:
+            shard.unfreeze(forget=False)
+        raise
+    for shard in frozen:
+        shard.unfreeze()
+    return result, completed, partial

@@ -1,0 +1,108 @@
+"""The write gate and the cut protocol: every call is wholly in a cut or wholly out.
+
+Two engines stand for two shards; threads stand for clients whose calls are in flight.
+Run: python -m pytest tests/test_cut.py -q
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import torch
+
+from memstore.cut import WriteGate, take_cut
+from memstore.engine import ShardEngine
+from memstore.spec import InitSpec, OptimizerSpec, TableSpec
+
+SPEC = TableSpec("t", num_rows=8, dim=2, init=InitSpec("zeros"), optimizer=OptimizerSpec("sgd"))
+
+
+def two_shards() -> list[ShardEngine]:
+    engines = [ShardEngine(i, 2) for i in range(2)]
+    for e in engines:
+        e.create_table(SPEC)
+    return engines
+
+
+def part(engine: ShardEngine, group: str, key: int, parts: int = 2) -> None:
+    engine.update("t", np.array([key]), torch.ones(1, 2), lr=1.0, update_id=f"{group}:{key}", group=group, parts=parts)
+
+
+def rows(engines) -> np.ndarray:
+    out = np.zeros((8, 2))
+    for i, e in enumerate(engines):
+        out[i::2] = e.table("t").snapshot()[1]
+    return out
+
+
+def test_frozen_gate_holds_writes_until_unfrozen():
+    gate = WriteGate()
+    gate.freeze()
+    entered = threading.Event()
+
+    def writer():
+        with gate.write("g", 1) as applied:
+            applied[0] = True
+            entered.set()
+
+    t = threading.Thread(target=writer)
+    t.start()
+    assert not entered.wait(0.2), "a write passed a frozen gate"
+    gate.unfreeze()
+    assert entered.wait(5)
+    t.join()
+
+
+def test_a_call_in_flight_at_the_cut_is_completed_on_every_shard():
+    engines = two_shards()
+    part(engines[0], "done", 0)
+    part(engines[1], "done", 1)
+    part(engines[0], "in-flight", 2)  # its other part reaches shard 1 only after the freeze
+    snapshots = {}
+    late = threading.Thread(target=lambda: (time.sleep(0.3), part(engines[1], "in-flight", 3)))
+    late.start()
+    gates = [e.gate for e in engines]
+
+    def snapshot():
+        snapshots["rows"] = rows(engines)
+
+    _, completed, abandoned = take_cut(gates, snapshot, deadline_s=10)
+    late.join()
+    assert completed == ["in-flight"] and abandoned == []
+    cut = snapshots["rows"]
+    assert (cut[[0, 1, 2, 3]] == -1).all() and (cut[4:] == 0).all()
+
+
+def test_a_call_that_starts_during_the_cut_stays_out_of_it():
+    engines = two_shards()
+    gates = [e.gate for e in engines]
+    started = threading.Event()
+    snapshots = {}
+
+    def snapshot():
+        started.set()
+        time.sleep(0.3)  # a new call arrives while we snapshot
+        snapshots["rows"] = rows(engines)
+
+    def new_call():
+        started.wait(5)
+        part(engines[0], "new", 4)
+        part(engines[1], "new", 5)
+
+    t = threading.Thread(target=new_call)
+    t.start()
+    take_cut(gates, snapshot)
+    t.join()
+    assert (snapshots["rows"] == 0).all()
+    assert (rows(engines)[[4, 5]] == -1).all()  # applied after the cut
+
+
+def test_a_client_that_died_mid_call_does_not_block_the_cut():
+    engines = two_shards()
+    part(engines[0], "orphan", 0)  # its second part never comes
+    t0 = time.monotonic()
+    _, completed, abandoned = take_cut([e.gate for e in engines], lambda: None, deadline_s=0.5)
+    assert abandoned == ["orphan"] and completed == [] and time.monotonic() - t0 < 5
+    part(engines[1], "after", 1, parts=1)  # the gates are open again
