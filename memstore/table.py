@@ -69,16 +69,27 @@ class RWLock:
 class ShardTable:
     """The rows of `spec` that shard `shard_index` of `num_shards` holds (keys k % S == i)."""
 
-    def __init__(self, spec: TableSpec, shard_index: int = 0, num_shards: int = 1) -> None:
+    def __init__(
+        self, spec: TableSpec, shard_index: int = 0, num_shards: int = 1, *, initialise: bool = True
+    ) -> None:
+        """initialise=False leaves rows and optimizer state unwritten (torch.empty), for a
+        restore that overwrites every value (memstore.checkpoint); it skips the init cost."""
         self.spec = spec
         self.shard_index = shard_index
         self.num_shards = num_shards
         self.local_rows = local_rows(spec.num_rows, shard_index, num_shards)
         self.rows = torch.empty(self.local_rows, spec.dim, dtype=spec.torch_dtype)
         self._rows_np = as_numpy(self.rows)  # the same memory, for single-threaded gathers
-        fill_initial_rows(self.rows, spec.init, spec.seed, shard_index, num_shards)
+        if initialise:
+            fill_initial_rows(self.rows, spec.init, spec.seed, shard_index, num_shards)
         self.optimizer = make_optimizer(spec.optimizer)
-        self.state = self.optimizer.init_state(self.local_rows, spec.dim)
+        if initialise:
+            self.state = self.optimizer.init_state(self.local_rows, spec.dim)
+        else:  # init_state's names, dtypes and trailing shapes, read off a 0-row state
+            self.state = {
+                name: torch.empty((self.local_rows, *t.shape[1:]), dtype=t.dtype)
+                for name, t in self.optimizer.init_state(0, spec.dim).items()
+            }
         self.version = 0  # updates + assigns applied; guarded by lock
         self.lock = RWLock()
         self.applied_ids: OrderedDict[str, int] = OrderedDict()  # update id -> version; guarded by ids_lock

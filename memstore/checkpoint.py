@@ -1,0 +1,640 @@
+"""Consistent, crash-safe, memory-mappable checkpoints of a store's shards.
+
+A checkpoint (one cut of every shard) is a directory, named by the caller, e.g. `ckpt-<version>`:
+
+    root/
+      LATEST                        the name of the newest complete checkpoint (one line)
+      ckpt-12/
+        MANIFEST.msgpack            written last: store meta, table specs, per shard its files + crc32
+        shard-00000-of-00002/
+          shard.msgpack             shard index/count; per table spec, version, tensors (file, dtype,
+                                    shape, crc32) and the remembered update ids
+          <table>.rows.npy          [local_rows, dim]; bfloat16 stored as its int16 bit pattern
+          <table>.state.<name>.npy  each optimizer state tensor ([local_rows, dim] or [local_rows])
+        shard-00001-of-00002/ ...
+
+Every tensor file is a plain .npy that `np.load(path, mmap_mode="r")` opens; its real dtype is
+in shard.msgpack. `<table>` is the table name percent-quoted for file names.
+
+The cut (what a coordinator does; `save_checkpoint` does all of it for engines in one process):
+ 1. every shard takes `ShardFreeze(engine).acquire()`; once all hold it, the cut exists;
+ 2. every shard takes `snapshot_shard(engine, freeze=f)` (an in-memory copy), rotates its WAL
+    (memstore.wal) and releases the freeze — updates wait only for the copy, not for disk;
+ 3. `staging = begin_checkpoint(checkpoint_dir(root, version))` once; every shard
+    `write_shard(snapshot, staging)` (no lock held) and sends back the small summary it returns;
+ 4. `commit_checkpoint(staging, summaries, store_meta)` writes MANIFEST, renames the staging
+    directory into place and points LATEST at it.
+
+Crash safety: files are written under `<name>.tmp-<uuid>/`, each fsynced, then the directories;
+the rename to `<name>` is the commit, then LATEST is replaced (tmp + fsync + rename). A crash at
+any point leaves LATEST naming a complete checkpoint (or absent); staging leftovers are ignored
+and removed by `prune_checkpoints(..., remove_staging=True)`.
+
+Resharding: `load_shard(dir, i, S)` builds shard i of any S from a checkpoint of S_old shards:
+key k lives in old shard k % S_old at k // S_old and moves to local row k // S. For one old shard
+those keys form an arithmetic progression of step lcm(S, S_old), so each (table, tensor, old
+shard) is one strided numpy copy out of the memory map. A resharded table's version is the
+largest version among the old shards that fed it (versions never go backwards for a reader of
+any one of them), and it remembers the newest update ids of each of those shards.
+
+Relies on numpy, torch and msgpack only; no Ray, no gRPC.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import math
+import os
+import shutil
+import time
+import uuid
+import zlib
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable
+from urllib.parse import quote
+
+import msgpack
+import numpy as np
+import torch
+
+from memstore.engine import ShardEngine
+from memstore.errors import InvalidArgument, MemStoreError
+from memstore.partition import local_rows
+from memstore.spec import TableSpec
+from memstore.table import REMEMBERED_UPDATE_IDS, ShardTable
+
+log = logging.getLogger("memstore.checkpoint")
+
+FORMAT_VERSION = 1
+MANIFEST = "MANIFEST.msgpack"
+SHARD_MANIFEST = "shard.msgpack"
+LATEST = "LATEST"
+_STAGING = ".tmp-"
+# Bytes per write / checksum / copy step: large enough for full disk speed, small enough for
+# smooth progress and a bounded page-cache footprint while copying out of a memory map.
+CHUNK_BYTES = 64 << 20
+# How a tensor of each torch dtype is stored (numpy lacks bfloat16: its int16 bits).
+_STORED = {torch.float32: "<f4", torch.float16: "<f2", torch.bfloat16: "<i2", torch.int64: "<i8"}
+_DTYPE_NAME = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16", torch.int64: "int64"}
+
+Progress = Callable[[int, int], None]  # (done_bytes, total_bytes)
+
+
+class CheckpointError(MemStoreError):
+    """A checkpoint is missing, incomplete or corrupt, or cannot be written; `path` names the file."""
+
+    def __init__(self, message: str, path: Path | str | None = None) -> None:
+        super().__init__(message)
+        self.path = Path(path) if path is not None else None
+
+
+# ---- the cut ---------------------------------------------------------------------------------
+class ShardFreeze:
+    """Holds every table of a shard still: no update or assign runs while held; lookups do.
+
+    Per table, in name order, takes `ids_lock` and then the read lock: the order in which
+    `ShardEngine._write` takes them (ids_lock, then the write lock), so a freeze and a write
+    never wait on each other in a cycle. Holding ids_lock matters: an id-tagged write records
+    its id only after releasing the write lock, so the rows alone could show an update whose id
+    is not yet remembered. A writer queued on a frozen table blocks new lookups of that table
+    (the RW lock prefers writers), so hold a freeze for the in-memory copy only.
+    `acquire` and `release` may run on different threads (a cut can span two RPCs).
+    """
+
+    def __init__(self, engine: ShardEngine) -> None:
+        self.engine = engine
+        self.tables: list[ShardTable] = []  # the tables in the cut, in name order
+        self._stack: ExitStack | None = None  # the held locks; None when not held
+
+    def acquire(self) -> "ShardFreeze":
+        assert self._stack is None, "this freeze is already held"
+        stack = ExitStack()
+        tables = sorted(self.engine.tables(), key=lambda t: t.spec.name)
+        try:
+            for table in tables:
+                stack.enter_context(table.ids_lock)
+                stack.enter_context(table.lock.read())
+        except BaseException:
+            stack.close()
+            raise
+        self.tables, self._stack = tables, stack
+        return self
+
+    def release(self) -> None:
+        if self._stack is not None:
+            stack, self._stack = self._stack, None
+            stack.close()
+
+    @property
+    def held(self) -> bool:
+        return self._stack is not None
+
+    def __enter__(self) -> "ShardFreeze":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+@dataclass
+class TableSnapshot:
+    """One table of a shard at the cut: rows, optimizer state, version, remembered ids."""
+
+    spec: TableSpec
+    version: int
+    rows: torch.Tensor  # (local_rows, dim) in the table's dtype
+    state: dict[str, torch.Tensor]  # name -> (local_rows, dim) or (local_rows,)
+    update_ids: list[tuple[str, int]]  # (update id, version it produced), oldest first
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.rows, *self.state.values()))
+
+
+@dataclass
+class ShardSnapshot:
+    shard_index: int
+    num_shards: int
+    tables: list[TableSnapshot] = field(default_factory=list)  # in name order
+    taken_at: float = 0.0  # time.time() of the cut
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self.tables)
+
+
+def snapshot_shard(engine: ShardEngine, *, freeze: ShardFreeze | None = None, copy: bool = True) -> ShardSnapshot:
+    """The shard's tables at one instant.
+
+    Without `freeze`, takes its own `ShardFreeze` for the copy (a cut of this shard only). For a
+    cut across shards, pass an acquired freeze: the snapshot holds exactly its tables and the
+    caller releases it. copy=False references the live tensors instead of copying them (no extra
+    memory); it needs `freeze`, and the freeze must stay held until `write_shard` returns.
+    """
+    if freeze is None:
+        assert copy, "copy=False needs a freeze that stays held until write_shard returns"
+        with ShardFreeze(engine) as own:
+            return snapshot_shard(engine, freeze=own)
+    assert freeze.held and freeze.engine is engine, "pass an acquired freeze of this engine"
+    take = (lambda t: t.clone()) if copy else (lambda t: t)
+    tables = [
+        TableSnapshot(
+            spec=t.spec,
+            version=t.version,
+            rows=take(t.rows),
+            state={name: take(s) for name, s in t.state.items()},
+            update_ids=list(t.applied_ids.items()),
+        )
+        for t in freeze.tables
+    ]
+    return ShardSnapshot(engine.shard_index, engine.num_shards, tables, time.time())
+
+
+# ---- writing ---------------------------------------------------------------------------------
+def checkpoint_dir(root: Path | str, version: int) -> Path:
+    """The conventional name of checkpoint `version` under `root`."""
+    return Path(root) / f"ckpt-{int(version)}"
+
+
+def shard_dirname(shard_index: int, num_shards: int) -> str:
+    return f"shard-{shard_index:05d}-of-{num_shards:05d}"
+
+
+def begin_checkpoint(directory: Path | str) -> Path:
+    """Creates and returns the staging directory `<directory>.tmp-<uuid>` beside `directory`."""
+    final = Path(directory)
+    if final.exists():
+        raise CheckpointError(f"checkpoint {final} already exists", final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    staging = final.with_name(f"{final.name}{_STAGING}{uuid.uuid4().hex}")
+    staging.mkdir()
+    return staging
+
+
+def write_shard(snapshot: ShardSnapshot, staging: Path | str, *, progress: Progress | None = None) -> dict:
+    """Writes one shard's files under `staging` (from `begin_checkpoint`), fsynced; holds no lock.
+
+    Returns the shard's summary for `commit_checkpoint` (small: no update ids, no data).
+    """
+    shard_dir = Path(staging) / shard_dirname(snapshot.shard_index, snapshot.num_shards)
+    shard_dir.mkdir()
+    done, total = 0, snapshot.nbytes
+
+    def advance(n: int) -> None:
+        nonlocal done
+        done += n
+        if progress is not None:
+            progress(done, total)
+
+    tables, files = [], {}
+    for index, t in enumerate(snapshot.tables):
+        stem = _file_stem(t.spec.name, index)
+        tensors = {}
+        for key, tensor in (("rows", t.rows), *t.state.items()):
+            fname = f"{stem}.rows.npy" if key == "rows" else f"{stem}.state.{key}.npy"
+            crc, nbytes = _write_npy(shard_dir / fname, tensor, advance)
+            tensors[key] = {
+                "file": fname,
+                "dtype": _DTYPE_NAME[tensor.dtype],
+                "stored_dtype": _STORED[tensor.dtype],
+                "shape": list(tensor.shape),
+                "crc32": crc,
+                "bytes": nbytes,
+            }
+            files[fname] = {"crc32": crc, "bytes": nbytes}
+        tables.append({
+            "name": t.spec.name,
+            "spec": t.spec.to_dict(),
+            "version": t.version,
+            "local_rows": int(t.rows.shape[0]),
+            "state_names": list(t.state),
+            "tensors": tensors,
+            "update_ids": [[i, v] for i, v in t.update_ids],
+        })
+    meta = {
+        "format": FORMAT_VERSION,
+        "shard_index": snapshot.shard_index,
+        "num_shards": snapshot.num_shards,
+        "taken_at": snapshot.taken_at,
+        "tables": tables,
+    }
+    blob = msgpack.packb(meta)
+    _write_file(shard_dir / SHARD_MANIFEST, blob)
+    _fsync_dir(shard_dir)
+    return {
+        "shard_index": snapshot.shard_index,
+        "num_shards": snapshot.num_shards,
+        "dir": shard_dir.name,
+        "manifest": {"file": SHARD_MANIFEST, "crc32": zlib.crc32(blob), "bytes": len(blob)},
+        "files": files,
+        "tables": {t["name"]: {"spec": t["spec"], "version": t["version"]} for t in tables},
+    }
+
+
+def commit_checkpoint(
+    staging: Path | str, shard_manifests: list[dict], store_meta: dict | None = None, *, set_latest: bool = True
+) -> Path:
+    """Seals a checkpoint: checks the shard summaries form one whole cut, writes MANIFEST,
+    renames the staging directory to its final name and (set_latest) points LATEST at it.
+
+    store_meta: msgpack-able facts about the store, kept as MANIFEST's "store" (conventionally
+    name, num_shards, version = the cut's id, created; num_shards and created are filled in).
+    LATEST moves only forward: a commit whose meta "version" is below LATEST's keeps LATEST.
+    Returns the final directory.
+    """
+    staging = Path(staging)
+    if _STAGING not in staging.name:
+        raise CheckpointError(f"{staging} is not a staging directory from begin_checkpoint", staging)
+    final = staging.with_name(staging.name.split(_STAGING)[0])
+    shards = sorted(shard_manifests, key=lambda m: m["shard_index"])
+    num_shards = len(shards)
+    if [m["shard_index"] for m in shards] != list(range(num_shards)) or any(
+        m["num_shards"] != num_shards for m in shards
+    ):
+        got = [(m["shard_index"], m["num_shards"]) for m in shards]
+        raise CheckpointError(f"shard summaries {got} are not shards 0..{num_shards - 1} of {num_shards}", staging)
+    specs = shards[0]["tables"] if shards else {}
+    for m in shards[1:]:
+        if {n: t["spec"] for n, t in m["tables"].items()} != {n: t["spec"] for n, t in specs.items()}:
+            raise CheckpointError(f"shard {m['shard_index']} holds other tables or specs than shard 0", staging)
+    meta = dict(store_meta or {})
+    if meta.setdefault("num_shards", num_shards) != num_shards:
+        raise CheckpointError(f"store meta says {meta['num_shards']} shards, {num_shards} were written", staging)
+    meta.setdefault("created", time.time())
+    manifest = {
+        "format": FORMAT_VERSION,
+        "kind": "memstore-checkpoint",
+        "store": meta,
+        "tables": {name: t["spec"] for name, t in sorted(specs.items())},
+        "shards": shards,
+    }
+    _write_file(staging / MANIFEST, msgpack.packb(manifest))
+    _fsync_dir(staging)
+    if final.exists():
+        raise CheckpointError(f"checkpoint {final} already exists", final)
+    os.rename(staging, final)
+    _fsync_dir(final.parent)
+    if set_latest:
+        _advance_latest(final, meta.get("version"))
+    return final
+
+
+def save_checkpoint(
+    engines: Iterable[ShardEngine],
+    directory: Path | str,
+    store_meta: dict | None = None,
+    *,
+    progress: Progress | None = None,
+) -> Path:
+    """The whole protocol for shards in this process: one cut across all `engines` (every
+    freeze held at once, for the copy only), then write, commit and move LATEST."""
+    engines = sorted(engines, key=lambda e: e.shard_index)
+    with ExitStack() as stack:
+        freezes = [stack.enter_context(ShardFreeze(e)) for e in engines]
+        snapshots = [snapshot_shard(e, freeze=f) for e, f in zip(engines, freezes)]
+    staging = begin_checkpoint(directory)
+    total, before = sum(s.nbytes for s in snapshots), 0
+
+    def shard_progress(done: int, _shard_total: int) -> None:  # one count over all shards
+        if progress is not None:
+            progress(before + done, total)
+
+    try:
+        summaries = []
+        for s in snapshots:
+            summaries.append(write_shard(s, staging, progress=shard_progress))
+            before += s.nbytes
+        return commit_checkpoint(staging, summaries, store_meta)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+# ---- finding -----------------------------------------------------------------------------------
+def latest_checkpoint(root: Path | str) -> Path | None:
+    """The checkpoint LATEST names under `root`; without a usable LATEST, the complete
+    `ckpt-<n>` of highest n; None when there is no complete checkpoint."""
+    root = Path(root)
+    try:
+        name = (root / LATEST).read_text().strip()
+    except (FileNotFoundError, UnicodeDecodeError):
+        name = ""
+    if name and "/" not in name and name not in (".", "..") and (root / name / MANIFEST).is_file():
+        return root / name
+    complete = [(v, p) for v, p in _numbered_checkpoints(root) if (p / MANIFEST).is_file()]
+    return max(complete)[1] if complete else None
+
+
+def read_manifest(directory: Path | str) -> dict:
+    """A checkpoint's MANIFEST as a dict; CheckpointError when missing or unreadable."""
+    path = Path(directory) / MANIFEST
+    try:
+        manifest = msgpack.unpackb(path.read_bytes())
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} is missing: {directory} is not a complete checkpoint", path) from None
+    except (ValueError, TypeError, msgpack.exceptions.UnpackException) as e:
+        raise CheckpointError(f"{path} is corrupt: {e}", path) from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_VERSION:
+        raise CheckpointError(f"{path}: unknown checkpoint format {manifest.get('format')!r}", path)
+    return manifest
+
+
+def prune_checkpoints(root: Path | str, keep: int = 2, *, remove_staging: bool = False) -> list[Path]:
+    """Deletes all but the newest `keep` complete `ckpt-<n>` directories (never LATEST's) and,
+    with remove_staging, every staging leftover (only when no checkpoint is being written)."""
+    root = Path(root)
+    latest = latest_checkpoint(root)
+    complete = [p for _, p in sorted(_numbered_checkpoints(root)) if (p / MANIFEST).is_file()]
+    doomed = [p for p in complete[: max(0, len(complete) - keep)] if p != latest]
+    if remove_staging:
+        doomed += [p for p in root.glob(f"*{_STAGING}*") if p.is_dir()]
+    for p in doomed:
+        shutil.rmtree(p, ignore_errors=True)
+    return doomed
+
+
+# ---- loading -----------------------------------------------------------------------------------
+def load_shard(
+    directory: Path | str,
+    shard_index: int,
+    num_shards: int,
+    *,
+    engine: ShardEngine | None = None,
+    verify: bool = True,
+    progress: Progress | None = None,
+) -> ShardEngine:
+    """Shard `shard_index` of `num_shards` restored from a checkpoint of any shard count.
+
+    Restores rows, optimizer state, versions and remembered update ids. Into `engine` when given
+    (it must be that shard; the checkpoint's tables replace same-named ones, before it serves),
+    else into a new ShardEngine. verify checks every file read against its crc32 first and
+    raises CheckpointError naming the bad file.
+    """
+    directory = Path(directory)
+    engine = engine if engine is not None else ShardEngine(shard_index, num_shards)
+    if (engine.shard_index, engine.num_shards) != (shard_index, num_shards):
+        have = f"{engine.shard_index} of {engine.num_shards}"
+        raise InvalidArgument(f"engine is shard {have}, not {shard_index} of {num_shards}")
+    manifest = read_manifest(directory)
+    old_s = int(manifest["store"]["num_shards"])
+    g = math.gcd(old_s, num_shards)
+    # Keys k = shard_index + num_shards*t meet every old shard s with s = shard_index (mod g).
+    sources = [s for s in range(old_s) if (s - shard_index) % g == 0]
+    metas = {s: _read_shard_manifest(directory, manifest["shards"][s], s) for s in sources}
+    plans = [_plan_table(spec, shard_index, num_shards, old_s, metas) for spec in manifest["tables"].values()]
+    total = sum(p.dst_bytes + (p.src_bytes if verify else 0) for p in plans)
+    done = 0
+
+    def advance(n: int) -> None:
+        nonlocal done
+        done += n
+        if progress is not None:
+            progress(done, total)
+
+    for plan in plans:
+        table = ShardTable(plan.spec, shard_index, num_shards, initialise=False)
+        _fill_table(directory, plan, table, verify, advance)
+        with engine._lock:  # ShardEngine's guard of its table dict; a restore installs whole tables
+            engine._tables[plan.spec.name] = table
+    return engine
+
+
+@dataclass
+class _TablePlan:
+    """Where one table of the new shard comes from: per old shard, its entry in shard.msgpack."""
+
+    spec: TableSpec
+    entries: dict[int, dict]  # old shard -> table entry of its shard.msgpack
+    dirs: dict[int, str]  # old shard -> its directory name
+    old_shards: int
+    dst_bytes: int
+    src_bytes: int
+
+
+def _plan_table(spec_dict: dict, shard_index: int, num_shards: int, old_s: int, metas: dict) -> _TablePlan:
+    spec = TableSpec.from_dict(spec_dict)
+    entries, dirs = {}, {}
+    for s, (dirname, meta) in metas.items():
+        entry = next((t for t in meta["tables"] if t["name"] == spec.name), None)
+        if entry is None or entry["spec"] != spec_dict:
+            raise CheckpointError(f"{dirname}/{SHARD_MANIFEST} lacks table {spec.name!r} or holds another spec")
+        entries[s], dirs[s] = entry, dirname
+    n = local_rows(spec.num_rows, shard_index, num_shards)
+    tensors = next(iter(entries.values()))["tensors"].values()
+    dst = sum(n * math.prod(t["shape"][1:]) * np.dtype(t["stored_dtype"]).itemsize for t in tensors)
+    src = sum(t["bytes"] for e in entries.values() for t in e["tensors"].values())
+    return _TablePlan(spec, entries, dirs, old_s, dst, src)
+
+
+def _fill_table(directory: Path, plan: _TablePlan, table: ShardTable, verify: bool, advance) -> None:
+    """Copies every tensor of `table` out of the old shards' memory-mapped files."""
+    spec, S, i, old_s = plan.spec, table.num_shards, table.shard_index, plan.old_shards
+    L = math.lcm(S, old_s)
+    t = np.arange(old_s // math.gcd(S, old_s), dtype=np.int64)
+    first_key = dict(zip(((i + S * t) % old_s).tolist(), (i + S * t).tolist()))  # old shard -> first key
+    targets = {"rows": table.rows, **table.state}
+    for s, entry in plan.entries.items():
+        if set(entry["tensors"]) != set(targets):
+            where = f"{plan.dirs[s]}/{SHARD_MANIFEST}"
+            have = sorted(entry["tensors"])
+            need = sorted(targets)
+            raise CheckpointError(f"{where}: table {spec.name!r} has tensors {have}, its optimizer needs {need}")
+        k0 = first_key[s]
+        count = 0 if k0 >= spec.num_rows else (spec.num_rows - 1 - k0) // L + 1
+        j0, sj = (k0 - i) // S, L // S  # new local rows: j0, j0 + sj, ...
+        o0, so = k0 // old_s, L // old_s  # old local rows: o0, o0 + so, ...
+        for key, dst in targets.items():
+            meta = entry["tensors"][key]
+            want = (local_rows(spec.num_rows, s, old_s), *dst.shape[1:])
+            src = _open_tensor(directory / plan.dirs[s] / meta["file"], meta, want, _STORED[dst.dtype], verify, advance)
+            dst_np = _np_view(dst)
+            row_bytes = dst_np[:1].nbytes
+            per_chunk = max(1, CHUNK_BYTES // max(1, row_bytes))
+            for a in range(0, count, per_chunk):
+                b = min(count, a + per_chunk)  # keys a..b-1 of the progression
+                dst_np[j0 + a * sj : j0 + (b - 1) * sj + 1 : sj] = src[o0 + a * so : o0 + (b - 1) * so + 1 : so]
+                advance((b - a) * row_bytes)
+            del src  # unmaps
+    table.version = max(e["version"] for e in plan.entries.values())
+    table.applied_ids.update(_merge_update_ids([e["update_ids"] for e in plan.entries.values()]))
+
+
+def _merge_update_ids(sources: list[list]) -> list[tuple[str, int]]:
+    """One old shard's ids as they were; several: the newest of each, oldest first overall, at
+    most REMEMBERED_UPDATE_IDS (ids are tagged with their shard, so they never collide)."""
+    if len(sources) == 1:
+        return [(i, v) for i, v in sources[0]]
+    quota = -(-REMEMBERED_UPDATE_IDS // len(sources))
+    kept = [src[-quota:] for src in sources]
+    ages = np.concatenate([np.arange(len(k) - 1, -1, -1) for k in kept]) if kept else np.empty(0)
+    flat = [pair for k in kept for pair in k]
+    order = np.argsort(-ages, kind="stable")  # oldest first, so later writes evict them first
+    return [(flat[j][0], flat[j][1]) for j in order.tolist()]
+
+
+def _open_tensor(path: Path, meta: dict, want_shape: tuple, stored: str, verify: bool, advance) -> np.ndarray:
+    """One old shard's file of one tensor, checked against its manifest entry and memory-mapped."""
+    if tuple(meta["shape"]) != want_shape or meta["stored_dtype"] != stored:
+        have = f"{meta['stored_dtype']} {tuple(meta['shape'])}"
+        raise CheckpointError(f"{path}: manifest says {have}, the table needs {stored} {want_shape}", path)
+    if verify:
+        _verify_file(path, meta["crc32"], meta["bytes"], advance)
+    try:
+        arr = np.load(path, mmap_mode="r", allow_pickle=False)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} is missing", path) from None
+    except ValueError as e:
+        raise CheckpointError(f"{path} is not a readable .npy file: {e}", path) from None
+    if arr.shape != want_shape or arr.dtype != np.dtype(stored):
+        raise CheckpointError(f"{path} holds {arr.dtype} {arr.shape}, its manifest says {stored} {want_shape}", path)
+    return arr
+
+
+def _read_shard_manifest(directory: Path, summary: dict, shard: int) -> tuple[str, dict]:
+    path = directory / summary["dir"] / summary["manifest"]["file"]
+    if summary["shard_index"] != shard:
+        where = directory / MANIFEST
+        raise CheckpointError(f"{where} lists shard {summary['shard_index']} in place {shard}", where)
+    try:
+        blob = path.read_bytes()
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} is missing", path) from None
+    got, want = zlib.crc32(blob), summary["manifest"]["crc32"]
+    if got != want:
+        raise CheckpointError(f"checksum mismatch in {path}: crc32 {got:08x}, MANIFEST says {want:08x}", path)
+    return summary["dir"], msgpack.unpackb(blob)
+
+
+def _verify_file(path: Path, crc: int, nbytes: int, advance) -> None:
+    got, size = 0, 0
+    buf = bytearray(min(CHUNK_BYTES, max(nbytes, 1)))
+    view = memoryview(buf)
+    try:
+        with open(path, "rb", buffering=0) as f:
+            while n := f.readinto(buf):
+                got = zlib.crc32(view[:n], got)
+                size += n
+                advance(n)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} is missing", path) from None
+    if size != nbytes or got != crc:
+        have, want = f"{size} bytes with crc32 {got:08x}", f"{nbytes} bytes with {crc:08x}"
+        raise CheckpointError(f"checksum mismatch in {path}: {have}, manifest says {want}", path)
+
+
+# ---- files -------------------------------------------------------------------------------------
+def _np_view(t: torch.Tensor) -> np.ndarray:
+    """A numpy view of a CPU tensor's memory in its stored dtype (bfloat16 as int16)."""
+    return t.view(torch.int16).numpy() if t.dtype == torch.bfloat16 else t.numpy()
+
+
+def _file_stem(name: str, index: int) -> str:
+    stem = quote(name, safe="")
+    return stem if len(stem) <= 200 and stem not in (".", "..") else f"table-{index:05d}"
+
+
+def _write_npy(path: Path, tensor: torch.Tensor, advance) -> tuple[int, int]:
+    """Writes `tensor` as a .npy file, chunk by chunk, fsynced; returns (crc32, bytes)."""
+    arr = _np_view(tensor.contiguous())
+    head = io.BytesIO()
+    np.lib.format.write_array_header_1_0(head, np.lib.format.header_data_from_array_1_0(arr))
+    data = memoryview(arr.reshape(-1).view(np.uint8))
+    crc = zlib.crc32(head.getvalue())
+    with open(path, "xb", buffering=0) as f:
+        f.write(head.getvalue())
+        for lo in range(0, len(data), CHUNK_BYTES):
+            chunk = data[lo : lo + CHUNK_BYTES]
+            crc = zlib.crc32(chunk, crc)
+            _write_all(f, chunk)
+            advance(len(chunk))
+        os.fsync(f.fileno())
+    return crc, len(head.getvalue()) + len(data)
+
+
+def _write_all(f, data: memoryview) -> None:
+    while len(data):
+        data = data[f.write(data) :]
+
+
+def _write_file(path: Path, data: bytes) -> None:
+    with open(path, "xb", buffering=0) as f:
+        _write_all(f, memoryview(data))
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _advance_latest(final: Path, version) -> None:
+    """Points LATEST at `final` (tmp + fsync + rename + fsync), unless it names a newer one."""
+    root = final.parent
+    current = latest_checkpoint(root)
+    if current is not None and current != final and version is not None:
+        try:
+            current_version = read_manifest(current)["store"].get("version")
+        except CheckpointError:
+            current_version = None
+        if isinstance(current_version, int) and current_version > version:
+            log.warning("LATEST stays at %s (version %s): %s is older", current, current_version, final)
+            return
+    tmp = root / f"{LATEST}{_STAGING}{uuid.uuid4().hex}"
+    _write_file(tmp, f"{final.name}\n".encode())
+    os.rename(tmp, root / LATEST)
+    _fsync_dir(root)
+
+
+def _numbered_checkpoints(root: Path) -> list[tuple[int, Path]]:
+    out = []
+    for p in root.glob("ckpt-*") if root.is_dir() else ():
+        suffix = p.name[len("ckpt-") :]
+        if suffix.isdigit() and p.is_dir():
+            out.append((int(suffix), p))
+    return out

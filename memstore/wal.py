@@ -1,0 +1,507 @@
+"""Write-ahead log of a shard's acknowledged writes, replayed on top of its last checkpoint.
+
+File: the 8-byte magic `MSWAL001`, then one frame per record:
+`uint32 LE length ‖ uint32 LE crc32(payload) ‖ payload`, the payload one msgpack map:
+
+    kind        "update" | "assign" | "create" | "drop"
+    table       table name
+    update_id   the write's id ("" for none: such a record is applied again on every replay)
+    version     optional: the table version the write produced on the shard that logged it
+    update:     lr (float), dtype (of values), dim, keys (int64 LE bytes), values (bytes)
+    assign:     keep_state (bool), dtype, dim, keys, values
+    create:     spec (TableSpec.to_dict());  drop: nothing more
+
+A crash mid-write leaves a torn last frame: its length runs past the end of the file or its
+crc32 does not match. `replay` stops there and ignores the rest; opening the log again for
+writing truncates the file to its last whole frame, so new records never follow garbage.
+
+Generations: one file per checkpoint, `wal-<checkpoint version>.log` (`wal_path`). A shard
+rotates to the next file while its checkpoint freeze is held (memstore.checkpoint), so every
+write acknowledged after the cut is in that file or a later one. Recovery from checkpoint V
+replays every file of generation >= V in order (`replay_dir`): a checkpoint that failed to
+commit leaves its records split across two files, and both are replayed. Once checkpoint V is
+committed, `prune_wal(dir, V)` deletes the older files.
+
+How a server uses it: apply the write to the engine, append its record (with the version the
+engine returned), then acknowledge. Also log a write the engine reports as a duplicate: its
+first attempt may not be durable yet. Writes straddling the cut, in the checkpoint and in the
+next file too, are skipped on replay by their remembered update ids, so give every logged write
+an id. `replay_into` re-applies records in each table's version order (concurrent writes can
+reach the log in another order than they were applied) and only the keys of the engine's
+shard, so the logs of a checkpoint's old layout replay into a resharded engine: rows are
+updated independently, so old shards' logs may be replayed one after the other.
+
+Sync modes: "always" — every append writes and fdatasyncs before it returns (appends serialise
+on the disk); "group" — every append writes, then waits for an fdatasync that started after its
+write: one waiting thread (the leader) syncs for all, after waiting up to group_window_s for
+appenders still encoding; "none" — written to the page cache only: survives a killed process,
+not a machine crash. After an I/O error the log refuses further appends (WalError): what
+reached the disk is no longer known.
+
+Relies on msgpack, numpy and torch only; no Ray, no gRPC.
+"""
+
+from __future__ import annotations
+
+import heapq
+import logging
+import os
+import struct
+import threading
+import time
+import warnings
+import zlib
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import msgpack
+import numpy as np
+import torch
+
+from memstore.engine import ShardEngine
+from memstore.errors import MemStoreError
+from memstore.spec import DTYPES, TableSpec
+
+log = logging.getLogger("memstore.wal")
+
+MAGIC = b"MSWAL001"
+_FRAME = struct.Struct("<II")  # payload length, crc32 of the payload
+SYNC_MODES = ("always", "group", "none")
+# Records held back by replay_into to restore each table's version order; concurrent writes
+# reach the log at most a few handler threads out of order.
+REPLAY_WINDOW = 64
+
+# Records are viewed in place (read-only bytes); the engine never writes to gradients or
+# assigned rows it is given (it copies what it keeps), so torch's warning says nothing here.
+warnings.filterwarnings("ignore", message="The given buffer is not writable")
+
+
+class WalError(MemStoreError):
+    """The log cannot be written (after an I/O error, or closed) or is not a memstore WAL."""
+
+
+# ---- records -----------------------------------------------------------------------------------
+def _bytes_of(a: np.ndarray | torch.Tensor) -> memoryview:
+    if isinstance(a, torch.Tensor):
+        a = a.detach().cpu().contiguous()
+        a = a.view(torch.int16).numpy() if a.dtype == torch.bfloat16 else a.numpy()
+    return memoryview(np.ascontiguousarray(a)).cast("B")
+
+
+def update_record(
+    table: str, keys: np.ndarray, grads: torch.Tensor, lr: float, update_id: str = "", version: int | None = None
+) -> dict:
+    """The record of `ShardEngine.update(table, keys, grads, lr, update_id)`; views, no copies."""
+    rec = {
+        "kind": "update", "table": table, "update_id": update_id, "lr": float(lr),
+        "dtype": _dtype_name(grads.dtype), "dim": int(grads.shape[1]),
+        "keys": _bytes_of(np.asarray(keys, dtype="<i8")), "values": _bytes_of(grads),
+    }  # fmt: skip
+    if version is not None:
+        rec["version"] = int(version)
+    return rec
+
+
+def assign_record(
+    table: str,
+    keys: np.ndarray,
+    values: torch.Tensor,
+    keep_state: bool,
+    update_id: str = "",
+    version: int | None = None,
+) -> dict:
+    """The record of `ShardEngine.assign(table, keys, values, keep_state, update_id)`."""
+    rec = {
+        "kind": "assign", "table": table, "update_id": update_id, "keep_state": bool(keep_state),
+        "dtype": _dtype_name(values.dtype), "dim": int(values.shape[1]),
+        "keys": _bytes_of(np.asarray(keys, dtype="<i8")), "values": _bytes_of(values),
+    }  # fmt: skip
+    if version is not None:
+        rec["version"] = int(version)
+    return rec
+
+
+def create_record(spec: TableSpec) -> dict:
+    return {"kind": "create", "table": spec.name, "spec": spec.to_dict()}
+
+
+def drop_record(table: str) -> dict:
+    return {"kind": "drop", "table": table}
+
+
+def encode_frame(record: dict) -> tuple[bytes, bytes]:
+    """(frame header, payload) of one record."""
+    payload = msgpack.packb(record)
+    return _FRAME.pack(len(payload), zlib.crc32(payload)), payload
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return next(name for name, d in DTYPES.items() if d == dtype)
+
+
+# ---- the log -----------------------------------------------------------------------------------
+class WriteAheadLog:
+    """Appends records to one file, durable per `sync` before `append` returns. Thread-safe."""
+
+    def __init__(self, path: Path | str, sync: str = "always", group_window_s: float = 0.002) -> None:
+        if sync not in SYNC_MODES:
+            raise ValueError(f"sync must be one of {SYNC_MODES}, got {sync!r}")
+        self.sync = sync
+        self.group_window_s = group_window_s
+        # Guards every field below, and the order of writes to the file. Two conditions on it,
+        # so an appender's write wakes only the waiting leader, not every waiting follower.
+        self._lock = threading.Lock()
+        self._durable = threading.Condition(self._lock)  # notified when records became durable
+        self._arrived = threading.Condition(self._lock)  # notified when an arriving appender wrote
+        self._fd = -1
+        self._path = Path(path)
+        self._written = 0  # records written to the file (a sequence number, across rotations)
+        self._synced = 0  # records known to be on disk
+        self._syncing = False  # a group leader is in fdatasync, without the lock
+        self._arriving = 0  # appenders encoding their record, about to write
+        self._error: BaseException | None = None  # the I/O error that stopped the log
+        self.appends = 0  # records appended (guarded by _lock)
+        self.syncs = 0  # fdatasyncs run (guarded by _lock); appends / syncs = the group size
+        self._fd = _open_for_append(self._path)
+
+    @property
+    def path(self) -> Path:
+        return self._path
+
+    def append(self, record: dict) -> None:
+        """Writes `record`; returns once it is durable per the sync mode."""
+        with self._lock:
+            self._check_usable()
+            self._arriving += 1
+        try:
+            head, payload = encode_frame(record)  # outside the lock: appenders encode in parallel
+        except BaseException:
+            with self._lock:
+                self._arriving -= 1
+                self._arrived.notify()
+            raise
+        with self._lock:
+            self._arriving -= 1
+            self._arrived.notify()  # a leader may be waiting for this appender to write
+            self._check_usable()
+            self._write(head, payload)
+            self._written += 1
+            self.appends += 1
+            seq = self._written
+            if self.sync == "always":
+                self._sync_locked(seq)
+            elif self.sync == "group":
+                self._wait_durable(seq)
+
+    def _wait_durable(self, seq: int) -> None:
+        """Group commit, with the lock held: lead an fdatasync or wait for the leader's."""
+        while self._synced < seq:
+            if self._error is not None:
+                raise WalError(f"write-ahead log {self._path} failed: {self._error}")
+            if self._syncing:
+                self._durable.wait()
+                continue
+            self._syncing = True
+            deadline = time.monotonic() + self.group_window_s
+            while self._arriving and (left := deadline - time.monotonic()) > 0:
+                self._arrived.wait(left)  # let appenders still encoding join this sync
+            target, fd = self._written, self._fd
+            self.syncs += 1
+            self._lock.release()
+            try:
+                os.fdatasync(fd)
+                err = None
+            except OSError as e:
+                err = e
+            finally:
+                self._lock.acquire()
+                self._syncing = False
+                self._durable.notify_all()
+            if err is not None:
+                self._error = err
+            else:
+                self._synced = max(self._synced, target)
+
+    def _sync_locked(self, seq: int) -> None:
+        """fdatasync with the lock held (always mode, flush, rotate): records <= seq are durable."""
+        self.syncs += 1
+        try:
+            os.fdatasync(self._fd)
+        except OSError as e:
+            self._error = e
+            self._durable.notify_all()
+            raise WalError(f"fdatasync of {self._path} failed: {e}") from e
+        self._synced = max(self._synced, seq)
+        self._durable.notify_all()  # group appenders waiting for a leader's sync: this one counts
+
+    def _write(self, head: bytes, payload: bytes) -> None:
+        start = os.lseek(self._fd, 0, os.SEEK_END)
+        try:
+            _writev_all(self._fd, [head, payload])
+        except OSError as e:
+            self._error = e
+            try:  # leave no partial frame for the next generation of appends to follow
+                os.ftruncate(self._fd, start)
+            except OSError:
+                pass
+            raise WalError(f"write to {self._path} failed: {e}") from e
+
+    def _check_usable(self) -> None:
+        if self._error is not None:
+            raise WalError(f"write-ahead log {self._path} failed earlier: {self._error}")
+        if self._fd < 0:
+            raise WalError(f"write-ahead log {self._path} is closed")
+
+    def flush(self) -> None:
+        """Makes every record appended so far durable (whatever the sync mode)."""
+        with self._lock:
+            self._check_usable()
+            while self._syncing:
+                self._durable.wait()
+            self._sync_locked(self._written)
+
+    def rotate(self, path: Path | str) -> None:
+        """Makes the current file durable, closes it and continues in `path` (a new generation)."""
+        with self._lock:
+            self._check_usable()
+            while self._syncing:
+                self._durable.wait()
+            self._sync_locked(self._written)
+            fd = _open_for_append(Path(path))
+            os.close(self._fd)
+            self._fd, self._path = fd, Path(path)
+
+    def close(self) -> None:
+        with self._lock:
+            while self._syncing:
+                self._durable.wait()
+            if self._fd >= 0:
+                fd, self._fd = self._fd, -1
+                try:
+                    if self._error is None:
+                        os.fdatasync(fd)
+                        self._synced = self._written
+                finally:
+                    os.close(fd)
+                    self._durable.notify_all()
+
+    def __enter__(self) -> "WriteAheadLog":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _open_for_append(path: Path) -> int:
+    """Opens `path` for appending: a new file gets the magic (made durable with its directory
+    entry); an existing one is truncated to its last whole frame."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        size = os.fstat(fd).st_size
+        if size < len(MAGIC):  # new, or torn while its magic was written
+            os.ftruncate(fd, 0)
+            _writev_all(fd, [MAGIC])
+            os.fsync(fd)
+            _fsync_dir(path.parent)
+        else:
+            good = valid_length(path)
+            if good < size:
+                log.warning("%s: dropping a torn tail of %d bytes at offset %d", path, size - good, good)
+                os.ftruncate(fd, good)
+                os.fsync(fd)
+        os.lseek(fd, 0, os.SEEK_END)
+        return fd
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _writev_all(fd: int, bufs: list) -> None:
+    views = [memoryview(b).cast("B") for b in bufs]
+    while views:
+        n = os.writev(fd, views)
+        while views and n >= len(views[0]):
+            n -= len(views[0])
+            views.pop(0)
+        if views and n:
+            views[0] = views[0][n:]
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# ---- reading -----------------------------------------------------------------------------------
+def _frames(path: Path | str) -> Iterator[tuple[int, dict]]:
+    """(end offset, record) of every whole frame, up to the first torn or corrupt one."""
+    path = Path(path)
+    with open(path, "rb") as f:
+        magic = f.read(len(MAGIC))
+        if len(magic) < len(MAGIC):
+            return  # created, torn before its magic was whole: holds nothing
+        if magic != MAGIC:
+            raise WalError(f"{path} is not a memstore write-ahead log (magic {magic!r})")
+        offset, size = len(MAGIC), os.fstat(f.fileno()).st_size
+        while True:
+            head = f.read(_FRAME.size)
+            if len(head) < _FRAME.size:
+                break
+            length, crc = _FRAME.unpack(head)
+            if offset + _FRAME.size + length > size:  # runs past the end: torn (or a bad length)
+                break
+            payload = f.read(length)
+            if len(payload) != length or zlib.crc32(payload) != crc:
+                break
+            try:
+                record = msgpack.unpackb(payload)
+            except (ValueError, TypeError, msgpack.exceptions.UnpackException):
+                break
+            offset += _FRAME.size + length
+            yield offset, record
+        rest = size - offset
+        if rest:
+            log.warning("%s: ignoring %d bytes after offset %d (a torn or corrupt record)", path, rest, offset)
+
+
+def replay(path: Path | str) -> Iterator[dict]:
+    """The records of one log file in order; a torn or corrupt tail ends it."""
+    for _, record in _frames(path):
+        yield record
+
+
+def valid_length(path: Path | str) -> int:
+    """Bytes of `path` up to the end of its last whole frame."""
+    end = len(MAGIC)
+    for end, _ in _frames(path):
+        pass
+    return end
+
+
+def wal_path(directory: Path | str, generation: int) -> Path:
+    """The log of generation `generation` (the checkpoint version it continues) in `directory`."""
+    return Path(directory) / f"wal-{int(generation)}.log"
+
+
+def wal_files(directory: Path | str) -> list[tuple[int, Path]]:
+    """(generation, path) of every log in `directory`, oldest first."""
+    out = []
+    for p in Path(directory).glob("wal-*.log"):
+        gen = p.name[len("wal-") : -len(".log")]
+        if gen.isdigit():
+            out.append((int(gen), p))
+    return sorted(out)
+
+
+def replay_dir(directory: Path | str, since: int = 0) -> Iterator[dict]:
+    """The records of every log of generation >= `since`, in generation order."""
+    for gen, path in wal_files(directory):
+        if gen >= since:
+            yield from replay(path)
+
+
+def prune_wal(directory: Path | str, before: int) -> list[Path]:
+    """Deletes the logs of generations < `before` (after checkpoint `before` is committed)."""
+    doomed = [p for gen, p in wal_files(directory) if gen < before]
+    for p in doomed:
+        p.unlink(missing_ok=True)
+    if doomed:
+        _fsync_dir(Path(directory))
+    return doomed
+
+
+# ---- replaying into an engine --------------------------------------------------------------------
+@dataclass
+class ReplayStats:
+    applied: int = 0  # records applied (to at least one key of this shard)
+    duplicates: int = 0  # records whose update id the table remembered (already applied)
+    skipped: int = 0  # records with no key on this shard
+    late: int = 0  # records that arrived after a higher version of their table was applied
+    tables: int = 0  # create and drop records
+
+
+def replay_into(engine: ShardEngine, records: Iterable[dict], *, window: int = REPLAY_WINDOW) -> ReplayStats:
+    """Re-applies `records` through `ShardEngine.update/assign` with their update ids, so a
+    record whose id the table remembers (e.g. it is in the checkpoint) is not applied again.
+
+    Records carrying a version are applied in each table's version order, held back up to
+    `window` records; only the keys the engine's shard owns are applied.
+    """
+    stats = ReplayStats()
+    pending: dict[str, list] = {}  # table -> heap of (version, arrival, record)
+    arrivals: deque[str] = deque()  # the table of every held record, oldest first
+    last: dict[str, int] = {}  # table -> highest version applied
+    order = 0
+
+    def emit(rec: dict) -> None:
+        v = rec.get("version")
+        if v is not None:
+            if v < last.get(rec["table"], v):
+                stats.late += 1
+            last[rec["table"]] = max(v, last.get(rec["table"], v))
+        _apply(engine, rec, stats)
+
+    def flush(table: str) -> None:
+        nonlocal arrivals
+        heap = pending.pop(table, [])
+        while heap:
+            emit(heapq.heappop(heap)[2])
+        arrivals = deque(t for t in arrivals if t != table)
+
+    for rec in records:
+        table, version = rec["table"], rec.get("version")
+        if rec["kind"] in ("create", "drop") or version is None:
+            flush(table)
+            if rec["kind"] in ("create", "drop"):
+                last.pop(table, None)  # a re-created table counts its versions from 0 again
+            emit(rec)
+            continue
+        heapq.heappush(pending.setdefault(table, []), (version, order, rec))
+        order += 1
+        arrivals.append(table)
+        if len(arrivals) > window:
+            oldest = arrivals.popleft()
+            emit(heapq.heappop(pending[oldest])[2])
+    for table in list(pending):
+        flush(table)
+    return stats
+
+
+def _apply(engine: ShardEngine, rec: dict, stats: ReplayStats) -> None:
+    kind, name = rec["kind"], rec["table"]
+    if kind == "create":
+        engine.create_table(TableSpec.from_dict(rec["spec"]))
+        stats.tables += 1
+        return
+    if kind == "drop":
+        engine.drop_table(name)
+        stats.tables += 1
+        return
+    if kind not in ("update", "assign"):
+        raise WalError(f"unknown record kind {kind!r} for table {name!r}")
+    keys = np.frombuffer(rec["keys"], dtype="<i8").copy()  # small; the engine wants writable keys
+    dim, n = rec["dim"], len(keys)
+    values = torch.frombuffer(rec["values"], dtype=DTYPES[rec["dtype"]]).view(n, dim) if n * dim else (
+        torch.empty(n, dim, dtype=DTYPES[rec["dtype"]])
+    )
+    if engine.num_shards > 1:
+        mine = keys % engine.num_shards == engine.shard_index
+        if not mine.all():
+            if not mine.any():
+                stats.skipped += 1
+                return
+            keys, values = keys[mine], values[torch.from_numpy(mine)]
+    if kind == "update":
+        _, dup = engine.update(name, keys, values, rec["lr"], rec.get("update_id", ""))
+    else:
+        _, dup = engine.assign(name, keys, values, rec["keep_state"], rec.get("update_id", ""))
+    if dup:
+        stats.duplicates += 1
+    else:
+        stats.applied += 1

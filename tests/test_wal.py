@@ -1,0 +1,290 @@
+"""Write-ahead log: framing, torn tails, group commit, and replay on top of a checkpoint.
+
+Run: python -m pytest tests/test_wal.py -q
+
+Real files under tmp_path. "Direct" engines apply writes as a server would (apply, then log the
+record with the version the engine returned); replayed engines must end bit-identical.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+
+import msgpack
+import numpy as np
+import pytest
+import torch
+
+from memstore import checkpoint as ck
+from memstore import wal
+from memstore.engine import ShardEngine
+from memstore.spec import OptimizerSpec, TableSpec
+from test_checkpoint import assert_same_tables  # tests/ is on sys.path under pytest
+
+SPECS = [
+    TableSpec("adam", num_rows=401, dim=6, seed=1, optimizer=OptimizerSpec("adam", weight_decay=0.01)),
+    TableSpec("adagrad.bf16", num_rows=199, dim=4, dtype="bfloat16", seed=2, optimizer=OptimizerSpec("adagrad")),
+    TableSpec("sgd", num_rows=97, dim=3, seed=3, optimizer=OptimizerSpec("sgd", momentum=0.9)),
+]
+
+
+def sample_record(rng: np.random.Generator, n: int = 16, dim: int = 4, version: int | None = None) -> dict:
+    keys = rng.choice(1000, n, replace=False)
+    grads = torch.from_numpy(rng.standard_normal((n, dim)).astype(np.float32))
+    return wal.update_record("t", keys, grads, 0.01, f"id{rng.integers(1 << 30)}", version)
+
+
+def as_plain(record: dict) -> dict:
+    """A record as replay returns it (memoryviews become bytes)."""
+    return {k: bytes(v) if isinstance(v, memoryview) else v for k, v in record.items()}
+
+
+class Server:
+    """The engine side of a shard: apply each write, then log it, as a servicer would."""
+
+    def __init__(self, shard_index: int, num_shards: int, log: wal.WriteAheadLog | None) -> None:
+        self.engine = ShardEngine(shard_index, num_shards)
+        self.log = log
+        for spec in SPECS:
+            self.engine.create_table(spec)
+
+    def update(self, name, keys, grads, lr, uid):
+        version, _ = self.engine.update(name, keys, grads, lr, uid)
+        if self.log is not None:
+            self.log.append(wal.update_record(name, keys, grads, lr, uid, version))
+
+    def assign(self, name, keys, rows, keep_state, uid):
+        version, _ = self.engine.assign(name, keys, rows, keep_state, uid)
+        if self.log is not None:
+            self.log.append(wal.assign_record(name, keys, rows, keep_state, uid, version))
+
+
+def drive(servers: list[Server], steps: int, seed: int, prefix: str) -> None:
+    """Zipfian-ish overlapping updates (order matters for Adam) and a few assigns."""
+    rng = np.random.default_rng(seed)
+    num_shards = len(servers)
+    for step in range(steps):
+        for spec in SPECS:
+            keys = np.unique(rng.integers(0, spec.num_rows, 40) % (spec.num_rows // 3 + 1))
+            grads = torch.from_numpy(rng.standard_normal((len(keys), spec.dim)).astype(np.float32))
+            grads = grads.to(spec.wire_torch_dtype)
+            for s in servers:
+                mine = keys % num_shards == s.engine.shard_index
+                uid = f"{prefix}{step}:{s.engine.shard_index}"
+                s.update(spec.name, keys[mine], grads[torch.from_numpy(mine)], 0.02 * (1 + step % 3), uid)
+                if step % 4 == 3:
+                    rows = torch.full((int(mine.sum()), spec.dim), 0.5)
+                    s.assign(spec.name, keys[mine], rows, step % 8 == 3, f"a{uid}")
+
+
+@pytest.mark.parametrize("sync", wal.SYNC_MODES)
+def test_round_trip(tmp_path, sync):
+    rng = np.random.default_rng(0)
+    records = [sample_record(rng, version=v) for v in range(20)]
+    records += [wal.create_record(SPECS[0]), wal.drop_record("adam")]
+    records.append(wal.assign_record("t", np.arange(3), torch.ones(3, 2, dtype=torch.bfloat16), True, "x"))
+    path = wal.wal_path(tmp_path, 0)
+    with wal.WriteAheadLog(path, sync=sync) as log:
+        for r in records:
+            log.append(r)
+    assert list(wal.replay(path)) == [as_plain(r) for r in records]
+    with wal.WriteAheadLog(path, sync=sync) as log:  # reopening appends after what is there
+        log.append(records[0])
+    assert len(list(wal.replay(path))) == len(records) + 1
+
+
+def test_torn_tail_is_ignored_and_cut_on_reopen(tmp_path):
+    rng = np.random.default_rng(1)
+    records = [sample_record(rng) for _ in range(5)]
+    path = tmp_path / "wal-0.log"
+    with wal.WriteAheadLog(path, sync="none") as log:
+        for r in records:
+            log.append(r)
+    whole = path.read_bytes()
+    # A crash mid-write: the last frame is cut short, at any byte.
+    for cut in (1, 7, 9, len(whole) // 10):
+        path.write_bytes(whole[:-cut])
+        assert list(wal.replay(path)) == [as_plain(r) for r in records[:4]], cut
+    # A crash after the length reached the disk but before the payload: garbage where it was.
+    path.write_bytes(whole + b"\x10\x00\x00\x00\xde\xad\xbe\xef" + os.urandom(5))
+    assert len(list(wal.replay(path))) == 5
+    # Reopened for writing, the log cuts the torn frame so new records stay reachable.
+    with wal.WriteAheadLog(path, sync="always") as log:
+        log.append(records[0])
+    assert list(wal.replay(path)) == [as_plain(r) for r in records + records[:1]]
+    # A flipped bit in the middle ends the replay there (the rest cannot be trusted).
+    data = bytearray(path.read_bytes())
+    data[len(whole) // 2] ^= 1
+    path.write_bytes(bytes(data))
+    assert 0 < len(list(wal.replay(path))) < 6
+    # A file torn while its magic was written holds nothing; another file is refused.
+    path.write_bytes(wal.MAGIC[:3])
+    assert list(wal.replay(path)) == []
+    path.write_bytes(b"NOTAWAL!" + whole[8:])
+    with pytest.raises(wal.WalError, match="not a memstore write-ahead log"):
+        list(wal.replay(path))
+
+
+def test_group_commit_from_eight_threads(tmp_path):
+    path = tmp_path / "wal-0.log"
+    per_thread, threads = 40, 8
+    barrier = threading.Barrier(threads)
+    errors: list[BaseException] = []
+
+    def appender(t: int, log: wal.WriteAheadLog) -> None:
+        rng = np.random.default_rng(t)
+        barrier.wait()
+        try:
+            for i in range(per_thread):
+                rec = sample_record(rng, n=64, dim=16)
+                rec["update_id"] = f"{t}:{i}"
+                log.append(rec)
+        except BaseException as e:  # surfaced below
+            errors.append(e)
+
+    with wal.WriteAheadLog(path, sync="group", group_window_s=0.05) as log:
+        workers = [threading.Thread(target=appender, args=(t, log)) for t in range(threads)]
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+        syncs = log.syncs
+    assert not errors, errors
+    ids = [r["update_id"] for r in wal.replay(path)]
+    assert sorted(ids) == sorted(f"{t}:{i}" for t in range(threads) for i in range(per_thread))
+    for t in range(threads):  # each thread's records in the order it appended them
+        mine = [int(x.split(":")[1]) for x in ids if x.startswith(f"{t}:")]
+        assert mine == sorted(mine)
+    # Appenders shared fsyncs (with a 50 ms window, threads that met at the barrier join one).
+    assert syncs < threads * per_thread, syncs
+
+
+def test_rotate_during_group_commit_loses_nothing(tmp_path):
+    """Appenders keep going while the log rotates (a checkpoint cut): every record lands once,
+    in one generation or the next, and no appender waits forever."""
+    threads, per_thread = 8, 60
+    errors: list[BaseException] = []
+    log = wal.WriteAheadLog(wal.wal_path(tmp_path, 0), sync="group")
+
+    def appender(t: int) -> None:
+        try:
+            for i in range(per_thread):
+                log.append(wal.drop_record(f"{t}:{i}"))
+        except BaseException as e:  # surfaced below
+            errors.append(e)
+
+    workers = [threading.Thread(target=appender, args=(t,)) for t in range(threads)]
+    for w in workers:
+        w.start()
+    for gen in (1, 2, 3):
+        log.rotate(wal.wal_path(tmp_path, gen))
+    for w in workers:
+        w.join(timeout=60)
+        assert not w.is_alive(), "an appender is stuck"
+    log.close()
+    assert not errors, errors
+    names = [r["table"] for r in wal.replay_dir(tmp_path)]
+    assert sorted(names) == sorted(f"{t}:{i}" for t in range(threads) for i in range(per_thread))
+
+
+@pytest.mark.parametrize("sync", ["always", "group"])
+def test_replay_into_reproduces_direct_application(tmp_path, sync):
+    path = wal.wal_path(tmp_path, 0)
+    with wal.WriteAheadLog(path, sync=sync) as log:
+        direct = Server(0, 1, log)
+        drive([direct], steps=10, seed=2, prefix="u")
+    replayed = Server(0, 1, None).engine
+    stats = wal.replay_into(replayed, wal.replay(path))
+    assert stats.applied == len(list(wal.replay(path))) and stats.duplicates == 0
+    assert_same_tables([direct.engine], [replayed], SPECS)
+    for spec in SPECS:
+        assert replayed.table(spec.name).version == direct.engine.table(spec.name).version
+    # Replayed twice: every id is remembered, nothing changes.
+    again = wal.replay_into(replayed, wal.replay(path))
+    assert again.applied == 0 and again.duplicates == stats.applied
+    assert_same_tables([direct.engine], [replayed], SPECS)
+
+
+def test_replay_restores_version_order(tmp_path):
+    """Concurrent writes can reach the log out of order; replay applies them in version order."""
+    records: list[dict] = []
+
+    class Collect:
+        def append(self, rec):
+            records.append(msgpack.unpackb(wal.encode_frame(rec)[1]))  # as replay returns it
+
+    direct = Server(0, 1, Collect())
+    drive([direct], steps=6, seed=3, prefix="u")
+    rng = np.random.default_rng(0)
+    swapped = list(records)
+    for i in rng.choice(len(swapped) - 1, len(swapped) // 3, replace=False):
+        swapped[i], swapped[i + 1] = swapped[i + 1], swapped[i]
+    replayed = Server(0, 1, None).engine
+    stats = wal.replay_into(replayed, swapped)
+    assert stats.late == 0
+    assert_same_tables([direct.engine], [replayed], SPECS)
+
+
+@pytest.mark.parametrize("new_shards", [1, 2, 3])
+def test_checkpoint_plus_wal_recovers_every_acknowledged_write(tmp_path, new_shards):
+    """Two shards log to generation 0, checkpoint 1 is cut (logs rotate while frozen), more
+    writes go to generation 1; a crash loses the memory. Checkpoint 1 + every log of generation
+    >= 1, replayed into 2 or 3 new shards, equals the shards that never crashed. Writes applied
+    before the cut but logged after it (a straddler) are skipped by their ids."""
+    logs = [wal.WriteAheadLog(wal.wal_path(tmp_path / f"wal{i}", 0), sync="group") for i in range(2)]
+    servers = [Server(i, 2, log) for i, log in enumerate(logs)]
+    drive(servers, steps=4, seed=4, prefix="a")
+    # A straddler: applied before the cut, its record appended after the rotation.
+    keys = np.arange(0, 40, 2)
+    straddler = (keys, torch.ones(len(keys), 6), 0.1, "straddle:0")
+    version, _ = servers[0].engine.update("adam", *straddler)
+    freezes = [ck.ShardFreeze(s.engine).acquire() for s in servers]
+    snapshots = [ck.snapshot_shard(s.engine, freeze=f) for s, f in zip(servers, freezes)]
+    for i, log in enumerate(logs):
+        log.rotate(wal.wal_path(tmp_path / f"wal{i}", 1))
+    for f in freezes:
+        f.release()
+    logs[0].append(wal.update_record("adam", *straddler, version))
+    drive(servers, steps=5, seed=5, prefix="b")
+    staging = ck.begin_checkpoint(ck.checkpoint_dir(tmp_path / "ckpt", 1))
+    path = ck.commit_checkpoint(staging, [ck.write_shard(s, staging) for s in snapshots], {"version": 1})
+    for i in range(2):
+        assert [p.name for p in wal.prune_wal(tmp_path / f"wal{i}", 1)] == ["wal-0.log"]
+    drive(servers, steps=2, seed=6, prefix="c")
+    for log in logs:
+        log.close()
+
+    recovered = [ck.load_shard(ck.latest_checkpoint(tmp_path / "ckpt"), i, new_shards) for i in range(new_shards)]
+    total = wal.ReplayStats()
+    for engine in recovered:
+        for i in range(2):  # each old shard's logs, one after the other
+            stats = wal.replay_into(engine, wal.replay_dir(tmp_path / f"wal{i}", since=1))
+            total.duplicates += stats.duplicates
+    assert_same_tables([s.engine for s in servers], recovered, SPECS)
+    assert total.duplicates >= 1  # the straddler, in the checkpoint and in generation 1
+    if new_shards == 2:  # same layout: the versions too
+        for spec in SPECS:
+            assert [e.table(spec.name).version for e in recovered] == [
+                s.engine.table(spec.name).version for s in servers
+            ], spec.name
+    assert path == ck.latest_checkpoint(tmp_path / "ckpt")
+
+
+def test_closed_log_refuses_appends(tmp_path):
+    log = wal.WriteAheadLog(tmp_path / "wal-0.log")
+    log.close()
+    with pytest.raises(wal.WalError, match="closed"):
+        log.append(wal.drop_record("t"))
+    with pytest.raises(ValueError, match="sync must be one of"):
+        wal.WriteAheadLog(tmp_path / "wal-1.log", sync="sometimes")
+
+
+def test_generations(tmp_path):
+    for gen in (3, 1, 10):
+        with wal.WriteAheadLog(wal.wal_path(tmp_path, gen)) as log:
+            log.append(wal.drop_record(f"g{gen}"))
+    assert [g for g, _ in wal.wal_files(tmp_path)] == [1, 3, 10]
+    assert [r["table"] for r in wal.replay_dir(tmp_path, since=3)] == ["g3", "g10"]
+    wal.prune_wal(tmp_path, 10)
+    assert [g for g, _ in wal.wal_files(tmp_path)] == [10]
