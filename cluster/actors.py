@@ -1,13 +1,17 @@
 """The private Ray actors of a store: one coordinator, one actor per shard.
 
 `_Coordinator` is a named, detached actor ("store:NAME" in the "memstore" namespace) that
-owns the layout: table specs, shard count, shard addresses and an epoch that changes
-whenever a shard moves or restarts. It creates the shard actors itself, so they belong to
-it and outlive the driver that ran `memstore up`.
+owns the layout: table specs, shard count, shard addresses, an epoch that changes whenever a
+shard moves or restarts, and the recovery point (the last checkpoint and the write-ahead-log
+generation after it). It creates the shard actors itself, so they belong to it and outlive
+the driver that ran `memstore up`; it runs the cut protocol of memstore.cut for checkpoints.
 
-`_ShardActor` only places and restarts a shard: it runs the store-core `ShardServer` on its
-node's address and reports where it serves. Ray restarts it when its process dies; the new
-process registers its new address, which bumps the epoch so clients re-resolve.
+`_ShardActor` places and restarts a shard: it runs the store-core `ShardServer` on its node's
+address, journals every write to a write-ahead log before acknowledging it, and when Ray
+restarts it (its process died), reloads the recovery checkpoint and replays its log before
+serving again, so no acknowledged update is lost. It then registers its new address, which
+bumps the epoch so clients re-resolve. The data directory must be reachable from every
+memory node (shared storage) for a shard to come back on another node.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+from pathlib import Path
 
 import ray
 
@@ -32,24 +37,34 @@ def coordinator_name(store: str) -> str:
 class _ShardActor:
     """Runs shard `shard_index` of `num_shards` of store `store` on this node."""
 
-    def __init__(self, store: str, shard_index: int, num_shards: int, table_specs: list[dict]) -> None:
+    def __init__(self, store: str, shard_index: int, num_shards: int, data_dir: str, wal_sync: str) -> None:
+        from memstore import checkpoint, wal
         from memstore.engine import ShardEngine
-        from memstore.server import ShardServer
         from memstore.spec import TableSpec
 
         self.store = store
         self.shard_index = shard_index
         self.restarted = ray.get_runtime_context().was_current_actor_reconstructed
         coordinator = ray.get_actor(coordinator_name(store), namespace=NAMESPACE)
-        if self.restarted:  # Ray re-runs __init__ with the first arguments; the tables may have changed
-            table_specs = list(ray.get(coordinator.layout.remote())["tables"].values())
+        layout = ray.get(coordinator.layout.remote())
+        self.wal_dir = Path(data_dir) / "wal" / checkpoint.shard_dirname(shard_index, num_shards)
+        self.wal_dir.mkdir(parents=True, exist_ok=True)
+
         self.engine = ShardEngine(shard_index, num_shards)
-        for spec in table_specs:
-            self.engine.create_table(TableSpec.from_dict(spec))
-        host = ray.util.get_node_ip_address()
-        base = os.environ.get("MEMSTORE_PORT_BASE")
-        port = int(base) + shard_index if base else 0
-        self.server = ShardServer(self.engine, host, port).start()
+        recovery = layout["recovery"]
+        if recovery["checkpoint"]:
+            checkpoint.load_shard(recovery["checkpoint"], shard_index, num_shards, engine=self.engine)
+        for spec in layout["tables"].values():  # created since the checkpoint: fresh, then the log
+            if spec["name"] not in {t.spec.name for t in self.engine.tables()}:
+                self.engine.create_table(TableSpec.from_dict(spec))
+        self.replayed = wal.replay_into(self.engine, wal.replay_dir(self.wal_dir, since=recovery["wal_since"]))
+        generations = [g for g, _ in wal.wal_files(self.wal_dir) if g >= recovery["wal_since"]]
+        self.generation = max(generations, default=recovery["wal_since"])
+        self.wal = wal.WriteAheadLog(wal.wal_path(self.wal_dir, self.generation), sync=wal_sync)
+        self.engine.journal = self.wal.append
+        self._snapshot = None  # taken at a cut, written after it
+
+        self.server = _serve_in_port_range(self.engine, ray.util.get_node_ip_address())
         self.address = self.server.address
         self.node_id = ray.get_runtime_context().get_node_id()
         self.pid = os.getpid()
@@ -59,7 +74,8 @@ class _ShardActor:
             coordinator.shard_restarted.remote(shard_index, self.info())
 
     def info(self) -> dict:
-        return {"shard_index": self.shard_index, "address": self.address, "node_id": self.node_id, "pid": self.pid}
+        return {"shard_index": self.shard_index, "address": self.address, "node_id": self.node_id, "pid": self.pid,
+                "replayed": self.replayed.applied if self.restarted else 0}
 
     def create_table(self, spec: dict) -> None:
         from memstore.spec import TableSpec
@@ -69,33 +85,136 @@ class _ShardActor:
     def drop_table(self, name: str) -> bool:
         return self.engine.drop_table(name)
 
+    # ---- the cut protocol (memstore.cut), driven by the coordinator ---------------------------
+    def cut_freeze(self) -> dict:
+        return self.engine.gate.freeze()
+
+    def cut_release(self, groups: list[str]) -> None:
+        self.engine.gate.release(groups)
+
+    def cut_applied(self, groups: list[str]) -> dict:
+        return self.engine.gate.applied(groups)
+
+    def cut_unfreeze(self, forget: bool = True) -> None:
+        self.engine.gate.unfreeze(forget)
+
+    def cut_snapshot(self, generation: int) -> int:
+        """While frozen: copy the tables and start the log's next generation. Returns bytes."""
+        from memstore import checkpoint, wal
+
+        self._snapshot = checkpoint.snapshot_shard(self.engine)
+        self.wal.rotate(wal.wal_path(self.wal_dir, generation))
+        self.generation = generation
+        return self._snapshot.nbytes
+
+    def write_snapshot(self, staging: str) -> dict:
+        """After the cut: write the copy under the checkpoint's staging directory."""
+        from memstore import checkpoint
+
+        snapshot, self._snapshot = self._snapshot, None
+        assert snapshot is not None, "write_snapshot without a cut_snapshot"
+        return checkpoint.write_shard(snapshot, staging)
+
+    def prune_log(self, before: int) -> int:
+        from memstore import wal
+
+        return len(wal.prune_wal(self.wal_dir, before))
+
+    def restore(self, directory: str, generation: int) -> int:
+        """While frozen: replace every table with the checkpoint's (any shard count) and start a
+        new log generation (the coordinator prunes the older ones once it points recovery past
+        them). Returns the number of tables."""
+        from memstore import checkpoint, wal
+        from memstore.engine import ShardEngine
+
+        fresh = checkpoint.load_shard(directory, self.shard_index, self.engine.num_shards,
+                                      engine=ShardEngine(self.shard_index, self.engine.num_shards))
+        keep = {t.spec.name for t in fresh.tables()}
+        for table in self.engine.tables():
+            if table.spec.name not in keep:
+                self.engine.drop_table(table.spec.name)
+        for table in fresh.tables():
+            self.engine.install_table(table)
+        self.wal.rotate(wal.wal_path(self.wal_dir, generation))
+        self.generation = generation
+        return len(keep)
+
     def stop(self, grace_s: float = 2.0) -> None:
         self.server.stop(grace_s)
+        self.wal.close()
+
+
+# Ports a shard may bind when MEMSTORE_PORT_BASE is set (deployments that publish a range).
+PORT_RANGE = 64
+
+
+def _serve_in_port_range(engine, host: str):
+    """Starts the shard's server on a free port: any, or the first free one of
+    MEMSTORE_PORT_BASE .. +PORT_RANGE (so several stores can share a node's published range)."""
+    from memstore.server import ShardServer
+
+    base = os.environ.get("MEMSTORE_PORT_BASE")
+    if not base:
+        return ShardServer(engine, host, 0).start()
+    for port in range(int(base), int(base) + PORT_RANGE):
+        try:
+            return ShardServer(engine, host, port).start()
+        except OSError:
+            continue
+    raise OSError(f"no free port in {base}..{int(base) + PORT_RANGE - 1} on {host}")
+
+
+class _ShardCut:
+    """A shard actor as memstore.cut.take_cut sees a participant (blocking calls)."""
+
+    def __init__(self, actor) -> None:
+        self.actor = actor
+
+    def freeze(self):
+        return ray.get(self.actor.cut_freeze.remote())
+
+    def release(self, groups):
+        ray.get(self.actor.cut_release.remote(groups))
+
+    def applied(self, groups):
+        return ray.get(self.actor.cut_applied.remote(groups))
+
+    def unfreeze(self, forget: bool = True):
+        ray.get(self.actor.cut_unfreeze.remote(forget))
 
 
 class _Coordinator:
     """The layout of one store; the only writer of it."""
 
-    def __init__(self, store: str, num_shards: int, started_local_ray: bool = False) -> None:
+    def __init__(self, store: str, num_shards: int, data_dir: str, wal_sync: str = "always",
+                 started_local_ray: bool = False) -> None:
         self.store = store
         self.num_shards = num_shards
+        self.data_dir = data_dir
+        self.wal_sync = wal_sync
         self.started_local_ray = started_local_ray
         self.created = time.time()
         self.tables: dict[str, dict] = {}  # name -> spec dict; guarded by _lock
         self.shards: list[dict] = []  # shard info by index; guarded by _lock
         self.epoch = 0  # guarded by _lock
+        # Where a restarted shard recovers from: a checkpoint (or none) and the first log
+        # generation to replay after it; guarded by _lock.
+        self.recovery = {"checkpoint": None, "wal_since": 0, "version": 0}
         self._actors = []
-        self._lock = threading.Lock()  # guards tables, shards and epoch (threaded actor)
+        self._lock = threading.Lock()  # guards tables, shards, epoch and recovery (threaded actor)
+        self._cut_lock = threading.Lock()  # one checkpoint or restore at a time
 
     def start(self, table_specs: list[dict], resource: str | None) -> dict:
         """Creates the shard actors, waits until every shard serves, returns the layout."""
-        options = {"max_restarts": -1, "max_task_retries": -1, "num_cpus": 0, "scheduling_strategy": "SPREAD"}
+        options = {"max_restarts": -1, "max_task_retries": -1, "num_cpus": 0, "scheduling_strategy": "SPREAD",
+                   "max_concurrency": 4}
         if resource:
             options["resources"] = {resource: RESOURCE_SHARE}
         actor_cls = ray.remote(_ShardActor).options(**options)
         with self._lock:
             self.tables = {spec["name"]: spec for spec in table_specs}
-        self._actors = [actor_cls.remote(self.store, i, self.num_shards, table_specs) for i in range(self.num_shards)]
+        self._actors = [actor_cls.remote(self.store, i, self.num_shards, self.data_dir, self.wal_sync)
+                        for i in range(self.num_shards)]
         infos = ray.get([a.info.remote() for a in self._actors])
         with self._lock:
             self.shards = infos
@@ -112,6 +231,8 @@ class _Coordinator:
                 "tables": dict(self.tables),
                 "created": self.created,
                 "started_local_ray": self.started_local_ray,
+                "data_dir": self.data_dir,
+                "recovery": dict(self.recovery),
             }
 
     def shard_restarted(self, shard_index: int, info: dict) -> int:
@@ -154,13 +275,63 @@ class _Coordinator:
         with self._lock:
             self.tables.pop(name, None)
 
+    # ---- checkpoints -------------------------------------------------------------------------
+    def checkpoint(self, root: str | None = None, deadline_s: float = 30.0) -> dict:
+        """One consistent cut of every shard, written under root (default: the data dir's
+        checkpoints/) as ckpt-<version>; it becomes the recovery point. Returns its facts."""
+        from memstore import checkpoint as ckpt
+        from memstore.cut import take_cut
+
+        with self._cut_lock:
+            root = root or os.path.join(self.data_dir, "checkpoints")
+            version = self.recovery["version"] + 1
+            t0 = time.monotonic()
+            nbytes, completed, abandoned = take_cut(
+                [_ShardCut(a) for a in self._actors],
+                lambda: sum(ray.get([a.cut_snapshot.remote(version) for a in self._actors])),
+                deadline_s=deadline_s,
+            )
+            frozen_s = time.monotonic() - t0
+            staging = ckpt.begin_checkpoint(ckpt.checkpoint_dir(root, version))
+            summaries = ray.get([a.write_snapshot.remote(str(staging)) for a in self._actors])
+            final = ckpt.commit_checkpoint(staging, summaries, {"name": self.store, "version": version})
+            with self._lock:
+                self.recovery = {"checkpoint": str(final), "wal_since": version, "version": version}
+            ray.get([a.prune_log.remote(version) for a in self._actors])
+            return {"path": str(final), "version": version, "bytes": nbytes, "frozen_s": frozen_s,
+                    "seconds": time.monotonic() - t0, "completed_in_cut": len(completed), "abandoned": len(abandoned)}
+
+    def restore(self, directory: str) -> dict:
+        """Replaces every shard's tables with a checkpoint's (of any shard count), atomically
+        for clients (writes wait while it loads), and makes it the recovery point."""
+        from memstore import checkpoint as ckpt
+        from memstore.cut import take_cut
+
+        path = directory if os.path.exists(os.path.join(directory, ckpt.MANIFEST)) else ckpt.latest_checkpoint(directory)
+        if path is None:
+            from memstore.checkpoint import CheckpointError
+
+            raise CheckpointError(f"no complete checkpoint in {directory}", directory)
+        manifest = ckpt.read_manifest(path)
+        with self._cut_lock:
+            version = self.recovery["version"] + 1
+            t0 = time.monotonic()
+            take_cut([_ShardCut(a) for a in self._actors],
+                     lambda: ray.get([a.restore.remote(str(path), version) for a in self._actors]))
+            with self._lock:
+                self.tables = dict(manifest["tables"])
+                self.recovery = {"checkpoint": str(path), "wal_since": version, "version": version}
+            ray.get([a.prune_log.remote(version) for a in self._actors])  # only once recovery points past them
+            return {"path": str(path), "tables": len(manifest["tables"]), "from_shards": manifest["store"]["num_shards"],
+                    "seconds": time.monotonic() - t0}
+
     def actors(self) -> list:
         return list(self._actors)
 
     def shutdown(self) -> None:
         """Stops every shard server gracefully, then kills the shard actors."""
         try:
-            ray.get([a.stop.remote() for a in self._actors], timeout=30)
+            ray.get([a.stop.options(max_task_retries=0).remote() for a in self._actors], timeout=30)
         except ray.exceptions.RayError:
             pass
         for a in self._actors:

@@ -12,12 +12,19 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
+import uuid
 
 import ray
 
 from cluster.actors import NAMESPACE, RESOURCE, _Coordinator, coordinator_name
 from memstore.errors import InvalidArgument, StoreNotFound, Unavailable
 from memstore.spec import TableSpec
+
+
+# Every Ray head offers this resource: the coordinator lives there, with the GCS it depends on,
+# not on a memory node that may be removed.
+HEAD_NODE_RESOURCE = "node:__internal_head__"
 
 
 def ensure_ray(address: str | None = None, *, start_local: bool = False) -> bool:
@@ -64,10 +71,23 @@ def find(name: str):
         raise StoreNotFound(f"no store named {name!r} on this Ray cluster") from None
 
 
-def deploy(name: str, num_shards: int, specs: list[TableSpec], *, started_local_ray: bool = False) -> dict:
-    """Brings store `name` up (Ray must be connected); idempotent for the same shard count."""
+def default_data_dir(name: str) -> str:
+    """A fresh directory for one deployment's logs and checkpoints (local to this machine:
+    pass a shared path for shards to recover on other nodes)."""
+    root = os.environ.get("MEMSTORE_DATA_DIR") or os.path.join(tempfile.gettempdir(), "memstore")
+    return os.path.join(root, f"{name}-{uuid.uuid4().hex[:8]}")
+
+
+def deploy(name: str, num_shards: int, specs: list[TableSpec], *, data_dir: str | None = None,
+           wal_sync: str = "always", started_local_ray: bool = False) -> dict:
+    """Brings store `name` up (Ray must be connected); idempotent for the same shard count.
+
+    data_dir holds the shards' write-ahead logs and, by default, their checkpoints; wal_sync
+    is the log's durability: "always" (fsync per write), "group" (shared fsyncs) or "none"."""
     if not 1 <= num_shards <= 4096:
         raise InvalidArgument(f"a store needs 1..4096 shards, got {num_shards}")
+    if wal_sync not in ("always", "group", "none"):
+        raise InvalidArgument(f"wal sync must be always, group or none, got {wal_sync!r}")
     for spec in specs:
         spec.validate()
     try:
@@ -84,8 +104,8 @@ def deploy(name: str, num_shards: int, specs: list[TableSpec], *, started_local_
     coordinator = (
         ray.remote(_Coordinator)
         .options(name=coordinator_name(name), namespace=NAMESPACE, lifetime="detached", num_cpus=0,
-                 max_concurrency=16, max_restarts=0)
-        .remote(name, num_shards, started_local_ray)
+                 max_concurrency=16, max_restarts=0, resources={HEAD_NODE_RESOURCE: 0.001})
+        .remote(name, num_shards, data_dir or default_data_dir(name), wal_sync, started_local_ray)
     )
     return ray.get(coordinator.start.remote([s.to_dict() for s in specs], memory_resource()))
 
@@ -102,6 +122,23 @@ def shutdown(name: str) -> bool:
     ray.get(coordinator.shutdown.remote())
     ray.kill(coordinator, no_restart=True)
     return started
+
+
+def refresh_layout(name: str) -> dict:
+    """The layout after asking every shard where it serves now."""
+    return ray.get(find(name).refresh.remote())
+
+
+def checkpoint(name: str, root: str | None = None) -> dict:
+    """A consistent checkpoint of every shard under root (default: the store's data dir), as
+    root/ckpt-<version>; it becomes the store's recovery point. Returns its facts."""
+    return ray.get(find(name).checkpoint.remote(os.path.abspath(root) if root else None))
+
+
+def restore(name: str, directory: str) -> dict:
+    """Loads a checkpoint (a ckpt-<n> directory, or a root whose LATEST names one) into every
+    shard of the store, whatever shard count wrote it."""
+    return ray.get(find(name).restore.remote(os.path.abspath(directory)))
 
 
 def list_stores() -> list[dict]:

@@ -437,8 +437,7 @@ def load_shard(
     for plan in plans:
         table = ShardTable(plan.spec, shard_index, num_shards, initialise=False)
         _fill_table(directory, plan, table, verify, advance)
-        with engine._lock:  # ShardEngine's guard of its table dict; a restore installs whole tables
-            engine._tables[plan.spec.name] = table
+        engine.install_table(table)
     return engine
 
 

@@ -9,10 +9,12 @@ key, table or shard.
 from __future__ import annotations
 
 import threading
+from typing import Callable
 
 import numpy as np
 import torch
 
+from memstore import wal
 from memstore.cut import WriteGate
 from memstore.errors import InvalidArgument, TableExists, TableNotFound, WrongShard
 from memstore.spec import TableSpec
@@ -30,6 +32,9 @@ class ShardEngine:
         self._tables: dict[str, ShardTable] = {}
         self._lock = threading.Lock()  # guards _tables (the dict, not the tables)
         self.gate = WriteGate()  # every write passes it; a cut closes it (memstore.cut)
+        # Where a durable host logs writes (a WriteAheadLog's append): called with each
+        # applied write's record inside the gate, before the write is acknowledged.
+        self.journal: Callable[[dict], None] | None = None
 
     # ---- table management -------------------------------------------------------------
     def create_table(self, spec: TableSpec) -> ShardTable:
@@ -44,10 +49,19 @@ class ShardEngine:
                 return existing
         table = ShardTable(spec, self.shard_index, self.num_shards)  # allocation outside the lock
         with self._lock:
-            table = self._tables.setdefault(spec.name, table)
+            created = self._tables.setdefault(spec.name, table) is table
+            table = self._tables[spec.name]
         if table.spec != spec:
             raise TableExists(f"table {spec.name!r} was created concurrently with a different spec")
+        if created and self.journal is not None:
+            self.journal(wal.create_record(spec))
         return table
+
+    def install_table(self, table: ShardTable) -> None:
+        """Puts a fully built table (a restore's) in place, replacing one of the same name."""
+        assert (table.shard_index, table.num_shards) == (self.shard_index, self.num_shards), "table of another shard"
+        with self._lock:
+            self._tables[table.spec.name] = table
 
     def table(self, name: str) -> ShardTable:
         table = self._tables.get(name)
@@ -61,7 +75,10 @@ class ShardEngine:
 
     def drop_table(self, name: str) -> bool:
         with self._lock:
-            return self._tables.pop(name, None) is not None
+            dropped = self._tables.pop(name, None) is not None
+        if dropped and self.journal is not None:
+            self.journal(wal.drop_record(name))
+        return dropped
 
     def check_route(self, shard_index: int, num_shards: int) -> None:
         if (shard_index, num_shards) != (self.shard_index, self.num_shards):
@@ -116,7 +133,10 @@ class ShardEngine:
             raise InvalidArgument(f"learning rate must be finite and >= 0, got {lr}")
         local = self.local_index(table, keys, unique=True)
         grads32 = grads.float()
-        return self._write(table, update_id, group, parts, lambda: table.apply(local, grads32, lr))
+        return self._write(
+            table, update_id, group, parts, lambda: table.apply(local, grads32, lr),
+            lambda version: wal.update_record(name, keys, grads, lr, update_id, version),
+        )
 
     def assign(
         self, name: str, keys: np.ndarray, values: torch.Tensor, keep_state: bool, update_id: str = "",
@@ -126,7 +146,10 @@ class ShardEngine:
         table = self.table(name)
         self._check_values(table, keys, values, "row")
         local = self.local_index(table, keys, unique=True)
-        return self._write(table, update_id, group, parts, lambda: table.assign(local, values, keep_state))
+        return self._write(
+            table, update_id, group, parts, lambda: table.assign(local, values, keep_state),
+            lambda version: wal.assign_record(name, keys, values, keep_state, update_id, version),
+        )
 
     @staticmethod
     def _check_values(table: ShardTable, keys: np.ndarray, values: torch.Tensor, what: str) -> None:
@@ -142,21 +165,22 @@ class ShardEngine:
                 f"{what} of key {int(keys[row])} for table {table.spec.name!r} holds NaN or Inf"
             )
 
-    def _write(self, table: ShardTable, update_id: str, group: str, parts: int, apply) -> tuple[int, bool]:
+    def _write(self, table: ShardTable, update_id: str, group: str, parts: int, apply, record) -> tuple[int, bool]:
         """Runs `apply` at most once per update id, through the write gate (a cut may hold it
-        back). The id is checked, applied and recorded under the table's ids_lock, so two
-        concurrent retries of one update cannot both apply."""
-        with self.gate.write(group, parts) as applied:
-            if not update_id:
-                version, duplicate = apply(), False
-            else:
-                with table.ids_lock:
-                    version = table.applied_ids.get(update_id)
-                    duplicate = version is not None
-                    if not duplicate:
-                        version = apply()
-                        table.applied_ids[update_id] = version
-                        while len(table.applied_ids) > REMEMBERED_UPDATE_IDS:
-                            table.applied_ids.popitem(last=False)
-            applied[0] = not duplicate
-            return version, duplicate
+        back), and journals it. The id check, the apply, the journal append and the id record
+        happen under the table's ids_lock: two concurrent retries cannot both apply, a retry
+        is acknowledged only once the first attempt is durable, and the journal holds a
+        table's writes in the order they were applied."""
+        with self.gate.write(group, parts) as applied, table.ids_lock:
+            version = table.applied_ids.get(update_id) if update_id else None
+            if version is not None:
+                return version, True
+            version = apply()
+            if self.journal is not None:
+                self.journal(record(version))
+            if update_id:
+                table.applied_ids[update_id] = version
+                while len(table.applied_ids) > REMEMBERED_UPDATE_IDS:
+                    table.applied_ids.popitem(last=False)
+            applied[0] = True
+            return version, False

@@ -54,15 +54,17 @@ import zlib
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import TYPE_CHECKING, Iterable, Iterator
 
 import msgpack
 import numpy as np
 import torch
 
-from memstore.engine import ShardEngine
 from memstore.errors import MemStoreError
 from memstore.spec import DTYPES, TableSpec
+
+if TYPE_CHECKING:  # the engine logs through this module; only replay needs its type
+    from memstore.engine import ShardEngine
 
 log = logging.getLogger("memstore.wal")
 
@@ -426,7 +428,7 @@ class ReplayStats:
     tables: int = 0  # create and drop records
 
 
-def replay_into(engine: ShardEngine, records: Iterable[dict], *, window: int = REPLAY_WINDOW) -> ReplayStats:
+def replay_into(engine: "ShardEngine", records: Iterable[dict], *, window: int = REPLAY_WINDOW) -> ReplayStats:
     """Re-applies `records` through `ShardEngine.update/assign` with their update ids, so a
     record whose id the table remembers (e.g. it is in the checkpoint) is not applied again.
 
@@ -473,7 +475,7 @@ def replay_into(engine: ShardEngine, records: Iterable[dict], *, window: int = R
     return stats
 
 
-def _apply(engine: ShardEngine, rec: dict, stats: ReplayStats) -> None:
+def _apply(engine: "ShardEngine", rec: dict, stats: ReplayStats) -> None:
     kind, name = rec["kind"], rec["table"]
     if kind == "create":
         engine.create_table(TableSpec.from_dict(rec["spec"]))

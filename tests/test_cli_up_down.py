@@ -39,6 +39,18 @@ def test_up_ls_health_down_round_trip(tmp_path):
             assert client.spec("engram.l1").optimizer.beta2 == 0.999
         ls = memstore("ls")
         assert ls.returncode == 0 and "cli-store" in ls.stdout and "2 shards" in ls.stdout
+        ckpt = memstore("checkpoint", "cli-store", str(tmp_path / "ckpts"))
+        assert ckpt.returncode == 0 and "checkpoint 1 of store 'cli-store'" in ckpt.stdout, ckpt.stderr
+        with MemStoreClient(addresses) as client:
+            before = client.lookup("engram.l1", np.arange(20483))
+            client.update("engram.l1", np.arange(10), np.ones((10, 64), np.float32), lr=0.1)
+        restore = memstore("restore", "cli-store", str(tmp_path / "ckpts"))
+        assert restore.returncode == 0 and "restored 1 tables" in restore.stdout, restore.stderr
+        with MemStoreClient(addresses) as client:
+            np.testing.assert_array_equal(client.lookup("engram.l1", np.arange(20483)), before)
+        bad = memstore("restore", "cli-store", str(tmp_path / "nothing-here"))
+        assert bad.returncode != 0 and len(bad.stderr.strip().splitlines()) == 1, bad.stderr
+        assert "no complete checkpoint" in bad.stderr
         health = memstore("health", "cli-store")
         assert health.returncode == 0 and "2/2 shards serving" in health.stdout, health.stdout + health.stderr
         missing = memstore("health", "no-such-store")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 import time
 
 import numpy as np
@@ -26,6 +27,7 @@ def cluster():
     memory_nodes = [c.add_node(num_cpus=1, resources={"memstore": 1}) for _ in range(2)]
     c.wait_for_nodes()
     ray.init(address=c.address, namespace="memstore", log_to_driver=False)
+    c.memory_nodes = memory_nodes
     yield c, {n.node_id for n in memory_nodes}
     ray.shutdown()
     c.shutdown()
@@ -71,15 +73,107 @@ def test_killed_shard_restarts_and_clients_re_resolve(engram_store):
         os.kill(victim["pid"], signal.SIGKILL)
         rows = client.lookup("engram.l1", np.arange(100))  # retries until shard 1 is back
         assert rows.shape == (100, 16)
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            after = store.layout("engram")
-            if after["shards"][1]["pid"] != victim["pid"]:
-                break
-            time.sleep(0.5)
-        assert after["shards"][1]["pid"] != victim["pid"] and after["epoch"] > before["epoch"]
-        assert "engram.l2" in store.layout("engram")["tables"]
+        after = wait_for_new_pid("engram", 1, victim["pid"])
+        assert after["epoch"] > before["epoch"]
         client.lookup("engram.l2", [1, 2])  # tables created after start come back too
+
+
+def wait_for_new_pid(name: str, shard: int, old_pid: int, timeout_s: float = 90) -> dict:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        layout = store.refresh_layout(name)
+        if layout["shards"][shard]["pid"] != old_pid:
+            return layout
+        time.sleep(0.5)
+    raise AssertionError(f"shard {shard} did not come back within {timeout_s} s")
+
+
+def stream_updates(client, ref, table: str, steps: int, seed: int, on_step=None) -> None:
+    """Sync updates; each is applied to the reference only once the store acknowledged it."""
+    rng = np.random.default_rng(seed)
+    spec = client.spec(table)
+    for step in range(steps):
+        keys = rng.integers(0, spec.num_rows, size=256)
+        grads = rng.standard_normal((256, spec.dim)).astype(np.float32)
+        client.update(table, keys, grads, lr=0.05)
+        if ref is not None:
+            ref.update(table, keys, grads, lr=0.05)
+        if on_step:
+            on_step(step)
+
+
+def assert_same_table(client, ref, table: str) -> None:
+    keys = np.arange(ref.spec(table).num_rows)
+    np.testing.assert_array_equal(client.lookup(table, keys), ref.lookup(table, keys))
+
+
+def test_sigkill_mid_stream_loses_no_acknowledged_update(engram_store):
+    spec = TableSpec("durable", num_rows=5_003, dim=8, optimizer=OptimizerSpec("adam"))
+    with MemStoreClient.connect("engram", config=ClientConfig(retry_s=120)) as client, InProcessStore() as ref:
+        client.create_table(spec)
+        ref.create_table(spec)
+        victim = store.layout("engram")["shards"][2]
+        errors = []
+
+        def killer(step):
+            if step == 5:
+                threading.Thread(target=lambda: os.kill(victim["pid"], signal.SIGKILL)).start()
+
+        stream_updates(client, ref, "durable", 25, seed=1, on_step=killer)
+        after = wait_for_new_pid("engram", 2, victim["pid"])
+        assert after["shards"][2]["replayed"] > 0  # it came back through its log
+        # Optimizer state came back too: further updates still match the reference.
+        stream_updates(client, ref, "durable", 3, seed=2)
+        assert_same_table(client, ref, "durable")
+        assert not errors
+
+
+def test_checkpoint_restore_and_reshard(engram_store, tmp_path):
+    spec = TableSpec("ckpt", num_rows=3_001, dim=8, optimizer=OptimizerSpec("adagrad"))
+    with MemStoreClient.connect("engram") as client, InProcessStore() as ref:
+        client.create_table(spec)
+        ref.create_table(spec)
+        stream_updates(client, ref, "ckpt", 4, seed=3)
+        facts = store.checkpoint("engram", str(tmp_path))
+        assert facts["version"] >= 1 and os.path.isdir(facts["path"])
+        at_checkpoint = client.lookup("ckpt", np.arange(3_001))
+        rng = np.random.default_rng(5)
+        client.update("ckpt", rng.integers(0, 3_001, 500), rng.standard_normal((500, 8)).astype(np.float32), lr=0.5)
+        assert not np.array_equal(client.lookup("ckpt", np.arange(3_001)), at_checkpoint)
+        store.restore("engram", str(tmp_path))
+        np.testing.assert_array_equal(client.lookup("ckpt", np.arange(3_001)), at_checkpoint)
+        stream_updates(client, ref, "ckpt", 2, seed=6)  # optimizer state restored as well
+        assert_same_table(client, ref, "ckpt")
+        ref_rows = ref.lookup("ckpt", np.arange(3_001))
+
+    # The same checkpoint into a store of another shard count.
+    store.deploy("resharded", 3, [])
+    try:
+        store.restore("resharded", facts["path"])
+        with MemStoreClient.connect("resharded") as three:
+            assert three.num_shards == 3
+            np.testing.assert_array_equal(three.lookup("ckpt", np.arange(3_001)), at_checkpoint)
+            stream_updates(three, None, "ckpt", 2, seed=6)  # the same updates as the reference's
+            np.testing.assert_array_equal(three.lookup("ckpt", np.arange(3_001)), ref_rows)
+    finally:
+        store.shutdown("resharded")
+
+
+def test_removing_a_memory_node_loses_no_acknowledged_update(cluster, engram_store):
+    c, _ = cluster
+    spec = TableSpec("node-loss", num_rows=4_001, dim=8, optimizer=OptimizerSpec("adam"))
+    with MemStoreClient.connect("engram", config=ClientConfig(retry_s=180)) as client, InProcessStore() as ref:
+        client.create_table(spec)
+        ref.create_table(spec)
+        stream_updates(client, ref, "node-loss", 5, seed=7)
+        doomed = c.memory_nodes[0]
+        moved = [s["shard_index"] for s in store.layout("engram")["shards"] if s["node_id"] == doomed.node_id]
+        assert moved, "no shard on the node to remove"
+        c.remove_node(doomed)
+        stream_updates(client, ref, "node-loss", 5, seed=8)  # retries until the shards are back
+        layout = store.refresh_layout("engram")
+        assert all(layout["shards"][i]["node_id"] == c.memory_nodes[1].node_id for i in moved)
+        assert_same_table(client, ref, "node-loss")
 
 
 def test_shutdown_leaves_no_actor_behind(cluster):
@@ -93,7 +187,8 @@ def test_shutdown_leaves_no_actor_behind(cluster):
     while time.monotonic() < deadline and any(_alive(p) for p in pids):
         time.sleep(0.2)
     assert not any(_alive(p) for p in pids), "a shard process outlived `down`"
-    assert [s["store"] for s in store.list_stores()] == ["engram"]
+    names = [s["store"] for s in store.list_stores()]
+    assert "short-lived" not in names and "engram" in names
 
 
 def _alive(pid: int) -> bool:

@@ -12,10 +12,13 @@ import logging
 import sys
 import traceback
 
-from memstore.cli import demo, down, health, ls, serve, up
-from memstore.errors import InvalidArgument, MemStoreError, StoreNotFound, TableNotFound, Unavailable
+from memstore.cli import checkpoint, demo, down, health, ls, restore, serve, up
+from memstore.errors import InvalidArgument, StoreNotFound, TableNotFound, Unavailable
 
-SUBCOMMANDS = {"serve": serve, "demo": demo, "up": up, "down": down, "ls": ls, "health": health}
+SUBCOMMANDS = {
+    "serve": serve, "demo": demo, "up": up, "down": down, "ls": ls, "health": health,
+    "checkpoint": checkpoint, "restore": restore,
+}
 
 
 class ExitStatus(enum.IntEnum):
@@ -45,15 +48,15 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # the one ladder that turns failures into exit codes
         if args.debug:
             traceback.print_exc()
+        e = getattr(e, "cause", None) or e  # a failure inside a Ray actor: report its cause
         if isinstance(e, (Unavailable, StoreNotFound, TableNotFound)):
             status = ExitStatus.UNAVAILABLE
         elif isinstance(e, (ValueError, InvalidArgument)):
             status = ExitStatus.USAGE
-        elif isinstance(e, (MemStoreError, OSError)):
-            status = ExitStatus.ERROR
         else:
             status = ExitStatus.ERROR
-        print(f"memstore {args.command}: error: {e}", file=sys.stderr)
+        message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"memstore {args.command}: error: {message}", file=sys.stderr)
         return status
 
 

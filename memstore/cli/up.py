@@ -13,6 +13,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--shards", type=int, required=True, help="number of shards")
     p.add_argument("--config", type=Path, help="TOML file of [[tables]] using TableSpec field names")
     p.add_argument("--address", help="Ray cluster to join (default $RAY_ADDRESS, else a local Ray, started if none runs)")
+    durability = p.add_argument_group("durability")
+    durability.add_argument("--data-dir", help="write-ahead logs and checkpoints; shared storage for shards to recover "
+                                               "on other nodes (default $MEMSTORE_DATA_DIR/NAME-<id>, else under /tmp)")
+    durability.add_argument("--wal-sync", choices=("always", "group", "none"), default="always",
+                            help="log durability: fsync per write (default), shared fsyncs, or page cache only")
 
 
 def load_config(path: Path) -> list:
@@ -34,8 +39,10 @@ def run(args: argparse.Namespace) -> int:
 
     specs = load_config(args.config) if args.config else []
     started = store.ensure_ray(args.address, start_local=True)
-    layout = store.deploy(args.name, args.shards, specs, started_local_ray=started)
-    print(f"store {args.name!r} is up: {layout['num_shards']} shards, {len(layout['tables'])} tables, epoch {layout['epoch']}")
+    layout = store.deploy(args.name, args.shards, specs, data_dir=args.data_dir, wal_sync=args.wal_sync,
+                          started_local_ray=started)
+    print(f"store {args.name!r} is up: {layout['num_shards']} shards, {len(layout['tables'])} tables, "
+          f"epoch {layout['epoch']}, data in {layout['data_dir']}")
     for s in layout["shards"]:
         print(f"  shard {s['shard_index']:>3}  {s['address']:<22} node {s['node_id'][:12]}")
     return 0
