@@ -63,6 +63,7 @@ class _ShardActor:
         self.wal = wal.WriteAheadLog(wal.wal_path(self.wal_dir, self.generation), sync=wal_sync)
         self.engine.journal = self.wal.append
         self._snapshot = None  # taken at a cut, written after it
+        self._progress = (0, 0)  # (done, total) bytes of the checkpoint write or restore under way
 
         self.server = _serve_in_port_range(self.engine, ray.util.get_node_ip_address())
         self.address = self.server.address
@@ -113,7 +114,13 @@ class _ShardActor:
 
         snapshot, self._snapshot = self._snapshot, None
         assert snapshot is not None, "write_snapshot without a cut_snapshot"
-        return checkpoint.write_shard(snapshot, staging)
+        return checkpoint.write_shard(snapshot, staging, progress=self._track)
+
+    def _track(self, done: int, total: int) -> None:
+        self._progress = (done, total)
+
+    def progress(self) -> tuple[int, int]:
+        return self._progress
 
     def prune_log(self, before: int) -> int:
         from memstore import wal
@@ -128,7 +135,7 @@ class _ShardActor:
         from memstore.engine import ShardEngine
 
         fresh = checkpoint.load_shard(directory, self.shard_index, self.engine.num_shards,
-                                      engine=ShardEngine(self.shard_index, self.engine.num_shards))
+                                      engine=ShardEngine(self.shard_index, self.engine.num_shards), progress=self._track)
         keep = {t.spec.name for t in fresh.tables()}
         for table in self.engine.tables():
             if table.spec.name not in keep:
@@ -324,6 +331,12 @@ class _Coordinator:
             ray.get([a.prune_log.remote(version) for a in self._actors])  # only once recovery points past them
             return {"path": str(path), "tables": len(manifest["tables"]), "from_shards": manifest["store"]["num_shards"],
                     "seconds": time.monotonic() - t0}
+
+    def progress(self) -> tuple[int, int]:
+        """(done, total) bytes over all shards of the checkpoint write or restore under way."""
+        ready, _ = ray.wait([a.progress.remote() for a in self._actors], num_returns=len(self._actors), timeout=2)
+        pairs = [ray.get(r) for r in ready]
+        return sum(d for d, _ in pairs), sum(t for _, t in pairs)
 
     def actors(self) -> list:
         return list(self._actors)

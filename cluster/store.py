@@ -129,16 +129,26 @@ def refresh_layout(name: str) -> dict:
     return ray.get(find(name).refresh.remote())
 
 
-def checkpoint(name: str, root: str | None = None) -> dict:
+def checkpoint(name: str, root: str | None = None, *, progress=None) -> dict:
     """A consistent checkpoint of every shard under root (default: the store's data dir), as
-    root/ckpt-<version>; it becomes the store's recovery point. Returns its facts."""
-    return ray.get(find(name).checkpoint.remote(os.path.abspath(root) if root else None))
+    root/ckpt-<version>; it becomes the store's recovery point. Returns its facts.
+    progress: called with (done, total) bytes while the shards write."""
+    coordinator = find(name)
+    return _wait(coordinator, coordinator.checkpoint.remote(os.path.abspath(root) if root else None), progress)
 
 
-def restore(name: str, directory: str) -> dict:
+def restore(name: str, directory: str, *, progress=None) -> dict:
     """Loads a checkpoint (a ckpt-<n> directory, or a root whose LATEST names one) into every
     shard of the store, whatever shard count wrote it."""
-    return ray.get(find(name).restore.remote(os.path.abspath(directory)))
+    coordinator = find(name)
+    return _wait(coordinator, coordinator.restore.remote(os.path.abspath(directory)), progress)
+
+
+def _wait(coordinator, ref, progress, poll_s: float = 0.5):
+    """ray.get(ref), reporting the shards' byte progress meanwhile."""
+    while progress is not None and not ray.wait([ref], timeout=poll_s)[0]:
+        progress(*ray.get(coordinator.progress.remote()))
+    return ray.get(ref)
 
 
 def list_stores() -> list[dict]:

@@ -15,8 +15,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from cluster import store
 
+    from memstore.progress import ByteProgress
+
     store.ensure_ray(args.address)
-    facts = store.checkpoint(args.name, args.directory)
+    progress = ByteProgress(f"checkpoint {args.name}")
+    try:
+        facts = store.checkpoint(args.name, args.directory, progress=progress)
+    finally:
+        progress.close()
     print(f"checkpoint {facts['version']} of store {args.name!r}: {facts['path']}")
     print(f"  {facts['bytes'] / 2**20:,.1f} MiB; writes held for {facts['frozen_s'] * 1e3:.0f} ms; "
           f"{facts['seconds']:.2f} s in all; {facts['completed_in_cut']} calls completed inside the cut")

@@ -15,8 +15,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from cluster import store
 
+    from memstore.progress import ByteProgress
+
     store.ensure_ray(args.address)
-    facts = store.restore(args.name, args.directory)
+    progress = ByteProgress(f"restore {args.name}")
+    try:
+        facts = store.restore(args.name, args.directory, progress=progress)
+    finally:
+        progress.close()
     print(f"restored {facts['tables']} tables from {facts['path']} ({facts['from_shards']} shards) "
           f"into store {args.name!r} in {facts['seconds']:.2f} s")
     return 0
