@@ -65,6 +65,7 @@ from memstore.errors import InvalidArgument, MemStoreError
 from memstore.partition import local_rows
 from memstore.spec import TableSpec
 from memstore.table import REMEMBERED_UPDATE_IDS, ShardTable
+from memstore.wal import fsync_dir
 
 log = logging.getLogger("memstore.checkpoint")
 
@@ -263,7 +264,7 @@ def write_shard(snapshot: ShardSnapshot, staging: Path | str, *, progress: Progr
     }
     blob = msgpack.packb(meta)
     _write_file(shard_dir / SHARD_MANIFEST, blob)
-    _fsync_dir(shard_dir)
+    fsync_dir(shard_dir)
     return {
         "shard_index": snapshot.shard_index,
         "num_shards": snapshot.num_shards,
@@ -312,11 +313,11 @@ def commit_checkpoint(
         "shards": shards,
     }
     _write_file(staging / MANIFEST, msgpack.packb(manifest))
-    _fsync_dir(staging)
+    fsync_dir(staging)
     if final.exists():
         raise CheckpointError(f"checkpoint {final} already exists", final)
     os.rename(staging, final)
-    _fsync_dir(final.parent)
+    fsync_dir(final.parent)
     if set_latest:
         _advance_latest(final, meta.get("version"))
     return final
@@ -604,14 +605,6 @@ def _write_file(path: Path, data: bytes) -> None:
         os.fsync(f.fileno())
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _advance_latest(final: Path, version) -> None:
     """Points LATEST at `final` (tmp + fsync + rename + fsync), unless it names a newer one."""
     root = final.parent
@@ -627,7 +620,7 @@ def _advance_latest(final: Path, version) -> None:
     tmp = root / f"{LATEST}{_STAGING}{uuid.uuid4().hex}"
     _write_file(tmp, f"{final.name}\n".encode())
     os.rename(tmp, root / LATEST)
-    _fsync_dir(root)
+    fsync_dir(root)
 
 
 def _numbered_checkpoints(root: Path) -> list[tuple[int, Path]]:

@@ -307,7 +307,7 @@ def _open_for_append(path: Path) -> int:
             os.ftruncate(fd, 0)
             _writev_all(fd, [MAGIC])
             os.fsync(fd)
-            _fsync_dir(path.parent)
+            fsync_dir(path.parent)
         else:
             good = valid_length(path)
             if good < size:
@@ -332,7 +332,8 @@ def _writev_all(fd: int, bufs: list) -> None:
             views[0] = views[0][n:]
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """Makes a directory's entries (created, renamed files) durable."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
@@ -414,7 +415,7 @@ def prune_wal(directory: Path | str, before: int) -> list[Path]:
     for p in doomed:
         p.unlink(missing_ok=True)
     if doomed:
-        _fsync_dir(Path(directory))
+        fsync_dir(Path(directory))
     return doomed
 
 
