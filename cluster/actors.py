@@ -194,8 +194,9 @@ class _Coordinator:
     """The layout of one store; the only writer of it."""
 
     def __init__(self, store: str, num_shards: int, data_dir: str, wal_sync: str = "always",
-                 started_local_ray: bool = False) -> None:
+                 started_local_ray: str | None = None, owns_data_dir: bool = False) -> None:
         self.store = store
+        self.owns_data_dir = owns_data_dir  # chosen by deploy, not the operator: removed at shutdown
         self.num_shards = num_shards
         self.data_dir = data_dir
         self.wal_sync = wal_sync
@@ -350,3 +351,7 @@ class _Coordinator:
         for a in self._actors:
             ray.kill(a, no_restart=True)
         self._actors = []
+        if self.owns_data_dir:
+            import shutil
+
+            shutil.rmtree(self.data_dir, ignore_errors=True)

@@ -8,11 +8,15 @@ store's detached coordinator, which places the shard actors on the nodes offerin
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import socket
+import signal
 import subprocess
 import sys
 import tempfile
+import time
 import uuid
 
 import ray
@@ -22,29 +26,37 @@ from memstore.errors import InvalidArgument, StoreNotFound, Unavailable
 from memstore.spec import TableSpec
 
 
+# Where `ray start` records the address that ray.init(address="auto") connects to.
+CURRENT_CLUSTER_FILE = os.path.join(tempfile.gettempdir(), "ray", "ray_current_cluster")
 # Every Ray head offers this resource: the coordinator lives there, with the GCS it depends on,
 # not on a memory node that may be removed.
 HEAD_NODE_RESOURCE = "node:__internal_head__"
 
 
-def ensure_ray(address: str | None = None, *, start_local: bool = False) -> bool:
-    """Connects this process to Ray; returns True if it started a local Ray head for it.
+def ensure_ray(address: str | None = None, *, start_local: bool = False) -> str | None:
+    """Connects this process to Ray; returns the GCS address of the local Ray head it started
+    for this, or None when it joined a running Ray.
 
     address, else $RAY_ADDRESS, else a Ray already running on this machine; with
     start_local, a new local head (`ray start --head`) that outlives this process."""
     if ray.is_initialized():
-        return False
+        return None
     target = address or os.environ.get("RAY_ADDRESS") or "auto"
-    try:
-        ray.init(address=target, namespace=NAMESPACE, log_to_driver=False, logging_level="WARNING")
-        return False
-    except (ConnectionError, RuntimeError) as e:
-        if target != "auto" or not start_local:
-            raise Unavailable(f"cannot reach Ray at {target}: {e}") from None
+    # A Ray stopped without `ray stop` leaves its address file behind, and ray.init would
+    # wait a long time on it: look first.
+    if target != "auto" or _local_ray_answers():
+        try:
+            ray.init(address=target, namespace=NAMESPACE, log_to_driver=False, logging_level="WARNING")
+            return None
+        except (ConnectionError, RuntimeError) as e:
+            if target != "auto" or not start_local:
+                raise Unavailable(f"cannot reach Ray at {target}: {e}") from None
+    elif not start_local:
+        raise Unavailable("no Ray is running on this machine (give --address or set RAY_ADDRESS)")
     subprocess.run([ray_executable(), "start", "--head", "--disable-usage-stats"], check=True,
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     ray.init(address="auto", namespace=NAMESPACE, log_to_driver=False, logging_level="WARNING")
-    return True
+    return ray.get_runtime_context().gcs_address
 
 
 def ray_executable() -> str:
@@ -53,9 +65,60 @@ def ray_executable() -> str:
     return beside if os.path.exists(beside) else (shutil.which("ray") or "ray")
 
 
-def stop_local_ray() -> None:
+def stop_local_ray(gcs_address: str) -> int:
+    """Stops the Ray whose GCS serves at gcs_address (one `ensure_ray` started): its GCS,
+    raylet and helper processes, found by that address on their command lines; its workers
+    exit with their raylet. Other Rays on this machine are left alone (unlike `ray stop`).
+    Returns the number of processes signalled."""
     ray.shutdown()
-    subprocess.run([ray_executable(), "stop"], check=False, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    port = gcs_address.rsplit(":", 1)[1]
+    markers = (f"--gcs_server_port={port}", f"--gcs-address={gcs_address}", f"--address={gcs_address}")
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                argv = f.read().decode(errors="replace").split("\0")
+        except OSError:
+            continue
+        if any(arg in markers for arg in argv):
+            pids.append(int(entry))
+    for sig, wait_s in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 5.0)):
+        for pid in pids:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + wait_s
+        while time.monotonic() < deadline and any(_running(p) for p in pids):
+            time.sleep(0.1)
+    with contextlib.suppress(OSError):
+        with open(CURRENT_CLUSTER_FILE) as f:
+            stale = f.read().strip() == gcs_address
+        if stale:
+            os.remove(CURRENT_CLUSTER_FILE)
+    return len(pids)
+
+
+def _running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has exited
+    except OSError:
+        return False
+
+
+def _local_ray_answers(timeout_s: float = 1.0) -> bool:
+    """Whether the Ray that `address="auto"` would pick (Ray's address file) accepts a TCP
+    connection: a Ray stopped without `ray stop` leaves the file behind."""
+    try:
+        with open(CURRENT_CLUSTER_FILE) as f:
+            host, port = f.read().strip().rsplit(":", 1)
+        with socket.create_connection((host, int(port)), timeout=timeout_s):
+            return True
+    except (OSError, ValueError):
+        return False
 
 
 def memory_resource() -> str | None:
@@ -79,11 +142,13 @@ def default_data_dir(name: str) -> str:
 
 
 def deploy(name: str, num_shards: int, specs: list[TableSpec], *, data_dir: str | None = None,
-           wal_sync: str = "always", started_local_ray: bool = False) -> dict:
+           wal_sync: str = "always", started_local_ray: str | None = None) -> dict:
     """Brings store `name` up (Ray must be connected); idempotent for the same shard count.
 
-    data_dir holds the shards' write-ahead logs and, by default, their checkpoints; wal_sync
-    is the log's durability: "always" (fsync per write), "group" (shared fsyncs) or "none"."""
+    data_dir holds the shards' write-ahead logs and, by default, their checkpoints (one chosen
+    here is removed at shutdown; one given is kept); wal_sync
+    is the log's durability: "always" (fsync per write), "group" (shared fsyncs) or "none".
+    started_local_ray: the GCS address of a local Ray started for this store, for `down`."""
     if not 1 <= num_shards <= 4096:
         raise InvalidArgument(f"a store needs 1..4096 shards, got {num_shards}")
     if wal_sync not in ("always", "group", "none"):
@@ -105,7 +170,7 @@ def deploy(name: str, num_shards: int, specs: list[TableSpec], *, data_dir: str 
         ray.remote(_Coordinator)
         .options(name=coordinator_name(name), namespace=NAMESPACE, lifetime="detached", num_cpus=0,
                  max_concurrency=16, max_restarts=0, resources={HEAD_NODE_RESOURCE: 0.001})
-        .remote(name, num_shards, data_dir or default_data_dir(name), wal_sync, started_local_ray)
+        .remote(name, num_shards, data_dir or default_data_dir(name), wal_sync, started_local_ray, data_dir is None)
     )
     return ray.get(coordinator.start.remote([s.to_dict() for s in specs], memory_resource()))
 
@@ -114,9 +179,9 @@ def layout(name: str) -> dict:
     return ray.get(find(name).layout.remote())
 
 
-def shutdown(name: str) -> bool:
-    """Takes store `name` down: its shards, then its coordinator. Returns whether the store
-    had started the local Ray head it ran on (then the caller may stop that Ray)."""
+def shutdown(name: str) -> str | None:
+    """Takes store `name` down: its shards, then its coordinator. Returns the GCS address of
+    the local Ray that was started for it, if any (the caller may stop that Ray)."""
     coordinator = find(name)
     started = ray.get(coordinator.layout.remote())["started_local_ray"]
     ray.get(coordinator.shutdown.remote())

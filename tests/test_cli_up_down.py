@@ -32,6 +32,8 @@ def test_up_ls_health_down_round_trip(tmp_path):
         assert up.returncode == 0, up.stderr
         assert "store 'cli-store' is up: 2 shards, 1 tables" in up.stdout
         addresses = [line.split()[2] for line in up.stdout.splitlines() if line.strip().startswith("shard")]
+        data_dir = up.stdout.split("data in ", 1)[1].split()[0]
+        assert os.path.isdir(data_dir)
         assert len(addresses) == 2
         # The shards outlived the CLI process that created them.
         with MemStoreClient(addresses) as client:
@@ -60,6 +62,7 @@ def test_up_ls_health_down_round_trip(tmp_path):
         down = memstore("down", "cli-store")
     assert down.returncode == 0, down.stderr
     assert "stopped the local Ray" in down.stdout
+    assert not os.path.exists(data_dir)  # the data dir `up` chose is released too
     after = memstore("health", "cli-store", timeout=60)
     assert after.returncode == 2, after.stdout + after.stderr  # no Ray, no store
 

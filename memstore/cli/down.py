@@ -18,6 +18,6 @@ def run(args: argparse.Namespace) -> int:
     started_local_ray = store.shutdown(args.name)
     print(f"store {args.name!r} is down")
     if started_local_ray and not store.list_stores():
-        store.stop_local_ray()
+        store.stop_local_ray(started_local_ray)
         print("stopped the local Ray that `memstore up` had started")
     return 0

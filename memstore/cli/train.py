@@ -100,7 +100,7 @@ def open_store(args: argparse.Namespace) -> Iterator[tuple[object, str | None]]:
     from cluster import store as cluster_store
     from memstore import MemStoreClient
 
-    owned, started = args.store is None, False
+    owned, started = args.store is None, None
     name = args.store or f"train-{os.getpid()}"
     # The store lives for this command only: its write-ahead log goes to a folder removed after.
     data_dir = tempfile.mkdtemp(prefix=f"memstore-{name}-") if owned else None
@@ -116,7 +116,7 @@ def open_store(args: argparse.Namespace) -> Iterator[tuple[object, str | None]]:
             with contextlib.suppress(Exception):  # it may not have come up
                 cluster_store.shutdown(name)
             if started and not cluster_store.list_stores():
-                cluster_store.stop_local_ray()
+                cluster_store.stop_local_ray(started)
                 print("stopped the local Ray this command started", flush=True)
             shutil.rmtree(data_dir, ignore_errors=True)
 
