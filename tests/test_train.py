@@ -224,3 +224,31 @@ def test_cli_rejects_bad_flags_with_the_usage_code(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "memstore.cli.main", "train", "--in-process", "--steps", "0",
                            "--out", str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 64 and "steps must be positive" in proc.stderr
+
+
+# ---------------------------------------------------------------------------- GPU
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none on this machine)")
+class TestCuda:
+    """The same training code on CUDA: rows staged in pinned memory, copied non-blocking."""
+
+    def test_rows_reach_the_gpu_as_a_leaf(self, corpus):
+        from trainer.train import build
+
+        with InProcessStore() as store:
+            run = build(tiny_config(corpus, device="cuda"), store)
+            x, _ = run.data.batch("train", 2, 16, seed=0, step=0)
+            hashes = run.mapping.hash(x)
+            (layer, rows), = run.rows.items()
+            e = rows.fetch(hashes[layer])
+            assert e.is_cuda and e.is_leaf and e.requires_grad
+            rows.discard()
+
+    def test_cuda_training_follows_the_cpu_trajectory(self, corpus):
+        with InProcessStore() as cpu_store, InProcessStore() as gpu_store:
+            cpu = train(tiny_config(corpus, device="cpu"), cpu_store, progress=False)
+            gpu = train(tiny_config(corpus, device="cuda"), gpu_store, progress=False)
+        # Different kernels sum in other orders: equal up to float reassociation, not bits.
+        for a, b in zip(cpu["losses"], gpu["losses"]):
+            assert abs(a - b) < 1e-3 * max(1.0, abs(a)), (cpu["losses"], gpu["losses"])

@@ -216,7 +216,14 @@ class EngramRows:
                 raise ValueError(f"rows of {name} have shape {tuple(rows.shape)}, expected "
                                  f"{(*ids.shape[:2], self.cfg.head_dim)}")
             parts.append(rows)
-        e = torch.cat(parts, dim=-1).to(self.device, self.dtype)  # (B, T, H*d), a fresh tensor
+        if self.device.type == "cuda":
+            # Staged in pinned host memory so the copy to the GPU runs without blocking; the
+            # caching host allocator keeps the buffer until the copy has completed.
+            staged = torch.empty((*ids.shape[:2], len(self.tables) * self.cfg.head_dim), dtype=parts[0].dtype,
+                                 pin_memory=True)
+            e = torch.cat(parts, dim=-1, out=staged).to(self.device, self.dtype, non_blocking=True)
+        else:
+            e = torch.cat(parts, dim=-1).to(self.device, self.dtype)  # (B, T, H*d), a fresh tensor
         e.requires_grad_(True)
         self._keys, self._leaf = ids, e
         return e

@@ -102,6 +102,9 @@ class TrainConfig:
     eval_every: int = 100
     eval_batches: int = 8
     seed: int = 0
+    # "auto": CUDA when available, else CPU. On CUDA, rows are staged in pinned host memory
+    # and copied non-blocking (trainer.engram.EngramRows).
+    device: str = "auto"
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "seq_len", "eval_every", "eval_batches"):
@@ -171,7 +174,7 @@ def build(cfg: TrainConfig, store: Any, data: TokenData | None = None) -> Run:
     data = data if data is not None else load_data(cfg.data_config())
     model_cfg = cfg.model_config(data.vocab_size, data.pad_id)
     torch.manual_seed(cfg.seed)
-    model = Model(model_cfg)
+    model = Model(model_cfg).to(resolve_device(cfg.device))
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "_hc." not in n]
     no_decay = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "_hc." not in n)]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
@@ -184,8 +187,20 @@ def build(cfg: TrainConfig, store: Any, data: TokenData | None = None) -> Run:
         mapping = NgramHashMapping(ec.engram_vocab_size, ec.max_ngram_size, ec.n_head_per_ngram, ec.layer_ids,
                                    ec.pad_id, ec.seed, data.tokenizer)
         specs = create_tables(store, ec, mapping)
-        rows = {l: EngramRows(store, ec, l) for l in ec.layer_ids}
+        rows = {l: EngramRows(store, ec, l, device=resolve_device(cfg.device)) for l in ec.layer_ids}
     return Run(cfg, data, model, opt, rows, mapping, specs)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _on_model_device(run: Run, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The batch where the model is (hashing reads the CPU copy)."""
+    device = next(run.model.parameters()).device
+    return x.to(device, non_blocking=True), y.to(device, non_blocking=True)
 
 
 def _fetch(run: Run, input_ids: torch.Tensor) -> dict[int, torch.Tensor]:
@@ -207,7 +222,7 @@ def evaluate(run: Run) -> float:
             rows = _fetch(run, x)
             for r in run.rows.values():
                 r.discard()
-            losses.append(run.model.loss(x, y, rows).item())
+            losses.append(run.model.loss(*_on_model_device(run, x, y), rows).item())
         return float(np.mean(losses))
     finally:
         run.model.train()
@@ -225,7 +240,7 @@ def train_step(run: Run, step: int, x: torch.Tensor, y: torch.Tensor) -> tuple[f
     t0 = time.perf_counter()
     rows = _fetch(run, x)
     wait = time.perf_counter() - t0
-    loss = run.model.loss(x, y, rows)
+    loss = run.model.loss(*_on_model_device(run, x, y), rows)
     run.opt.zero_grad(set_to_none=True)
     loss.backward()
     pushes = [run.pusher.submit(r.push, lr) for r in run.rows.values()]
@@ -411,7 +426,7 @@ class StoreCheckpoint:
             path = directory / f"{quote(spec.name, safe='')}.pt"
             if not path.exists():
                 raise ValueError(f"checkpoint {directory} has no file for table {spec.name!r}")
-            saved = torch.load(path, weights_only=True)
+            saved = torch.load(path, weights_only=True, map_location="cpu")
             if saved["spec"] != spec.to_dict():
                 raise ValueError(f"table {spec.name!r} in {path} has spec {saved['spec']}, the run has {spec.to_dict()}")
             if self.kind == "engine" and "state" in saved:
@@ -480,7 +495,7 @@ def load_checkpoint(directory: Path | str, run: Run, store_restore_fn: Callable[
     if "tokenizer" in meta and meta["tokenizer"] != tokenizer_digest(run.data.tokenizer):
         raise ValueError(f"the tokenizer differs from the one {directory} was trained with "
                          f"(has the corpus or the vocabulary size changed?)")
-    dense = torch.load(directory / "dense.pt", weights_only=True)
+    dense = torch.load(directory / "dense.pt", weights_only=True, map_location="cpu")
     run.model.load_state_dict(dense["model"])
     run.opt.load_state_dict(dense["optimizer"])
     _set_rng_states(dense["rng"])
