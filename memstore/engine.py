@@ -115,12 +115,14 @@ class ShardEngine:
                 )
         return torch.from_numpy(local)
 
-    def lookup(self, name: str, keys: np.ndarray) -> tuple[torch.Tensor, int]:
-        """Rows of `keys` in the table's wire dtype [n, dim], and the version read at."""
+    def lookup(self, name: str, keys: np.ndarray, alloc=None) -> torch.Tensor:
+        """Rows of `keys` in the table's wire dtype [n, dim]. alloc(version) may supply the
+        tensor to fill (the server's reply frame), told the version the rows are read at."""
         table = self.table(name)
         local = self.local_index(table, keys, unique=False)
-        out = torch.empty(len(keys), table.spec.dim, dtype=table.spec.wire_torch_dtype)
-        return out, table.gather(local, out)
+        if alloc is None:
+            alloc = lambda version: torch.empty(len(keys), table.spec.dim, dtype=table.spec.wire_torch_dtype)  # noqa: E731
+        return table.gather(local, alloc)
 
     def update(
         self, name: str, keys: np.ndarray, grads: torch.Tensor, lr: float, update_id: str = "",

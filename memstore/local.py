@@ -45,7 +45,7 @@ class InProcessStore:
         arr = as_key_array(keys)
         plan = keyplan.plan_keys(arr.reshape(-1), spec, 1)
         assembler = plan.assembler(spec.dim, spec.wire_torch_dtype)
-        assembler.put(0, self.engine.lookup(table, plan.unique)[0])
+        assembler.put(0, self.engine.lookup(table, plan.unique))
         rows = assembler.result().view(*arr.shape, spec.dim)  # (*keys.shape, dim)
         if as_tensor:
             return rows

@@ -98,14 +98,19 @@ class MemStoreServicer:
         header, payload = wire.decode_frame(frame, pb.LookupRequest)
         self._route(header.route)
         keys = wire.keys_from_payload(payload, header.num_keys)
-        rows, version = self.engine.lookup(header.table, keys)
         spec = self.engine.table(header.table).spec
-        reply = pb.LookupResponse(
-            num_keys=len(keys), dim=spec.dim, dtype=wire.DTYPE_TO_PB[spec.wire_dtype], version=version
-        )
-        out = wire.encode_frame(reply, wire.tensor_bytes(rows))
-        self._count("Lookup", len(keys), len(frame), len(out))
-        return out
+        reply = []
+
+        def alloc(version: int):  # the rows are gathered straight into the reply frame
+            head = pb.LookupResponse(num_keys=len(keys), dim=spec.dim, dtype=wire.DTYPE_TO_PB[spec.wire_dtype],
+                                     version=version)
+            out, rows = wire.new_frame(head, len(keys), spec.dim, spec.wire_dtype)
+            reply.append(out)
+            return rows
+
+        self.engine.lookup(header.table, keys, alloc)
+        self._count("Lookup", len(keys), len(frame), len(reply[0]))
+        return reply[0]
 
     def Update(self, frame: bytes, context) -> bytes:
         header, payload = wire.decode_frame(frame, pb.UpdateRequest)

@@ -103,16 +103,18 @@ class ShardTable:
     def state_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.state.values())
 
-    def gather(self, local: torch.Tensor, out: torch.Tensor) -> int:
-        """Copies rows `local` (int64 [n]) into `out` [n, dim] (wire dtype); returns the version."""
+    def gather(self, local: torch.Tensor, alloc) -> torch.Tensor:
+        """Rows `local` (int64 [n]) copied into `alloc(version)` — a [n, dim] tensor of the
+        wire dtype that the caller allocates knowing the version the rows are read at."""
         with self.lock.read():
+            out = alloc(self.version)
             if out.dtype == self.rows.dtype:
                 # numpy's take runs on this handler thread; torch's index_select would wake
                 # intra-op threads that fight gRPC's for the cores (lookups 1.5x slower on 2).
                 np.take(self._rows_np, local.numpy(), axis=0, out=as_numpy(out))
             else:
                 out.copy_(self.rows.index_select(0, local))
-            return self.version
+            return out
 
     def apply(self, local: torch.Tensor, grads: torch.Tensor, lr: float) -> int:
         """Applies the optimizer to unique rows `local` with float32 `grads`; returns the version."""

@@ -74,3 +74,16 @@ def test_spec_round_trips_through_proto_and_dict():
 def test_bad_specs_are_rejected_with_the_field_named(bad, match):
     with pytest.raises(InvalidArgument, match=match):
         TableSpec.from_dict(bad)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+def test_new_frame_is_filled_in_place(dtype):
+    values = torch.randn(5, 3).to(getattr(torch, dtype))
+    header = pb.LookupResponse(num_keys=5, dim=3, dtype=wire.DTYPE_TO_PB[dtype], version=7)
+    frame, rows = wire.new_frame(header, 5, 3, dtype)
+    rows.copy_(values)
+    assert isinstance(frame, bytes) and frame == wire.encode_frame(header, wire.tensor_bytes(values))
+    got, payload = wire.decode_frame(frame, pb.LookupResponse)
+    assert got.version == 7 and torch.equal(wire.rows_from_buffer(payload, 5, 3, dtype), values)
+    empty, rows = wire.new_frame(pb.LookupResponse(), 0, 3, dtype)
+    assert rows.shape == (0, 3) and wire.decode_frame(empty, pb.LookupResponse)[1].nbytes == 0
