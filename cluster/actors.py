@@ -17,6 +17,7 @@ memory node (shared storage) for a shard to come back on another node.
 from __future__ import annotations
 
 import os
+import shutil
 import threading
 import time
 from pathlib import Path
@@ -49,6 +50,9 @@ class _ShardActor:
         layout = ray.get(coordinator.layout.remote())
         self.wal_dir = Path(data_dir) / "wal" / checkpoint.shard_dirname(shard_index, num_shards)
         self.wal_dir.mkdir(parents=True, exist_ok=True)
+        if not self.restarted and wal.wal_files(self.wal_dir):
+            raise RuntimeError(f"{self.wal_dir} already holds a write-ahead log: another store's data "
+                               "dir? Bring a new store up on a fresh --data-dir (or restore a checkpoint)")
 
         self.engine = ShardEngine(shard_index, num_shards)
         recovery = layout["recovery"]
@@ -63,6 +67,7 @@ class _ShardActor:
         self.wal = wal.WriteAheadLog(wal.wal_path(self.wal_dir, self.generation), sync=wal_sync)
         self.engine.journal = self.wal.append
         self._snapshot = None  # taken at a cut, written after it
+        self._restore = None  # a checkpoint's tables loaded for a restore, swapped in at its cut
         self._progress = (0, 0)  # (done, total) bytes of the checkpoint write or restore under way
 
         self.server = _serve_in_port_range(self.engine, ray.util.get_node_ip_address())
@@ -83,9 +88,6 @@ class _ShardActor:
 
         self.engine.create_table(TableSpec.from_dict(spec))
 
-    def drop_table(self, name: str) -> bool:
-        return self.engine.drop_table(name)
-
     # ---- the cut protocol (memstore.cut), driven by the coordinator ---------------------------
     def cut_freeze(self) -> dict:
         return self.engine.gate.freeze()
@@ -100,13 +102,20 @@ class _ShardActor:
         self.engine.gate.unfreeze(forget)
 
     def cut_snapshot(self, generation: int) -> int:
-        """While frozen: copy the tables and start the log's next generation. Returns bytes."""
+        """While frozen: copy the tables and start the log's next generation, both under one
+        ShardFreeze, so every write is in the copy and the old log or in neither (and in the
+        new log). Returns the copy's bytes."""
         from memstore import checkpoint, wal
 
-        self._snapshot = checkpoint.snapshot_shard(self.engine)
-        self.wal.rotate(wal.wal_path(self.wal_dir, generation))
+        assert self.engine.gate.frozen, "cut_snapshot outside a cut (did this shard restart?)"
+        with checkpoint.ShardFreeze(self.engine) as freeze:
+            self._snapshot = checkpoint.snapshot_shard(self.engine, freeze=freeze)
+            self.wal.rotate(wal.wal_path(self.wal_dir, generation))
         self.generation = generation
         return self._snapshot.nbytes
+
+    def drop_snapshot(self) -> None:
+        self._snapshot = None
 
     def write_snapshot(self, staging: str) -> dict:
         """After the cut: write the copy under the checkpoint's staging directory."""
@@ -127,24 +136,29 @@ class _ShardActor:
 
         return len(wal.prune_wal(self.wal_dir, before))
 
-    def restore(self, directory: str, generation: int) -> int:
-        """While frozen: replace every table with the checkpoint's (any shard count) and start a
-        new log generation (the coordinator prunes the older ones once it points recovery past
-        them). Returns the number of tables."""
-        from memstore import checkpoint, wal
+    def prepare_restore(self, directory: str) -> int:
+        """Loads this shard's part of a checkpoint (any shard count) beside the live tables,
+        before the cut, so writes wait only for the swap. Returns bytes loaded."""
+        from memstore import checkpoint
         from memstore.engine import ShardEngine
 
-        fresh = checkpoint.load_shard(directory, self.shard_index, self.engine.num_shards,
-                                      engine=ShardEngine(self.shard_index, self.engine.num_shards), progress=self._track)
-        keep = {t.spec.name for t in fresh.tables()}
-        for table in self.engine.tables():
-            if table.spec.name not in keep:
-                self.engine.drop_table(table.spec.name)
-        for table in fresh.tables():
-            self.engine.install_table(table)
-        self.wal.rotate(wal.wal_path(self.wal_dir, generation))
+        self._restore = checkpoint.load_shard(directory, self.shard_index, self.engine.num_shards,
+                                              engine=ShardEngine(self.shard_index, self.engine.num_shards),
+                                              progress=self._track)
+        return sum(t.row_bytes + t.state_bytes for t in self._restore.tables())
+
+    def restore(self, generation: int) -> int:
+        """While frozen: swap in the prepared tables (dropping the others) and start a new log
+        generation (the coordinator prunes older ones once recovery points past them)."""
+        from memstore import checkpoint, wal
+
+        assert self.engine.gate.frozen and self._restore is not None, "restore outside a cut, or unprepared"
+        fresh, self._restore = self._restore, None
+        with checkpoint.ShardFreeze(self.engine):
+            self.engine.replace_tables(fresh.tables())  # no log records: the log restarts below
+            self.wal.rotate(wal.wal_path(self.wal_dir, generation))
         self.generation = generation
-        return len(keep)
+        return len(fresh.tables())
 
     def stop(self, grace_s: float = 2.0) -> None:
         self.server.stop(grace_s)
@@ -291,21 +305,32 @@ class _Coordinator:
         from memstore.cut import take_cut
 
         with self._cut_lock:
+            own_root = root is None
             root = root or os.path.join(self.data_dir, "checkpoints")
-            version = self.recovery["version"] + 1
+            existing = [v for v, _ in ckpt._numbered_checkpoints(Path(root))] if os.path.isdir(root) else []
+            version = max([self.recovery["version"], *existing]) + 1
             t0 = time.monotonic()
-            nbytes, completed, abandoned = take_cut(
-                [_ShardCut(a) for a in self._actors],
-                lambda: sum(ray.get([a.cut_snapshot.remote(version) for a in self._actors])),
-                deadline_s=deadline_s,
-            )
-            frozen_s = time.monotonic() - t0
-            staging = ckpt.begin_checkpoint(ckpt.checkpoint_dir(root, version))
-            summaries = ray.get([a.write_snapshot.remote(str(staging)) for a in self._actors])
-            final = ckpt.commit_checkpoint(staging, summaries, {"name": self.store, "version": version})
+            staging = None
+            try:
+                nbytes, completed, abandoned = take_cut(
+                    [_ShardCut(a) for a in self._actors],
+                    lambda: sum(ray.get([a.cut_snapshot.remote(version) for a in self._actors])),
+                    deadline_s=deadline_s,
+                )
+                frozen_s = time.monotonic() - t0
+                staging = ckpt.begin_checkpoint(ckpt.checkpoint_dir(root, version))
+                summaries = ray.get([a.write_snapshot.remote(str(staging)) for a in self._actors])
+                final = ckpt.commit_checkpoint(staging, summaries, {"name": self.store, "version": version})
+            except BaseException:
+                ray.get([a.drop_snapshot.remote() for a in self._actors])
+                if staging is not None:
+                    shutil.rmtree(staging, ignore_errors=True)
+                raise
             with self._lock:
                 self.recovery = {"checkpoint": str(final), "wal_since": version, "version": version}
             ray.get([a.prune_log.remote(version) for a in self._actors])
+            if own_root:  # the store's own checkpoints: keep the last two
+                ckpt.prune_checkpoints(root, keep=2)
             return {"path": str(final), "version": version, "bytes": nbytes, "frozen_s": frozen_s,
                     "seconds": time.monotonic() - t0, "completed_in_cut": len(completed), "abandoned": len(abandoned)}
 
@@ -324,8 +349,9 @@ class _Coordinator:
         with self._cut_lock:
             version = self.recovery["version"] + 1
             t0 = time.monotonic()
+            ray.get([a.prepare_restore.remote(str(path)) for a in self._actors])  # loads outside the cut
             take_cut([_ShardCut(a) for a in self._actors],
-                     lambda: ray.get([a.restore.remote(str(path), version) for a in self._actors]))
+                     lambda: ray.get([a.restore.remote(version) for a in self._actors]))
             with self._lock:
                 self.tables = dict(manifest["tables"])
                 self.recovery = {"checkpoint": str(path), "wal_since": version, "version": version}

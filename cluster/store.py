@@ -246,3 +246,6 @@ class StoreDirectory:
 
     def register_table(self, spec: TableSpec) -> None:
         ray.get(self._coordinator.register_table.remote(spec.to_dict()))
+
+    def unregister_table(self, name: str) -> None:
+        ray.get(self._coordinator.drop_table.remote(name))

@@ -170,6 +170,8 @@ class MemStoreClient:
         replies = self._fan_out("DropTable", [(s.index, pb.TableRef(name=table)) for s in self._shards])
         with self._specs_lock:
             self._specs.pop(table, None)
+        if self._directory is not None:
+            self._directory.unregister_table(table)  # restarted shards must not recreate it
         return any(r.dropped for r in replies)
 
     def stats(self) -> list[pb.StatsResponse]:
@@ -198,6 +200,11 @@ class MemStoreClient:
         def place(i: int, frame: bytes) -> None:  # runs as each reply arrives
             header, payload = wire.decode_frame(frame, pb.LookupResponse)
             dtype = wire.dtype_name(header.dtype, "lookup reply")
+            if (header.dim, dtype) != (spec.dim, spec.wire_dtype):  # the table was recreated under us
+                with self._specs_lock:
+                    self._specs.pop(table, None)
+                raise InvalidArgument(f"table {table!r} now has dim {header.dim} and wire dtype {dtype}; "
+                                      f"this call assumed {spec.dim} and {spec.wire_dtype}: retry")
             rows.put(starts[i], wire.rows_from_buffer(payload, header.num_keys, header.dim, dtype))
 
         self._fan_out("Lookup", requests, on_reply=place)

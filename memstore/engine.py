@@ -16,7 +16,7 @@ import torch
 
 from memstore import wal
 from memstore.cut import WriteGate
-from memstore.errors import InvalidArgument, TableExists, TableNotFound, WrongShard
+from memstore.errors import InvalidArgument, TableExists, TableNotFound, Unavailable, WrongShard
 from memstore.spec import TableSpec
 from memstore.table import REMEMBERED_UPDATE_IDS, ShardTable
 
@@ -48,13 +48,15 @@ class ShardEngine:
                     )
                 return existing
         table = ShardTable(spec, self.shard_index, self.num_shards)  # allocation outside the lock
-        with self._lock:
+        # Through the gate (a cut holds it), journaled under _lock: no write to the new table
+        # can reach the log before its create record.
+        with self.gate.write("", 0), self._lock:
             created = self._tables.setdefault(spec.name, table) is table
             table = self._tables[spec.name]
+            if created and self.journal is not None:
+                self.journal(wal.create_record(spec))
         if table.spec != spec:
             raise TableExists(f"table {spec.name!r} was created concurrently with a different spec")
-        if created and self.journal is not None:
-            self.journal(wal.create_record(spec))
         return table
 
     def install_table(self, table: ShardTable) -> None:
@@ -63,8 +65,15 @@ class ShardEngine:
         with self._lock:
             self._tables[table.spec.name] = table
 
+    def replace_tables(self, tables: list[ShardTable]) -> None:
+        """Swaps every table for these (a restore), unjournaled; only while the gate is frozen."""
+        assert self.gate.frozen, "replace_tables outside a cut"
+        with self._lock:
+            self._tables = {t.spec.name: t for t in tables}
+
     def table(self, name: str) -> ShardTable:
-        table = self._tables.get(name)
+        with self._lock:
+            table = self._tables.get(name)
         if table is None:
             raise TableNotFound(f"table {name!r} does not exist on shard {self.shard_index}")
         return table
@@ -74,10 +83,10 @@ class ShardEngine:
             return list(self._tables.values())
 
     def drop_table(self, name: str) -> bool:
-        with self._lock:
+        with self.gate.write("", 0), self._lock:
             dropped = self._tables.pop(name, None) is not None
-        if dropped and self.journal is not None:
-            self.journal(wal.drop_record(name))
+            if dropped and self.journal is not None:
+                self.journal(wal.drop_record(name))
         return dropped
 
     def check_route(self, shard_index: int, num_shards: int) -> None:
@@ -169,17 +178,22 @@ class ShardEngine:
 
     def _write(self, table: ShardTable, update_id: str, group: str, parts: int, apply, record) -> tuple[int, bool]:
         """Runs `apply` at most once per update id, through the write gate (a cut may hold it
-        back), and journals it. The id check, the apply, the journal append and the id record
-        happen under the table's ids_lock: two concurrent retries cannot both apply, a retry
-        is acknowledged only once the first attempt is durable, and the journal holds a
-        table's writes in the order they were applied."""
+        back), logging it first. Under the table's ids_lock: the id check, the journal append,
+        the apply and the id record — two concurrent retries cannot both apply, a write is
+        durable before it changes memory (a failed append changes nothing), and the journal
+        holds a table's writes in the order they apply. A table replaced while the write
+        waited at the gate (a restore) makes it UNAVAILABLE: the client retries on the new one."""
         with self.gate.write(group, parts) as applied, table.ids_lock:
+            with self._lock:
+                current = self._tables.get(table.spec.name)
+            if current is not table:
+                raise Unavailable(f"table {table.spec.name!r} was replaced or dropped during the write; retry")
             version = table.applied_ids.get(update_id) if update_id else None
             if version is not None:
                 return version, True
-            version = apply()
             if self.journal is not None:
-                self.journal(record(version))
+                self.journal(record(table.version + 1))  # apply() moves the version by one
+            version = apply()
             if update_id:
                 table.applied_ids[update_id] = version
                 while len(table.applied_ids) > REMEMBERED_UPDATE_IDS:

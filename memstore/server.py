@@ -22,7 +22,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from memstore import wire
 from memstore.alloc import keep_freed_memory
 from memstore.engine import ShardEngine
-from memstore.errors import InvalidArgument, MemStoreError, TableExists, TableNotFound, WrongShard
+from memstore.errors import InvalidArgument, MemStoreError, TableExists, TableNotFound, Unavailable, WrongShard
 from memstore.v1 import memstore_pb2 as pb
 
 log = logging.getLogger("memstore.server")
@@ -46,6 +46,7 @@ STATUS_OF: dict[type[MemStoreError], grpc.StatusCode] = {
     TableExists: grpc.StatusCode.ALREADY_EXISTS,
     InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
     WrongShard: grpc.StatusCode.FAILED_PRECONDITION,
+    Unavailable: grpc.StatusCode.UNAVAILABLE,  # retryable: a table swapped by a restore, a log that failed
 }
 
 
@@ -191,7 +192,7 @@ def _handler(servicer: MemStoreServicer, method) -> grpc.RpcMethodHandler:
             return impl(request, context)
         except MemStoreError as e:
             servicer.count_error(name)
-            code = next(c for t, c in STATUS_OF.items() if isinstance(e, t))
+            code = next((c for t, c in STATUS_OF.items() if isinstance(e, t)), grpc.StatusCode.UNAVAILABLE)
             context.abort(code, str(e))
         except Exception:
             servicer.count_error(name)

@@ -22,9 +22,9 @@ replays every file of generation >= V in order (`replay_dir`): a checkpoint that
 commit leaves its records split across two files, and both are replayed. Once checkpoint V is
 committed, `prune_wal(dir, V)` deletes the older files.
 
-How a server uses it: apply the write to the engine, append its record (with the version the
-engine returned), then acknowledge. Also log a write the engine reports as a duplicate: its
-first attempt may not be durable yet. Writes straddling the cut, in the checkpoint and in the
+How the engine uses it: append the write's record (with the version it will produce), apply
+it, then acknowledge — all under the table's ids lock, so a retry reported as a duplicate is
+only ever acknowledged after its first attempt is durable. Writes straddling the cut, in the checkpoint and in the
 next file too, are skipped on replay by their remembered update ids, so give every logged write
 an id. `replay_into` re-applies records in each table's version order (concurrent writes can
 reach the log in another order than they were applied) and only the keys of the engine's
@@ -488,6 +488,10 @@ def _apply(engine: "ShardEngine", rec: dict, stats: ReplayStats) -> None:
         return
     if kind not in ("update", "assign"):
         raise WalError(f"unknown record kind {kind!r} for table {name!r}")
+    if name not in {t.spec.name for t in engine.tables()}:  # dropped later in the log, or lost
+        log.warning("replay skips a %s of table %r, which does not exist", kind, name)
+        stats.skipped += 1
+        return
     keys = np.frombuffer(rec["keys"], dtype="<i8").copy()  # small; the engine wants writable keys
     dim, n = rec["dim"], len(keys)
     values = torch.frombuffer(rec["values"], dtype=DTYPES[rec["dtype"]]).view(n, dim) if n * dim else (

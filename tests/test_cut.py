@@ -106,3 +106,49 @@ def test_a_client_that_died_mid_call_does_not_block_the_cut():
     _, completed, abandoned = take_cut([e.gate for e in engines], lambda: None, deadline_s=0.5)
     assert abandoned == ["orphan"] and completed == [] and time.monotonic() - t0 < 5
     part(engines[1], "after", 1, parts=1)  # the gates are open again
+
+
+def test_a_write_held_through_a_restore_is_retried_not_applied_to_the_old_table():
+    from memstore.errors import Unavailable
+    from memstore.table import ShardTable
+
+    engine = ShardEngine(0, 1)
+    old = engine.create_table(SPEC)
+    engine.gate.freeze()
+    outcome = []
+
+    def held_write():
+        try:
+            part(engine, "g", 1, parts=1)
+            outcome.append("applied")
+        except Unavailable as e:
+            outcome.append(str(e))
+
+    t = threading.Thread(target=held_write)
+    t.start()
+    time.sleep(0.2)
+    engine.replace_tables([ShardTable(SPEC)])  # what a restore swaps in
+    engine.gate.unfreeze()
+    t.join(5)
+    assert outcome and "replaced or dropped" in outcome[0]
+    assert old.version == 0 and engine.table("t").version == 0
+
+
+def test_a_failed_log_append_changes_nothing():
+    engine = ShardEngine(0, 1)
+    engine.create_table(SPEC)
+
+    def broken_log(record):
+        raise OSError("disk full")
+
+    engine.journal = broken_log
+    before = engine.table("t").snapshot()
+    try:
+        part(engine, "g", 1, parts=1)
+    except OSError:
+        pass
+    else:
+        raise AssertionError("the update was acknowledged without being logged")
+    after = engine.table("t").snapshot()
+    assert after[0] == before[0] and np.array_equal(after[1], before[1])
+    assert "g:1" not in engine.table("t").applied_ids
