@@ -105,11 +105,11 @@ class _ShardActor:
         """While frozen: copy the tables and start the log's next generation, both under one
         ShardFreeze, so every write is in the copy and the old log or in neither (and in the
         new log). Returns the copy's bytes."""
-        from memstore import checkpoint, wal
+        from memstore import snapshot, wal
 
         assert self.engine.gate.frozen, "cut_snapshot outside a cut (did this shard restart?)"
-        with checkpoint.ShardFreeze(self.engine) as freeze:
-            self._snapshot = checkpoint.snapshot_shard(self.engine, freeze=freeze)
+        with snapshot.ShardFreeze(self.engine) as freeze:
+            self._snapshot = snapshot.snapshot_shard(self.engine, freeze=freeze)
             self.wal.rotate(wal.wal_path(self.wal_dir, generation))
         self.generation = generation
         return self._snapshot.nbytes
@@ -150,11 +150,11 @@ class _ShardActor:
     def restore(self, generation: int) -> int:
         """While frozen: swap in the prepared tables (dropping the others) and start a new log
         generation (the coordinator prunes older ones once recovery points past them)."""
-        from memstore import checkpoint, wal
+        from memstore import snapshot, wal
 
         assert self.engine.gate.frozen and self._restore is not None, "restore outside a cut, or unprepared"
         fresh, self._restore = self._restore, None
-        with checkpoint.ShardFreeze(self.engine):
+        with snapshot.ShardFreeze(self.engine):
             self.engine.replace_tables(fresh.tables())  # no log records: the log restarts below
             self.wal.rotate(wal.wal_path(self.wal_dir, generation))
         self.generation = generation

@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from memstore import checkpoint as ck
+from memstore import snapshot
 from memstore.engine import ShardEngine
 from memstore.spec import InitSpec, OptimizerSpec, TableSpec
 
@@ -263,7 +264,7 @@ def test_crash_leftovers_between_the_steps_of_a_commit(tmp_path):
 
     # Killed before MANIFEST: a staging directory with some shard files.
     staging = ck.begin_checkpoint(ck.checkpoint_dir(tmp_path, 2))
-    summary = ck.write_shard(ck.snapshot_shard(engines[0]), staging)
+    summary = ck.write_shard(snapshot.snapshot_shard(engines[0]), staging)
     assert ck.latest_checkpoint(tmp_path) == first
     # Killed after the rename, before LATEST moved: LATEST still names the first, which loads.
     second = ck.commit_checkpoint(staging, [summary], {"version": 2}, set_latest=False)
@@ -284,7 +285,7 @@ def test_crash_leftovers_between_the_steps_of_a_commit(tmp_path):
 def test_commit_refuses_an_incomplete_cut(tmp_path):
     engines = make_engines(2)
     staging = ck.begin_checkpoint(tmp_path / "ckpt-1")
-    summary = ck.write_shard(ck.snapshot_shard(engines[1]), staging)
+    summary = ck.write_shard(snapshot.snapshot_shard(engines[1]), staging)
     with pytest.raises(ck.CheckpointError, match="not shards 0..0 of 1"):
         ck.commit_checkpoint(staging, [summary], {})
     assert ck.latest_checkpoint(tmp_path) is None

@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from memstore import checkpoint as ck
+from memstore import snapshot
 from memstore import wal
 from memstore.engine import ShardEngine
 from memstore.spec import OptimizerSpec, TableSpec
@@ -239,8 +240,8 @@ def test_checkpoint_plus_wal_recovers_every_acknowledged_write(tmp_path, new_sha
     keys = np.arange(0, 40, 2)
     straddler = (keys, torch.ones(len(keys), 6), 0.1, "straddle:0")
     version, _ = servers[0].engine.update("adam", *straddler)
-    freezes = [ck.ShardFreeze(s.engine).acquire() for s in servers]
-    snapshots = [ck.snapshot_shard(s.engine, freeze=f) for s, f in zip(servers, freezes)]
+    freezes = [snapshot.ShardFreeze(s.engine).acquire() for s in servers]
+    snapshots = [snapshot.snapshot_shard(s.engine, freeze=f) for s, f in zip(servers, freezes)]
     for i, log in enumerate(logs):
         log.rotate(wal.wal_path(tmp_path / f"wal{i}", 1))
     for f in freezes:
