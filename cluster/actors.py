@@ -83,6 +83,12 @@ class _ShardActor:
         return {"shard_index": self.shard_index, "address": self.address, "node_id": self.node_id, "pid": self.pid,
                 "replayed": self.replayed.applied if self.restarted else 0}
 
+    def log_bytes(self, since: int) -> int:
+        """Bytes of write-ahead log from generation `since` on (what a restart would replay)."""
+        from memstore import wal
+
+        return sum(p.stat().st_size for g, p in wal.wal_files(self.wal_dir) if g >= since)
+
     def create_table(self, spec: dict) -> None:
         from memstore.spec import TableSpec
 
@@ -221,7 +227,7 @@ class _Coordinator:
         self.epoch = 0  # guarded by _lock
         # Where a restarted shard recovers from: a checkpoint (or none) and the first log
         # generation to replay after it; guarded by _lock.
-        self.recovery = {"checkpoint": None, "wal_since": 0, "version": 0}
+        self.recovery = {"checkpoint": None, "wal_since": 0, "version": 0, "created": None}
         self._actors = []
         self._lock = threading.Lock()  # guards tables, shards, epoch and recovery (threaded actor)
         self._cut_lock = threading.Lock()  # one checkpoint or restore at a time
@@ -327,7 +333,8 @@ class _Coordinator:
                     shutil.rmtree(staging, ignore_errors=True)
                 raise
             with self._lock:
-                self.recovery = {"checkpoint": str(final), "wal_since": version, "version": version}
+                self.recovery = {"checkpoint": str(final), "wal_since": version, "version": version,
+                                 "created": time.time()}
             ray.get([a.prune_log.remote(version) for a in self._actors])
             if own_root:  # the store's own checkpoints: keep the last two
                 ckpt.prune_checkpoints(root, keep=2)
@@ -354,10 +361,25 @@ class _Coordinator:
                      lambda: ray.get([a.restore.remote(version) for a in self._actors]))
             with self._lock:
                 self.tables = dict(manifest["tables"])
-                self.recovery = {"checkpoint": str(path), "wal_since": version, "version": version}
+                self.recovery = {"checkpoint": str(path), "wal_since": version, "version": version,
+                                 "created": manifest["store"].get("created", time.time())}
             ray.get([a.prune_log.remote(version) for a in self._actors])  # only once recovery points past them
             return {"path": str(path), "tables": len(manifest["tables"]), "from_shards": manifest["store"]["num_shards"],
                     "seconds": time.monotonic() - t0}
+
+    def log_bytes(self) -> list[int | None]:
+        """Each shard's write-ahead log bytes since the recovery point (None: no answer)."""
+        with self._lock:
+            since = self.recovery["wal_since"]
+        refs = [a.log_bytes.remote(since) for a in self._actors]
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=5)
+        out = []
+        for ref in refs:
+            try:
+                out.append(ray.get(ref) if ref in ready else None)
+            except ray.exceptions.RayError:
+                out.append(None)
+        return out
 
     def progress(self) -> tuple[int, int]:
         """(done, total) bytes over all shards of the checkpoint write or restore under way."""

@@ -249,3 +249,35 @@ class StoreDirectory:
 
     def unregister_table(self, name: str) -> None:
         ray.get(self._coordinator.drop_table.remote(name))
+
+
+def status(name: str, timeout_s: float = 2.0) -> dict:
+    """One document about store `name`: per shard its place, state, tables, rows, bytes held
+    next to process RSS, recent call rates and latencies, and log bytes since the last
+    checkpoint; then a summary. States: SERVING, NOT_SERVING, UNREACHABLE."""
+    from memstore.status import shard_status
+
+    coordinator = find(name)
+    layout = ray.get(coordinator.refresh.remote())
+    log_bytes = ray.get(coordinator.log_bytes.remote())
+    shards = [shard_status(s, timeout_s) | {"log_bytes": b} for s, b in zip(layout["shards"], log_bytes)]
+    recovery = layout["recovery"]
+    serving = sum(s["state"] == "SERVING" for s in shards)
+    return {
+        "store": name,
+        "epoch": layout["epoch"],
+        "num_shards": layout["num_shards"],
+        "tables": sorted(layout["tables"]),
+        "data_dir": layout["data_dir"],
+        "last_checkpoint": {"version": recovery["version"], "path": recovery["checkpoint"],
+                            "age_s": time.time() - recovery["created"] if recovery.get("created") else None},
+        "shards": shards,
+        "summary": {
+            "serving": serving,
+            "rows": sum(s.get("rows", 0) for s in shards),
+            "bytes_held": sum(s.get("bytes_held", 0) for s in shards),
+            "lookups_per_s": sum(s.get("lookups_per_s", 0.0) for s in shards),
+            "updates_per_s": sum(s.get("updates_per_s", 0.0) for s in shards),
+            "log_bytes": sum(b or 0 for b in log_bytes),
+        },
+    }

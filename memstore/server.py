@@ -14,9 +14,11 @@ import resource
 import threading
 import time
 from concurrent import futures
-from dataclasses import dataclass
+from collections import deque
+from dataclasses import dataclass, field
 
 import grpc
+import numpy as np
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from memstore import wire
@@ -41,6 +43,10 @@ CHANNEL_OPTIONS = [
     ("grpc.http2.max_frame_size", (1 << 24) - 1),
 ]
 
+# Rates and latency percentiles in Stats cover this many recent seconds / calls per method.
+STATS_WINDOW_S = 10.0
+RECENT_CALLS = 4096
+
 STATUS_OF: dict[type[MemStoreError], grpc.StatusCode] = {
     TableNotFound: grpc.StatusCode.NOT_FOUND,
     TableExists: grpc.StatusCode.ALREADY_EXISTS,
@@ -57,6 +63,16 @@ class MethodCounters:
     rows: int = 0
     bytes_in: int = 0
     bytes_out: int = 0
+    # (monotonic end time, seconds) of the latest calls, for rates and latency percentiles
+    recent: deque = field(default_factory=lambda: deque(maxlen=RECENT_CALLS))
+
+    def window(self, now: float, window_s: float) -> dict:
+        """Calls per second and p50/p99 latency (ms) over the last window_s seconds."""
+        lat = np.array([sec for end, sec in self.recent if end >= now - window_s])
+        if not len(lat):
+            return {"rate_per_s": 0.0, "p50_ms": 0.0, "p99_ms": 0.0, "window_s": window_s}
+        p50, p99 = np.percentile(lat, [50, 99]) * 1e3
+        return {"rate_per_s": len(lat) / window_s, "p50_ms": float(p50), "p99_ms": float(p99), "window_s": window_s}
 
 
 class MemStoreServicer:
@@ -83,8 +99,14 @@ class MemStoreServicer:
         return pb.DropTableResponse(dropped=self.engine.drop_table(request.name))
 
     def Stats(self, request: pb.StatsRequest, context) -> pb.StatsResponse:
+        now = time.monotonic()
+        window_s = min(STATS_WINDOW_S, max(now - self.started, 1e-3))
         with self._counters_lock:
-            methods = [pb.MethodStats(method=name, **vars(c)) for name, c in self._counters.items()]
+            methods = [
+                pb.MethodStats(method=name, calls=c.calls, errors=c.errors, rows=c.rows, bytes_in=c.bytes_in,
+                               bytes_out=c.bytes_out, **c.window(now, window_s))
+                for name, c in self._counters.items()
+            ]
         return pb.StatsResponse(
             shard_index=self.engine.shard_index,
             num_shards=self.engine.num_shards,
@@ -170,6 +192,10 @@ class MemStoreServicer:
         with self._counters_lock:
             self._counters[method].errors += 1
 
+    def observe(self, method: str, seconds: float) -> None:
+        with self._counters_lock:
+            self._counters[method].recent.append((time.monotonic(), seconds))
+
 
 def _rss_bytes() -> int:
     try:
@@ -188,6 +214,7 @@ def _handler(servicer: MemStoreServicer, method) -> grpc.RpcMethodHandler:
     impl = getattr(servicer, name)
 
     def call(request, context):
+        t0 = time.perf_counter()
         try:
             return impl(request, context)
         except MemStoreError as e:
@@ -198,6 +225,8 @@ def _handler(servicer: MemStoreServicer, method) -> grpc.RpcMethodHandler:
             servicer.count_error(name)
             log.exception("%s failed", name)
             context.abort(grpc.StatusCode.INTERNAL, f"{name} failed on shard {servicer.engine.shard_index}; see its log")
+        finally:
+            servicer.observe(name, time.perf_counter() - t0)
 
     if name in FRAMED:
         return grpc.unary_unary_rpc_method_handler(call)  # frames stay bytes both ways

@@ -176,6 +176,30 @@ def test_removing_a_memory_node_loses_no_acknowledged_update(cluster, engram_sto
         assert_same_table(client, ref, "node-loss")
 
 
+def test_status_is_true_to_the_store(cluster, engram_store):
+    import json
+    import subprocess
+    import sys
+
+    c, _ = cluster
+    with MemStoreClient.connect("engram") as client:
+        for _ in range(5):
+            client.lookup("engram.l1", np.arange(1000))
+        cli = subprocess.run([sys.executable, "-m", "memstore.cli.main", "status", "engram", "--address", c.address,
+                              "--json"], capture_output=True, text=True, timeout=120)
+    assert cli.returncode == 0, cli.stderr
+    doc = json.loads(cli.stdout)
+    layout = store.layout("engram")
+    assert doc["num_shards"] == 4 and [s["state"] for s in doc["shards"]] == ["SERVING"] * 4
+    assert doc["summary"]["rows"] == sum(t["num_rows"] for t in layout["tables"].values())
+    assert doc["summary"]["bytes_held"] >= sum(t["num_rows"] * t["dim"] * 4 for t in layout["tables"].values())
+    assert doc["summary"]["lookups_per_s"] > 0  # the lookups above, within the last 10 s
+    assert all(s["latency_ms"]["Lookup"]["p99"] >= s["latency_ms"]["Lookup"]["p50"] > 0 for s in doc["shards"])
+    assert all(s["rss_bytes"] > s["bytes_held"] for s in doc["shards"])
+    assert doc["last_checkpoint"]["version"] == layout["recovery"]["version"]
+    assert all(s["log_bytes"] is not None for s in doc["shards"])
+
+
 def test_shutdown_leaves_no_actor_behind(cluster):
     layout = store.deploy("short-lived", 2, [TableSpec("t", num_rows=10, dim=2)])
     assert "short-lived" in [s["store"] for s in store.list_stores()]

@@ -26,7 +26,7 @@ _CONFIG_FLAGS = {
     "steps": "steps", "batch_size": "batch_size", "seq_len": "seq_len", "lr": "lr", "eval_every": "eval_every",
     "seed": "seed", "device": "device", "corpus": "corpus", "vocab_size": "vocab_size", "cache_dir": "cache_dir",
     "d_model": "d_model", "layers": "n_layers", "heads": "n_heads", "experts": "n_routed_experts",
-    "d_expert": "d_expert",
+    "d_expert": "d_expert", "prefetch": "prefetch_depth",
 }
 
 
@@ -63,6 +63,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     opt.add_argument("--lr", metavar="LR", type=float, help="peak AdamW learning rate; the tables get 5x (default 3e-3)")
     opt.add_argument("--eval-every", metavar="N", type=int, help="steps between held-out evaluations (default 100)")
     opt.add_argument("--seed", metavar="N", type=int, help="seed of the init, the data order and the hashing (default 0)")
+    opt.add_argument("--prefetch", metavar="N", type=int, help="look up the rows of the next N steps while a step "
+                     "computes (exact: stale rows are re-read); 0 = off (default 1)")
     opt.add_argument("--device", help="cpu, cuda, cuda:N or auto: CUDA when available (default auto)")
     opt.add_argument("--compare-baseline", action="store_true",
                      help="also train the same model without Engram on the same data and compare eval losses")

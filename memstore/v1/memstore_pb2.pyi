@@ -207,20 +207,28 @@ class StatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class MethodStats(_message.Message):
-    __slots__ = ("method", "calls", "errors", "rows", "bytes_in", "bytes_out")
+    __slots__ = ("method", "calls", "errors", "rows", "bytes_in", "bytes_out", "rate_per_s", "p50_ms", "p99_ms", "window_s")
     METHOD_FIELD_NUMBER: _ClassVar[int]
     CALLS_FIELD_NUMBER: _ClassVar[int]
     ERRORS_FIELD_NUMBER: _ClassVar[int]
     ROWS_FIELD_NUMBER: _ClassVar[int]
     BYTES_IN_FIELD_NUMBER: _ClassVar[int]
     BYTES_OUT_FIELD_NUMBER: _ClassVar[int]
+    RATE_PER_S_FIELD_NUMBER: _ClassVar[int]
+    P50_MS_FIELD_NUMBER: _ClassVar[int]
+    P99_MS_FIELD_NUMBER: _ClassVar[int]
+    WINDOW_S_FIELD_NUMBER: _ClassVar[int]
     method: str
     calls: int
     errors: int
     rows: int
     bytes_in: int
     bytes_out: int
-    def __init__(self, method: _Optional[str] = ..., calls: _Optional[int] = ..., errors: _Optional[int] = ..., rows: _Optional[int] = ..., bytes_in: _Optional[int] = ..., bytes_out: _Optional[int] = ...) -> None: ...
+    rate_per_s: float
+    p50_ms: float
+    p99_ms: float
+    window_s: float
+    def __init__(self, method: _Optional[str] = ..., calls: _Optional[int] = ..., errors: _Optional[int] = ..., rows: _Optional[int] = ..., bytes_in: _Optional[int] = ..., bytes_out: _Optional[int] = ..., rate_per_s: _Optional[float] = ..., p50_ms: _Optional[float] = ..., p99_ms: _Optional[float] = ..., window_s: _Optional[float] = ...) -> None: ...
 
 class StatsResponse(_message.Message):
     __slots__ = ("shard_index", "num_shards", "tables", "methods", "uptime_s", "rss_bytes")

@@ -1,0 +1,55 @@
+"""`memstore status`: one row per shard and a summary line for the store."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("status", help="shards of a store: state, rows, memory, load, latency, last checkpoint")
+    p.add_argument("name", help="the store's name")
+    p.add_argument("--address", help="Ray cluster (default $RAY_ADDRESS, else the local Ray)")
+    p.add_argument("--json", action="store_true", help="print one JSON document")
+    p.add_argument("--watch", type=float, metavar="SECONDS", help="refresh in place every SECONDS")
+
+
+def _mib(n) -> str:
+    return f"{n / 2**20:,.1f}" if n is not None else "-"
+
+
+def render(doc: dict) -> str:
+    lines = [f"{'shard':>5}  {'address':<22} {'state':<12} {'tables':>6} {'rows':>12} {'held MiB':>9} "
+             f"{'RSS MiB':>8} {'lookup/s':>9} {'update/s':>9} {'lookup p50/p99 ms':>18} {'log MiB':>8}"]
+    for s in doc["shards"]:
+        lat = s.get("latency_ms", {}).get("Lookup", {})
+        p = f"{lat['p50']:.1f}/{lat['p99']:.1f}" if lat else "-"
+        lines.append(f"{s['shard_index']:>5}  {s['address']:<22} {s['state']:<12} {s.get('tables', '-'):>6} "
+                     f"{s.get('rows', 0):>12,} {_mib(s.get('bytes_held')):>9} {_mib(s.get('rss_bytes')):>8} "
+                     f"{s.get('lookups_per_s', 0):>9.1f} {s.get('updates_per_s', 0):>9.1f} {p:>18} {_mib(s['log_bytes']):>8}")
+    sm, ck = doc["summary"], doc["last_checkpoint"]
+    age = f"{ck['age_s']:.0f} s ago" if ck["age_s"] is not None else "none yet"
+    lines.append(f"store {doc['store']!r}: {sm['serving']}/{doc['num_shards']} serving, {len(doc['tables'])} tables, "
+                 f"{sm['rows']:,} rows, {_mib(sm['bytes_held'])} MiB held, {sm['lookups_per_s']:.1f} lookups/s, "
+                 f"{sm['updates_per_s']:.1f} updates/s; checkpoint {ck['version']} ({age}), "
+                 f"{_mib(sm['log_bytes'])} MiB of log since; epoch {doc['epoch']}")
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    from cluster import store
+
+    if args.watch is not None and not args.watch > 0:
+        raise ValueError(f"--watch must be > 0 seconds, got {args.watch}")
+    store.ensure_ray(args.address)
+    while True:
+        doc = store.status(args.name)
+        text = json.dumps(doc) if args.json else render(doc)
+        if args.watch and sys.stdout.isatty():
+            sys.stdout.write("\033[H\033[J")  # redraw in place
+        print(text, flush=True)
+        if not args.watch:
+            return 0
+        time.sleep(args.watch)
