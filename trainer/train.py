@@ -8,8 +8,10 @@ gives the same losses and parameters (sync semantics, DESIGN.md section 3).
 One step: a batch (trainer.data, fixed by (seed, step)) -> hash ids (NgramHashMapping on the
 trained tokenizer) -> rows (EngramRows.fetch) -> forward/backward -> clip the dense gradients
 and step AdamW while the row gradients travel to the store (which applies Adam at 5x the lr,
-no decay) -> wait for the store -> the routers' balancing-bias update. The next fetch starts
-only once the store has applied the push, so every step reads up-to-date rows. The learning
+no decay) -> wait for the store -> the routers' balancing-bias update. The rows of the next
+prefetch_depth steps are looked up while a step computes (trainer.prefetch); before a step uses
+them, the keys that updates acknowledged since the lookup touched are re-read, so every step
+reads up-to-date rows, exactly as without prefetch. The learning
 rate warms up linearly, then decays by a cosine to min_lr_ratio * lr; the tables follow the
 same schedule. Gradient clipping covers the dense parameters only: the rows' gradients go to
 the store unclipped (its Adam normalises their scale anyway).
@@ -51,6 +53,7 @@ from trainer.data import DataConfig, TokenData, load_data, tokenizer_digest
 from trainer.engram import EngramConfig, EngramRows, create_tables
 from trainer.hashing import NgramHashMapping
 from trainer.model import Model, ModelConfig
+from trainer.prefetch import RowPrefetcher
 
 log = logging.getLogger("trainer.train")
 
@@ -105,8 +108,13 @@ class TrainConfig:
     # "auto": CUDA when available, else CPU. On CUDA, rows are staged in pinned host memory
     # and copied non-blocking (trainer.engram.EngramRows).
     device: str = "auto"
+    # Rows of the next prefetch_depth steps are looked up while a step computes, and patched
+    # exactly before use (trainer.prefetch); 0 = off. Same parameters at every depth.
+    prefetch_depth: int = 1
 
     def __post_init__(self) -> None:
+        if self.prefetch_depth < 0:
+            raise ValueError(f"prefetch_depth must be >= 0, got {self.prefetch_depth}")
         for name in ("steps", "batch_size", "seq_len", "eval_every", "eval_batches"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
@@ -163,8 +171,12 @@ class Run:
     mapping: NgramHashMapping | None
     specs: list  # the store tables (TableSpec)
     pusher: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(1, thread_name_prefix="engram-push"))
+    prefetch: RowPrefetcher | None = None  # None for the baseline
+    push_wait_s: float = 0.0  # seconds blocked on the store's acknowledgement of pushes
 
     def close(self) -> None:
+        if self.prefetch is not None:
+            self.prefetch.close()
         self.pusher.shutdown(wait=True)
 
 
@@ -188,7 +200,11 @@ def build(cfg: TrainConfig, store: Any, data: TokenData | None = None) -> Run:
                                    ec.pad_id, ec.seed, data.tokenizer)
         specs = create_tables(store, ec, mapping)
         rows = {l: EngramRows(store, ec, l, device=resolve_device(cfg.device)) for l in ec.layer_ids}
-    return Run(cfg, data, model, opt, rows, mapping, specs)
+    prefetch = None
+    if rows:
+        prefetch = RowPrefetcher(rows, mapping, cfg.prefetch_depth, limit=cfg.steps,
+                                 batch_fn=lambda s: data.batch("train", cfg.batch_size, cfg.seq_len, cfg.seed, s)[0])
+    return Run(cfg, data, model, opt, rows, mapping, specs, prefetch=prefetch)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -229,17 +245,24 @@ def evaluate(run: Run) -> float:
 
 
 def train_step(run: Run, step: int, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
-    """One optimizer step; returns (loss, seconds spent waiting for the store).
+    """One optimizer step; returns (loss, seconds blocked waiting for rows).
 
-    The row gradients travel to the store while the dense parameters step (disjoint state);
-    the step ends only once the store has applied them, so the next fetch reads the updated
-    rows (sync semantics)."""
+    The step's rows come from the prefetcher (looked up during earlier steps, patched for the
+    updates acknowledged since: exact), then the lookups of the next prefetch_depth steps start
+    and run while this step computes. The row gradients travel to the store while the dense
+    parameters step (disjoint state); the step ends only once the store has applied them
+    (sync semantics), which is recorded so later prefetched rows get patched. The time blocked
+    on that acknowledgement adds to run.push_wait_s, not to the returned wait."""
     lr = lr_at(run.cfg, step)
     for group in run.opt.param_groups:
         group["lr"] = lr
-    t0 = time.perf_counter()
-    rows = _fetch(run, x)
-    wait = time.perf_counter() - t0
+    hashes, rows, wait = {}, {}, 0.0
+    if run.rows:
+        waited = run.prefetch.wait_s
+        hashes, fetched = run.prefetch.take(step, x)
+        wait = run.prefetch.wait_s - waited
+        run.prefetch.ahead(step)  # steps step+1 .. step+depth, looked up while this one computes
+        rows = {l: r.fetch(hashes[l], prefetched=fetched[l]) for l, r in run.rows.items()}
     loss = run.model.loss(*_on_model_device(run, x, y), rows)
     run.opt.zero_grad(set_to_none=True)
     loss.backward()
@@ -249,7 +272,9 @@ def train_step(run: Run, step: int, x: torch.Tensor, y: torch.Tensor) -> tuple[f
     t0 = time.perf_counter()
     for p in pushes:
         p.result()
-    wait += time.perf_counter() - t0
+    run.push_wait_s += time.perf_counter() - t0
+    if run.rows:
+        run.prefetch.acknowledge(step, hashes)
     run.model.update_router_biases()
     return loss.item(), wait
 
@@ -295,7 +320,9 @@ def train(cfg: TrainConfig, store: Any, *, progress: bool = True, data: TokenDat
 
     store: any row source (None for the baseline, cfg.engram False); store_name: the store's
     name on Ray, for an exact store checkpoint. Returns a summary: final train and eval loss,
-    tokens/s, wait_share (share of step time spent in row fetch and push), steps.
+    tokens/s, wait_share (share of step time blocked waiting for rows: lookups and patch
+    re-reads), push_wait_share (blocked on the store applying the row gradients), steps, and the
+    prefetcher's counts (rows_fetched, rows_reread: unique keys per table and step).
     """
     run = build(cfg, store, data)
     try:
@@ -321,6 +348,8 @@ def train(cfg: TrainConfig, store: Any, *, progress: bool = True, data: TokenDat
         "engram": cfg.engram, "table_rows": sum(s.num_rows for s in run.specs),
         "dense_params": sum(p.numel() for p in run.model.parameters()),
         "store_checkpoint": store_ckpt.kind,
+        "push_wait_share": run.push_wait_s / busy if busy else None,
+        **(run.prefetch.stats() if run.prefetch is not None else {"prefetch_depth": cfg.prefetch_depth}),
     }
 
 
@@ -333,6 +362,8 @@ def _train_loop(run: Run, start: int, until: int, progress: bool) -> tuple[list[
     losses, evals = [], []
     busy = waited = 0.0
     batches = run.data.batches("train", cfg.batch_size, cfg.seq_len, cfg.seed, start)
+    if run.prefetch is not None:
+        run.prefetch.limit = until  # nothing to look up past the last step
     for step, (x, y) in zip(range(start, until), batches):
         t0 = time.perf_counter()
         loss, wait = train_step(run, step, x, y)

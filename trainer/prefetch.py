@@ -1,0 +1,200 @@
+"""Row prefetch for the trainer, exact under sync semantics (DESIGN.md section 3).
+
+Hash ids depend only on tokens, and the batches are a pure function of (seed, step)
+(`trainer.data`), so the rows of steps t+1 .. t+D (D = `depth`) can be looked up while step t
+computes: `RowPrefetcher.ahead(t)` hashes those batches and starts their lookups on the row
+source's background threads (`EngramRows.issue` -> `lookup_async`); nothing waits for them
+until the step that needs them.
+
+Staleness and the patch. A lookup issued for step s before update u (the push of step u < s)
+was acknowledged may have read rows from before u. Sync mode must give exactly the parameters
+of training without prefetch, so before step s consumes its prefetched rows they are brought up
+to date:
+
+- Per Engram layer, the prefetcher keeps a queue of issued steps: the step, its input ids,
+  its hash ids (B, T, H), one Future per table (`{table: Future}`), and `acked`, the number of
+  updates acknowledged when the lookups were issued.
+- Every acknowledged update is recorded (`acknowledge(step, hashes)`) as the unique keys it touched,
+  per layer and table; the last max(D, 1) are kept. An issued step waits for at most D later
+  updates (it is issued during step s - D, before that step's push).
+- `take(s, x)`: for every update u acknowledged after the prefetch was issued, the keys of
+  step s that u touched are stale: per table, stale = unique(keys of s) ∩ union(keys of those
+  u) (np.unique / np.intersect1d on unique keys, vectorised). Those keys only are re-read, one
+  lookup per table (all tables' lookups in flight at once), after every such update has been
+  acknowledged, so they read the current values; the prefetched rows are copied into a fresh
+  writable tensor and the re-read rows written at the positions holding a stale key
+  (np.isin + searchsorted). Keys no update touched since the issue are unchanged in the store,
+  so the result equals a fresh lookup, bit for bit, whether the prefetch ran before, after or
+  concurrently with the updates (a torn read across shards only affects touched keys).
+- This relies on the store's optimizer touching only the updated rows (memstore.optim: sparse
+  Adam, decoupled weight decay on the updated rows only) and on this trainer being the only
+  writer. Several data-parallel writers would have to record each other's keys too (their
+  batches are just as deterministic).
+
+Accounting: `wait_s` counts only the time blocked on rows (Future.result of the lookups and
+the patch re-reads), not hashing or concatenation; `rows_fetched` counts unique keys per table
+and step looked up, `rows_reread` the unique keys re-read by the patch. With Zipfian N-grams
+the overlap of consecutive steps is large, so the re-read share is substantial; the re-read is
+still only the stale keys and it is one round trip per table, not one per step ahead.
+
+depth 0 turns prefetch off: `take` issues the step's lookups itself and waits for them.
+
+Public API: RowPrefetcher(rows, mapping, depth, batch_fn=None, limit=None);
+take(step, input_ids) -> (hashes {layer: (B,T,H)}, rows {layer: {table: (B,T,d) tensor}});
+ahead(step); acknowledge(step, hashes); close(); stats() -> dict; events (issue/ack/take log).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping
+
+import numpy as np
+import torch
+
+
+@dataclass
+class _Issued:
+    step: int
+    input_ids: torch.Tensor  # (B, T)
+    hashes: dict[int, np.ndarray]  # layer -> (B, T, H) int64
+    futures: dict[int, dict[str, Future]]  # layer -> {table: Future of (B, T, d)}
+    acked: int  # updates acknowledged when the lookups were issued
+
+
+class RowPrefetcher:
+    """Looks up the rows of the next `depth` steps ahead and patches them exactly (module doc).
+
+    rows: {layer: EngramRows}; mapping: the NgramHashMapping; batch_fn(step) -> input ids
+    (B, T) of that training step (needed for depth > 0); limit: the first step not to prefetch
+    (the end of the run)."""
+
+    def __init__(self, rows: Mapping[int, Any], mapping: Any, depth: int = 1,
+                 batch_fn: Callable[[int], torch.Tensor] | None = None, limit: int | None = None) -> None:
+        if depth < 0:
+            raise ValueError(f"prefetch depth must be >= 0, got {depth}")
+        self.rows = dict(rows)
+        self.mapping = mapping
+        self.depth = int(depth)
+        self.batch_fn = batch_fn
+        self.limit = limit
+        self.acked = 0  # updates acknowledged so far
+        self._history: deque[dict[int, list[np.ndarray]]] = deque(maxlen=max(1, self.depth))
+        self._queue: deque[_Issued] = deque()
+        self.events: deque[tuple[str, int]] = deque(maxlen=4096)  # ("issue"|"take"|"ack", step)
+        self.wait_s = 0.0  # lookup_wait_s + patch_wait_s
+        self.patch_wait_s = 0.0
+        self.rows_fetched = 0
+        self.rows_reread = 0
+        self.patched_steps = 0
+
+    # ------------------------------------------------------------------ issuing
+
+    def _issue(self, step: int, input_ids: torch.Tensor) -> _Issued:
+        hashes = {l: np.asarray(h, dtype=np.int64) for l, h in self.mapping.hash(input_ids).items()}
+        futures = {l: r.issue(hashes[l]) for l, r in self.rows.items()}
+        self.events.append(("issue", step))
+        return _Issued(step, input_ids, hashes, futures, self.acked)
+
+    def ahead(self, step: int) -> None:
+        """Starts the lookups of steps step+1 .. step+depth not yet issued (below `limit`)."""
+        if self.depth == 0 or self.batch_fn is None or not self.rows:
+            return
+        last = self._queue[-1].step if self._queue else step
+        for s in range(max(last, step) + 1, step + self.depth + 1):
+            if self.limit is not None and s >= self.limit:
+                break
+            self._queue.append(self._issue(s, self.batch_fn(s)))
+
+    # ------------------------------------------------------------------ consuming
+
+    def take(self, step: int, input_ids: torch.Tensor) -> tuple[dict[int, np.ndarray], dict[int, dict[str, torch.Tensor]]]:
+        """(hash ids, up-to-date rows) of `step`, whose input ids are `input_ids`: its prefetched
+        lookups patched for the updates acknowledged since, or lookups issued now."""
+        while self._queue and self._queue[0].step < step:
+            self._drain(self._queue.popleft())  # skipped steps
+        entry = None
+        if self._queue and self._queue[0].step == step:
+            entry = self._queue.popleft()
+            if not torch.equal(entry.input_ids, input_ids):  # not the stream's batch: start afresh
+                self._drain(entry)
+                self._drop_all()
+                entry = None
+        if entry is None:
+            entry = self._issue(step, input_ids)
+        self.events.append(("take", step))
+        out = {}
+        t0 = time.perf_counter()
+        for l, futs in entry.futures.items():
+            out[l] = {name: f.result() for name, f in futs.items()}
+        self.wait_s += time.perf_counter() - t0
+        self._patch(entry, out)
+        return entry.hashes, out
+
+    def _patch(self, entry: _Issued, rows: dict[int, dict[str, torch.Tensor]]) -> None:
+        missed = self.acked - entry.acked  # updates acknowledged after the issue
+        uniques = {l: [np.unique(entry.hashes[l][..., h]) for h in range(entry.hashes[l].shape[-1])]
+                   for l in entry.hashes}
+        self.rows_fetched += sum(u.size for us in uniques.values() for u in us)
+        if missed <= 0:
+            return
+        if missed > len(self._history):  # cannot happen within this class; stay exact anyway
+            raise RuntimeError(f"step {entry.step}: {missed} updates since its prefetch, "
+                               f"{len(self._history)} remembered")
+        updates = list(self._history)[-missed:]
+        pending = {}
+        for l, r in self.rows.items():
+            for h, name in enumerate(r.tables):
+                touched = updates[0][l][h] if missed == 1 else np.unique(np.concatenate([u[l][h] for u in updates]))
+                stale = np.intersect1d(uniques[l][h], touched, assume_unique=True)
+                if stale.size:
+                    pending[(l, name)] = (h, stale, r.store.lookup_async(name, stale, as_tensor=True))
+        t0 = time.perf_counter()
+        fresh = {k: f.result() for k, (_, _, f) in pending.items()}
+        self.wait_s += time.perf_counter() - t0
+        self.patch_wait_s += time.perf_counter() - t0
+        for (l, name), (h, stale, _) in pending.items():
+            keys = entry.hashes[l][..., h].reshape(-1)  # (B*T,)
+            pos = np.flatnonzero(np.isin(keys, stale, assume_unique=False))
+            idx = np.searchsorted(stale, keys[pos])
+            old = rows[l][name]
+            patched = old.clone().contiguous()  # a fresh writable tensor
+            patched.view(-1, old.shape[-1])[torch.from_numpy(pos)] = fresh[(l, name)][torch.from_numpy(idx)].to(old.dtype)
+            rows[l][name] = patched
+            self.rows_reread += stale.size
+        self.patched_steps += 1
+
+    def acknowledge(self, step: int, hashes: Mapping[int, np.ndarray]) -> None:
+        """Records that `step`'s update (its rows' keys `hashes`) has been applied by the store."""
+        self._history.append({l: [np.unique(np.asarray(h)[..., i]) for i in range(np.asarray(h).shape[-1])]
+                              for l, h in hashes.items()})
+        self.acked += 1
+        self.events.append(("ack", step))
+
+    # ------------------------------------------------------------------ the rest
+
+    @staticmethod
+    def _drain(entry: _Issued) -> None:
+        for futs in entry.futures.values():
+            for f in futs.values():
+                try:
+                    f.result()
+                except Exception:  # noqa: BLE001 - a discarded prefetch's error matters to no one
+                    pass
+
+    def _drop_all(self) -> None:
+        while self._queue:
+            self._drain(self._queue.popleft())
+
+    def close(self) -> None:
+        """Waits out the lookups still in flight (before the store closes)."""
+        self._drop_all()
+
+    def stats(self) -> dict:
+        return {"prefetch_depth": self.depth, "row_wait_s": self.wait_s, "patch_wait_s": self.patch_wait_s, "rows_fetched": self.rows_fetched,
+                "rows_reread": self.rows_reread,
+                "reread_share": self.rows_reread / self.rows_fetched if self.rows_fetched else 0.0,
+                "patched_steps": self.patched_steps}
