@@ -29,3 +29,9 @@ class ByteProgress:
         if self.drawn:
             self.stream.write("\n")
             self.stream.flush()
+
+    def __enter__(self) -> "ByteProgress":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

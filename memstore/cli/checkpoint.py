@@ -18,11 +18,8 @@ def run(args: argparse.Namespace) -> int:
     from memstore.progress import ByteProgress
 
     store.ensure_ray(args.address)
-    progress = ByteProgress(f"checkpoint {args.name}")
-    try:
+    with ByteProgress(f"checkpoint {args.name}") as progress:
         facts = store.checkpoint(args.name, args.directory, progress=progress)
-    finally:
-        progress.close()
     print(f"checkpoint {facts['version']} of store {args.name!r}: {facts['path']}")
     print(f"  {facts['bytes'] / 2**20:,.1f} MiB; writes held for {facts['frozen_s'] * 1e3:.0f} ms; "
           f"{facts['seconds']:.2f} s in all; {facts['completed_in_cut']} calls completed inside the cut")

@@ -18,11 +18,8 @@ def run(args: argparse.Namespace) -> int:
     from memstore.progress import ByteProgress
 
     store.ensure_ray(args.address)
-    progress = ByteProgress(f"restore {args.name}")
-    try:
+    with ByteProgress(f"restore {args.name}") as progress:
         facts = store.restore(args.name, args.directory, progress=progress)
-    finally:
-        progress.close()
     print(f"restored {facts['tables']} tables from {facts['path']} ({facts['from_shards']} shards) "
           f"into store {args.name!r} in {facts['seconds']:.2f} s")
     return 0
