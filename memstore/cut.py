@@ -16,13 +16,19 @@ Plain Python: no gRPC, no Ray; the engine calls `write()` around every write.
 
 from __future__ import annotations
 
+import logging
 import threading
+import time
 from collections import OrderedDict
 from contextlib import contextmanager
 from typing import Iterator
 
 # Groups a shard remembers between cuts: enough for every call that can be in flight.
 REMEMBERED_GROUPS = 1 << 16
+# How long a freeze may last unended: far above a cut's copy of a shard's tables.
+FREEZE_LEASE_S = 300.0
+
+log = logging.getLogger("memstore.cut")
 
 
 class WriteGate:
@@ -33,6 +39,7 @@ class WriteGate:
         self._released: set[str] = set()
         self._active = 0  # writes inside write()
         self._groups: OrderedDict[str, list[int]] = OrderedDict()  # group -> [parts, applied here]
+        self._lease_until = 0.0  # a freeze nobody ends (its coordinator died) lapses then
 
     @contextmanager
     def write(self, group: str, parts: int) -> Iterator[None]:
@@ -40,7 +47,14 @@ class WriteGate:
         whether it applied (a duplicate retry does not count) through the yielded list."""
         with self._cond:
             while self._frozen and group not in self._released:
-                self._cond.wait()
+                left = self._lease_until - time.monotonic()
+                if left <= 0:
+                    log.warning("a cut's freeze lapsed after its lease without being ended; writes resume")
+                    self._frozen = False
+                    self._released.clear()
+                    self._cond.notify_all()
+                    break
+                self._cond.wait(timeout=left)
             self._active += 1
         applied = [False]
         try:
@@ -55,10 +69,13 @@ class WriteGate:
                         self._groups.popitem(last=False)
                 self._cond.notify_all()
 
-    def freeze(self, timeout_s: float = 60.0) -> dict[str, tuple[int, int]]:
-        """Holds back new writes, waits for running ones, returns {group: (parts, applied)}."""
+    def freeze(self, timeout_s: float = 60.0, lease_s: float = FREEZE_LEASE_S) -> dict[str, tuple[int, int]]:
+        """Holds back new writes, waits for running ones, returns {group: (parts, applied)}.
+        Unless unfrozen first, the freeze lapses after lease_s (a cut whose coordinator died
+        must not stop the shard's writes for good; the cut itself then fails its checks)."""
         with self._cond:
             self._frozen = True
+            self._lease_until = time.monotonic() + lease_s
             self._released.clear()
             if not self._cond.wait_for(lambda: self._active == 0, timeout=timeout_s):
                 self._frozen = False

@@ -152,3 +152,12 @@ def test_a_failed_log_append_changes_nothing():
     after = engine.table("t").snapshot()
     assert after[0] == before[0] and np.array_equal(after[1], before[1])
     assert "g:1" not in engine.table("t").applied_ids
+
+
+def test_a_freeze_nobody_ends_lapses_after_its_lease():
+    gate = WriteGate()
+    gate.freeze(lease_s=0.3)
+    t0 = time.monotonic()
+    with gate.write("g", 1) as applied:  # waits out the lease, then passes
+        applied[0] = True
+    assert 0.25 < time.monotonic() - t0 < 5 and not gate.frozen
