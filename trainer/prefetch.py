@@ -33,9 +33,10 @@ to date:
 
 Accounting: `wait_s` counts only the time blocked on rows (Future.result of the lookups and
 the patch re-reads), not hashing or concatenation; `rows_fetched` counts unique keys per table
-and step looked up, `rows_reread` the unique keys re-read by the patch. With Zipfian N-grams
-the overlap of consecutive steps is large, so the re-read share is substantial; the re-read is
-still only the stale keys and it is one round trip per table, not one per step ahead.
+and step looked up, `rows_reread` the unique keys re-read by the patch. Measured at the default
+sizes (8 x 128 tokens, ~50k rows per head): 6.8 % of fetched rows re-read at depth 1, 11.5 %
+at depth 2. The re-read is one small lookup per table, so it is latency-bound: on real shards
+it costs about what the prefetch saved (the next step: let the update's reply carry them).
 
 depth 0 turns prefetch off: `take` issues the step's lookups itself and waits for them.
 
