@@ -14,18 +14,17 @@ to date:
 - Per Engram layer, the prefetcher keeps a queue of issued steps: the step, its input ids,
   its hash ids (B, T, H), one Future per table (`{table: Future}`), and `acked`, the number of
   updates acknowledged when the lookups were issued.
-- Every acknowledged update is recorded (`acknowledge(step, hashes)`) as the unique keys it touched,
-  per layer and table; the last max(D, 1) are kept. An issued step waits for at most D later
-  updates (it is issued during step s - D, before that step's push).
-- `take(s, x)`: for every update u acknowledged after the prefetch was issued, the keys of
-  step s that u touched are stale: per table, stale = unique(keys of s) ∩ union(keys of those
-  u) (np.unique / np.intersect1d on unique keys, vectorised). Those keys only are re-read, one
-  lookup per table (all tables' lookups in flight at once), after every such update has been
-  acknowledged, so they read the current values; the prefetched rows are copied into a fresh
-  writable tensor and the re-read rows written at the positions holding a stale key
-  (np.isin + searchsorted). Keys no update touched since the issue are unchanged in the store,
-  so the result equals a fresh lookup, bit for bit, whether the prefetch ran before, after or
-  concurrently with the updates (a torn read across shards only affects touched keys).
+- When an update is acknowledged (`acknowledge(step, hashes)`), for every step already issued
+  and not yet taken, the keys of that step the update touched are stale: per table,
+  stale = unique(keys of the step) ∩ unique(keys of the update) (np.intersect1d, vectorised),
+  and their re-read starts at once (one lookup_async per table), after the update was applied,
+  so it reads current values while the trainer finishes its step.
+- `take(s, x)` waits for the step's lookups and its re-reads, copies the prefetched rows into a
+  fresh writable tensor and writes each re-read at the positions holding its keys (np.isin +
+  searchsorted), in acknowledgement order (a later re-read wins). Keys no update touched since
+  the issue are unchanged in the store, so the result equals a fresh lookup, bit for bit,
+  whether the prefetch ran before, after or concurrently with the updates (a torn read across
+  shards only affects touched keys, which are re-read).
 - This relies on the store's optimizer touching only the updated rows (memstore.optim: sparse
   Adam, decoupled weight decay on the updated rows only) and on this trainer being the only
   writer. Several data-parallel writers would have to record each other's keys too (their
@@ -64,6 +63,10 @@ class _Issued:
     hashes: dict[int, np.ndarray]  # layer -> (B, T, H) int64
     futures: dict[int, dict[str, Future]]  # layer -> {table: Future of (B, T, d)}
     acked: int  # updates acknowledged when the lookups were issued
+    uniques: dict[int, list[np.ndarray]]  # layer -> per head, the step's distinct keys
+    # One entry per update acknowledged after the issue, in order: (layer, table) ->
+    # (head, stale keys, Future of their rows read after that update), started at the ack.
+    patches: list[dict[tuple[int, str], tuple[int, np.ndarray, Future]]]
 
 
 class RowPrefetcher:
@@ -83,7 +86,6 @@ class RowPrefetcher:
         self.batch_fn = batch_fn
         self.limit = limit
         self.acked = 0  # updates acknowledged so far
-        self._history: deque[dict[int, list[np.ndarray]]] = deque(maxlen=max(1, self.depth))
         self._queue: deque[_Issued] = deque()
         self.events: deque[tuple[str, int]] = deque(maxlen=4096)  # ("issue"|"take"|"ack", step)
         self.wait_s = 0.0  # lookup_wait_s + patch_wait_s
@@ -97,8 +99,9 @@ class RowPrefetcher:
     def _issue(self, step: int, input_ids: torch.Tensor) -> _Issued:
         hashes = {l: np.asarray(h, dtype=np.int64) for l, h in self.mapping.hash(input_ids).items()}
         futures = {l: r.issue(hashes[l]) for l, r in self.rows.items()}
+        uniques = {l: [np.unique(h[..., i]) for i in range(h.shape[-1])] for l, h in hashes.items()}
         self.events.append(("issue", step))
-        return _Issued(step, input_ids, hashes, futures, self.acked)
+        return _Issued(step, input_ids, hashes, futures, self.acked, uniques, [])
 
     def ahead(self, step: int) -> None:
         """Starts the lookups of steps step+1 .. step+depth not yet issued (below `limit`)."""
@@ -136,42 +139,43 @@ class RowPrefetcher:
         return entry.hashes, out
 
     def _patch(self, entry: _Issued, rows: dict[int, dict[str, torch.Tensor]]) -> None:
-        missed = self.acked - entry.acked  # updates acknowledged after the issue
-        uniques = {l: [np.unique(entry.hashes[l][..., h]) for h in range(entry.hashes[l].shape[-1])]
-                   for l in entry.hashes}
-        self.rows_fetched += sum(u.size for us in uniques.values() for u in us)
-        if missed <= 0:
+        """Writes the re-read rows of every update acknowledged since the issue into fresh
+        copies of the prefetched rows, in acknowledgement order (a later re-read wins)."""
+        self.rows_fetched += sum(u.size for us in entry.uniques.values() for u in us)
+        if not entry.patches:
             return
-        if missed > len(self._history):  # cannot happen within this class; stay exact anyway
-            raise RuntimeError(f"step {entry.step}: {missed} updates since its prefetch, "
-                               f"{len(self._history)} remembered")
-        updates = list(self._history)[-missed:]
-        pending = {}
-        for l, r in self.rows.items():
-            for h, name in enumerate(r.tables):
-                touched = updates[0][l][h] if missed == 1 else np.unique(np.concatenate([u[l][h] for u in updates]))
-                stale = np.intersect1d(uniques[l][h], touched, assume_unique=True)
-                if stale.size:
-                    pending[(l, name)] = (h, stale, r.store.lookup_async(name, stale, as_tensor=True))
         t0 = time.perf_counter()
-        fresh = {k: f.result() for k, (_, _, f) in pending.items()}
+        fresh = [{k: f.result() for k, (_, _, f) in patch.items()} for patch in entry.patches]
         self.wait_s += time.perf_counter() - t0
         self.patch_wait_s += time.perf_counter() - t0
-        for (l, name), (h, stale, _) in pending.items():
-            keys = entry.hashes[l][..., h].reshape(-1)  # (B*T,)
-            pos = np.flatnonzero(np.isin(keys, stale, assume_unique=False))
-            idx = np.searchsorted(stale, keys[pos])
-            old = rows[l][name]
-            patched = old.clone().contiguous()  # a fresh writable tensor
-            patched.view(-1, old.shape[-1])[torch.from_numpy(pos)] = fresh[(l, name)][torch.from_numpy(idx)].to(old.dtype)
-            rows[l][name] = patched
-            self.rows_reread += stale.size
+        copied = set()
+        for patch, values in zip(entry.patches, fresh):
+            for (l, name), (h, stale, _) in patch.items():
+                keys = entry.hashes[l][..., h].reshape(-1)  # (B*T,)
+                pos = np.flatnonzero(np.isin(keys, stale))
+                idx = np.searchsorted(stale, keys[pos])
+                if (l, name) not in copied:
+                    rows[l][name] = rows[l][name].clone().contiguous()  # a fresh writable tensor
+                    copied.add((l, name))
+                out = rows[l][name]
+                out.view(-1, out.shape[-1])[torch.from_numpy(pos)] = values[(l, name)][torch.from_numpy(idx)].to(out.dtype)
+                self.rows_reread += stale.size
         self.patched_steps += 1
 
     def acknowledge(self, step: int, hashes: Mapping[int, np.ndarray]) -> None:
-        """Records that `step`'s update (its rows' keys `hashes`) has been applied by the store."""
-        self._history.append({l: [np.unique(np.asarray(h)[..., i]) for i in range(np.asarray(h).shape[-1])]
-                              for l, h in hashes.items()})
+        """Records that `step`'s update (its rows' keys `hashes`) has been applied by the store,
+        and at once starts re-reading, for every step already prefetched, the keys it touched
+        (so the re-reads overlap the rest of this step instead of delaying the next one)."""
+        touched = {l: [np.unique(np.asarray(h)[..., i]) for i in range(np.asarray(h).shape[-1])]
+                   for l, h in hashes.items()}
+        for entry in self._queue:
+            patch = {}
+            for l, r in self.rows.items():
+                for h, name in enumerate(r.tables):
+                    stale = np.intersect1d(entry.uniques[l][h], touched[l][h], assume_unique=True)
+                    if stale.size:
+                        patch[(l, name)] = (h, stale, r.store.lookup_async(name, stale, as_tensor=True))
+            entry.patches.append(patch)
         self.acked += 1
         self.events.append(("ack", step))
 
