@@ -94,6 +94,8 @@ def plan_keys(flat_keys: np.ndarray, spec: TableSpec, num_shards: int) -> KeyPla
     busy (OpenMP threads spinning against the trainer's); numpy's runs on the calling thread.
     """
     check_key_range(flat_keys, spec)
+    # A plain sort (0.3 ms for 65k keys) tells distinct batches apart, which then skip
+    # np.unique's inverse; batches with repeats pay for both sorts.
     ordered = np.sort(flat_keys)
     if not (ordered[1:] == ordered[:-1]).any():  # distinct: keep the batch's own order
         if num_shards == 1:

@@ -96,14 +96,7 @@ def update_record(
     table: str, keys: np.ndarray, grads: torch.Tensor, lr: float, update_id: str = "", version: int | None = None
 ) -> dict:
     """The record of `ShardEngine.update(table, keys, grads, lr, update_id)`; views, no copies."""
-    rec = {
-        "kind": "update", "table": table, "update_id": update_id, "lr": float(lr),
-        "dtype": _dtype_name(grads.dtype), "dim": int(grads.shape[1]),
-        "keys": _bytes_of(np.asarray(keys, dtype="<i8")), "values": _bytes_of(grads),
-    }  # fmt: skip
-    if version is not None:
-        rec["version"] = int(version)
-    return rec
+    return _rows_record("update", table, keys, grads, update_id, version, lr=float(lr))
 
 
 def assign_record(
@@ -115,8 +108,12 @@ def assign_record(
     version: int | None = None,
 ) -> dict:
     """The record of `ShardEngine.assign(table, keys, values, keep_state, update_id)`."""
+    return _rows_record("assign", table, keys, values, update_id, version, keep_state=bool(keep_state))
+
+
+def _rows_record(kind: str, table: str, keys, values: torch.Tensor, update_id: str, version: int | None, **extra) -> dict:
     rec = {
-        "kind": "assign", "table": table, "update_id": update_id, "keep_state": bool(keep_state),
+        "kind": kind, "table": table, "update_id": update_id, **extra,
         "dtype": _dtype_name(values.dtype), "dim": int(values.shape[1]),
         "keys": _bytes_of(np.asarray(keys, dtype="<i8")), "values": _bytes_of(values),
     }  # fmt: skip
