@@ -9,6 +9,7 @@ store's detached coordinator, which places the shard actors on the nodes offerin
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import shutil
 import socket
@@ -31,6 +32,18 @@ CURRENT_CLUSTER_FILE = os.path.join(tempfile.gettempdir(), "ray", "ray_current_c
 # Every Ray head offers this resource: the coordinator lives there, with the GCS it depends on,
 # not on a memory node that may be removed.
 HEAD_NODE_RESOURCE = "node:__internal_head__"
+
+
+class _QuietTokenNotice(logging.Filter):
+    """Drops Ray's notice that token authentication is on (a good state, printed on every
+    connect once ~/.ray/auth_token exists): it broke the CLI's one-line messages. Ray's
+    warning that authentication is *off* still shows."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Token authentication is enabled" not in record.getMessage()
+
+
+logging.getLogger("ray._private.authentication.authentication_token_setup").addFilter(_QuietTokenNotice())
 
 
 def ensure_ray(address: str | None = None, *, start_local: bool = False) -> str | None:

@@ -217,26 +217,64 @@ class MemStoreClient:
         """`lookup` on a background thread; the future's result is its return value."""
         return self._executor().submit(self.lookup, table, keys, as_tensor=as_tensor)
 
-    def update(self, table: str, keys: Any, grads: Any, lr: float) -> int:
+    def update(self, table: str, keys: Any, grads: Any, lr: float, *, update_id: str | None = None) -> int:
         """Applies the table's optimizer with learning rate `lr` to the rows of `keys`.
 
         grads: shape keys.shape + (dim,); the gradients of repeated keys are summed. All or
         nothing: a bad key or value rejects the whole update before anything is sent. Returns
-        the number of rows updated.
+        the number of rows updated. update_id: the same id names the same update to every
+        shard, which applies it once however often it is sent (data-parallel workers each
+        send the step's summed update; the first to arrive applies it); None: a fresh id.
         """
+        return self._update(table, keys, grads, lr, update_id, None)[0]
+
+    def update_async(self, table: str, keys: Any, grads: Any, lr: float, *, update_id: str | None = None) -> Future:
+        return self._executor().submit(self.update, table, keys, grads, lr, update_id=update_id)
+
+    def update_read(self, table: str, keys: Any, grads: Any, lr: float, watch: Any, *,
+                    update_id: str | None = None) -> tuple[np.ndarray, torch.Tensor]:
+        """`update`, returning the rows this update changed among the keys `watch`, as each
+        shard holds them right after applying it: (sorted int64 keys [F], wire-dtype rows
+        [F, dim]) for F = |distinct watch keys ∩ distinct update keys|. A prefetching trainer
+        watches the keys it has already read for later steps, so the update's reply refreshes
+        them without a second round trip."""
+        _, fresh_keys, fresh_rows = self._update(table, keys, grads, lr, update_id, np.unique(as_key_array(watch)))
+        return fresh_keys, fresh_rows
+
+    def update_read_async(self, table: str, keys: Any, grads: Any, lr: float, watch: Any, *,
+                          update_id: str | None = None) -> Future:
+        return self._executor().submit(self.update_read, table, keys, grads, lr, watch, update_id=update_id)
+
+    def _update(self, table: str, keys: Any, grads: Any, lr: float, update_id: str | None,
+                watch: np.ndarray | None) -> tuple[int, np.ndarray | None, torch.Tensor | None]:
         if not (np.isfinite(lr) and lr >= 0.0):
             raise InvalidArgument(f"learning rate must be finite and >= 0, got {lr}")
         spec = self.spec(table)
         flat = as_key_array(keys).reshape(-1)
         grads = keyplan.as_value_tensor(grads, len(flat), spec, "gradient")
+        if watch is not None:
+            keyplan.check_key_range(watch, spec)  # a bad watched key is bad input too
         plan = keyplan.plan_keys(flat, spec, self.num_shards)
         summed = plan.to_unique_order(grads).to(spec.wire_torch_dtype)  # (U, dim), repeats summed
         header = pb.UpdateRequest(table=table, dim=spec.dim, dtype=wire.DTYPE_TO_PB[spec.wire_dtype], lr=lr)
-        self._fan_out("Update", self._value_frames(plan, summed, header))
-        return len(plan.unique)
-
-    def update_async(self, table: str, keys: Any, grads: Any, lr: float) -> Future:
-        return self._executor().submit(self.update, table, keys, grads, lr)
+        # Each part reads back the watched keys it updates (sorted: intersect1d), so every
+        # watched key that changed comes back exactly once, from the part that changed it.
+        read = None if watch is None else (lambda chunk: np.intersect1d(chunk, watch))
+        frames, reads = self._value_frames(plan, summed, header, update_id, read)
+        replies = self._fan_out("Update", frames)
+        if watch is None:
+            return len(plan.unique), None, None
+        rows = []
+        for (_, frame), reply, want in zip(frames, replies, reads):
+            head, payload = wire.decode_frame(reply, pb.UpdateResponse)
+            if head.num_rows != len(want):
+                raise MemStoreError(f"Update of {table!r}: a shard returned {head.num_rows} read-back rows, asked {len(want)}")
+            if len(want):
+                rows.append(wire.rows_from_buffer(payload, head.num_rows, head.dim, wire.dtype_name(head.dtype, "update reply")))
+        fresh = np.concatenate(reads) if reads else np.empty(0, np.int64)
+        values = torch.cat(rows) if rows else torch.empty(0, spec.dim, dtype=spec.wire_torch_dtype)
+        order = np.argsort(fresh, kind="stable")
+        return len(plan.unique), fresh[order], values[torch.from_numpy(order)]
 
     def assign(self, table: str, keys: Any, rows: Any, *, keep_optimizer_state: bool = False) -> int:
         """Writes rows verbatim (cast to the storage dtype); repeated keys are an error. The
@@ -249,7 +287,7 @@ class MemStoreClient:
         ordered = plan.to_unique_order(values).to(spec.torch_dtype)  # (U, dim)
         header = pb.AssignRequest(table=table, dim=spec.dim, dtype=wire.DTYPE_TO_PB[spec.dtype],
                                   keep_optimizer_state=keep_optimizer_state)
-        self._fan_out("Assign", self._value_frames(plan, ordered, header))
+        self._fan_out("Assign", self._value_frames(plan, ordered, header)[0])
         return len(plan.unique)
 
     # ---- helpers --------------------------------------------------------------------------
@@ -261,11 +299,14 @@ class MemStoreClient:
         per = max(1, self.config.max_request_bytes // row_bytes)
         return [keys[i : i + per] for i in range(0, len(keys), per)]
 
-    def _value_frames(self, plan, values: torch.Tensor, header) -> list[tuple[int, bytes]]:
-        """Frames of keys || values per shard and chunk for one call: all parts share a group
-        id (the unit a cut keeps whole), and each part has its own update id (the unit a
-        shard applies at most once)."""
-        group = f"{self._client_id}:{next(self._seq)}"
+    def _value_frames(self, plan, values: torch.Tensor, header, update_id: str | None = None,
+                      read=None) -> tuple[list[tuple[int, bytes]], list[np.ndarray]]:
+        """Frames of keys || values (|| read keys) per shard and chunk for one call, and each
+        frame's read keys (read(chunk keys), or none). All parts share a group id (the unit a
+        cut keeps whole), and each part has its own update id (the unit a shard applies at most
+        once), derived from `update_id` when given: the same call made twice with the same id
+        is split the same way, so its parts carry the same ids."""
+        group = update_id if update_id is not None else f"{self._client_id}:{next(self._seq)}"
         row_bytes = values.shape[1] * values.element_size()
         parts = []  # (shard, chunk number, first row, keys)
         for shard in range(self.num_shards):
@@ -273,15 +314,20 @@ class MemStoreClient:
             for j, chunk in enumerate(self._chunks(plan.shard_keys(shard), row_bytes)):
                 parts.append((shard, j, lo, chunk))
                 lo += len(chunk)
-        frames = []
+        frames, reads = [], []
         for shard, j, lo, chunk in parts:
             header.route.CopyFrom(self._route(shard))
             header.num_keys = len(chunk)
             header.update_id = f"{group}:{shard}:{j}"
             header.group = group
             header.parts = len(parts)
-            frames.append((shard, wire.encode_frame(header, chunk, wire.tensor_bytes(values[lo : lo + len(chunk)]))))
-        return frames
+            tail = ()
+            if read is not None:
+                reads.append(read(chunk).astype("<i8", copy=False))
+                header.num_read_keys = len(reads[-1])
+                tail = (reads[-1],)
+            frames.append((shard, wire.encode_frame(header, chunk, wire.tensor_bytes(values[lo : lo + len(chunk)]), *tail)))
+        return frames, reads
 
     def _fan_out(self, method: str, requests: list[tuple[int, Any]], on_reply=None) -> list[Any]:
         """Sends every (shard, request) at once; retries those that find their shard

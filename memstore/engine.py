@@ -135,18 +135,28 @@ class ShardEngine:
 
     def update(
         self, name: str, keys: np.ndarray, grads: torch.Tensor, lr: float, update_id: str = "",
-        group: str = "", parts: int = 0,
-    ) -> tuple[int, bool]:
-        """Applies one sparse update; returns (version, duplicate). All checks run first."""
+        group: str = "", parts: int = 0, read_keys: np.ndarray | None = None,
+    ) -> tuple[int, bool, torch.Tensor | None]:
+        """Applies one sparse update; returns (version, duplicate, rows of `read_keys`).
+
+        The rows of read_keys (any valid keys of this shard, typically a subset of `keys`) are
+        read, in the wire dtype, after the update and before any later write to the table; for
+        a duplicate id they are read at once. None without read_keys. All checks run first."""
         table = self.table(name)
         self._check_values(table, keys, grads, "gradient")
         if not (np.isfinite(lr) and lr >= 0.0):
             raise InvalidArgument(f"learning rate must be finite and >= 0, got {lr}")
         local = self.local_index(table, keys, unique=True)
+        read = None
+        if read_keys is not None:
+            read_local = self.local_index(table, read_keys, unique=False)
+            spec = table.spec
+            read = lambda: table.gather(  # noqa: E731
+                read_local, lambda version: torch.empty(len(read_local), spec.dim, dtype=spec.wire_torch_dtype))
         grads32 = grads.float()
         return self._write(
             table, update_id, group, parts, lambda: table.apply(local, grads32, lr),
-            lambda version: wal.update_record(name, keys, grads, lr, update_id, version),
+            lambda version: wal.update_record(name, keys, grads, lr, update_id, version), read,
         )
 
     def assign(
@@ -157,10 +167,11 @@ class ShardEngine:
         table = self.table(name)
         self._check_values(table, keys, values, "row")
         local = self.local_index(table, keys, unique=True)
-        return self._write(
+        version, dup, _ = self._write(
             table, update_id, group, parts, lambda: table.assign(local, values, keep_state),
             lambda version: wal.assign_record(name, keys, values, keep_state, update_id, version),
         )
+        return version, dup
 
     @staticmethod
     def _check_values(table: ShardTable, keys: np.ndarray, values: torch.Tensor, what: str) -> None:
@@ -176,13 +187,16 @@ class ShardEngine:
                 f"{what} of key {int(keys[row])} for table {table.spec.name!r} holds NaN or Inf"
             )
 
-    def _write(self, table: ShardTable, update_id: str, group: str, parts: int, apply, record) -> tuple[int, bool]:
+    def _write(self, table: ShardTable, update_id: str, group: str, parts: int, apply, record,
+               read=None) -> tuple[int, bool, torch.Tensor | None]:
         """Runs `apply` at most once per update id, through the write gate (a cut may hold it
-        back), logging it first. Under the table's ids_lock: the id check, the journal append,
-        the apply and the id record — two concurrent retries cannot both apply, a write is
-        durable before it changes memory (a failed append changes nothing), and the journal
-        holds a table's writes in the order they apply. A table replaced while the write
-        waited at the gate (a restore) makes it UNAVAILABLE: the client retries on the new one."""
+        back), logging it first, then `read` (the rows a caller wants back). Under the table's
+        ids_lock: the id check, the journal append, the apply, the id record and the read —
+        two concurrent retries cannot both apply, a write is durable before it changes memory
+        (a failed append changes nothing), the journal holds a table's writes in the order
+        they apply, and the read sees this write and no later one. A table replaced while the
+        write waited at the gate (a restore) makes it UNAVAILABLE: the client retries on the
+        new one."""
         with self.gate.write(group, parts) as applied, table.ids_lock:
             with self._lock:
                 current = self._tables.get(table.spec.name)
@@ -190,7 +204,7 @@ class ShardEngine:
                 raise Unavailable(f"table {table.spec.name!r} was replaced or dropped during the write; retry")
             version = table.applied_ids.get(update_id) if update_id else None
             if version is not None:
-                return version, True
+                return version, True, read() if read is not None else None
             if self.journal is not None:
                 self.journal(record(table.version + 1))  # apply() moves the version by one
             version = apply()
@@ -199,4 +213,4 @@ class ShardEngine:
                 while len(table.applied_ids) > REMEMBERED_UPDATE_IDS:
                     table.applied_ids.popitem(last=False)
             applied[0] = True
-            return version, False
+            return version, False, read() if read is not None else None

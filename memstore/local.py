@@ -54,20 +54,36 @@ class InProcessStore:
     def lookup_async(self, table: str, keys: Any, *, as_tensor: bool = False) -> Future:
         return self._executor().submit(self.lookup, table, keys, as_tensor=as_tensor)
 
-    def update(self, table: str, keys: Any, grads: Any, lr: float) -> int:
+    def update(self, table: str, keys: Any, grads: Any, lr: float, *, update_id: str | None = None) -> int:
+        return self._update(table, keys, grads, lr, update_id, None)[0]
+
+    def update_async(self, table: str, keys: Any, grads: Any, lr: float, *, update_id: str | None = None) -> Future:
+        return self._executor().submit(self.update, table, keys, grads, lr, update_id=update_id)
+
+    def update_read(self, table: str, keys: Any, grads: Any, lr: float, watch: Any, *,
+                    update_id: str | None = None) -> tuple[np.ndarray, torch.Tensor]:
+        """As `MemStoreClient.update_read`: the changed rows among `watch`, right after the update."""
+        _, fresh, rows = self._update(table, keys, grads, lr, update_id, np.unique(as_key_array(watch)))
+        return fresh, rows
+
+    def update_read_async(self, table: str, keys: Any, grads: Any, lr: float, watch: Any, *,
+                          update_id: str | None = None) -> Future:
+        return self._executor().submit(self.update_read, table, keys, grads, lr, watch, update_id=update_id)
+
+    def _update(self, table: str, keys: Any, grads: Any, lr: float, update_id: str | None, watch: np.ndarray | None):
         if not (np.isfinite(lr) and lr >= 0.0):
             raise InvalidArgument(f"learning rate must be finite and >= 0, got {lr}")
         spec = self.spec(table)
         flat = as_key_array(keys).reshape(-1)
         grads = keyplan.as_value_tensor(grads, len(flat), spec, "gradient")
+        if watch is not None:
+            keyplan.check_key_range(watch, spec)  # a bad watched key is bad input too
         plan = keyplan.plan_keys(flat, spec, 1)
         # The same rounding as on the wire, so both stores apply identical gradients.
         summed = plan.to_unique_order(grads).to(spec.wire_torch_dtype)
-        self.engine.update(table, plan.unique, summed, lr)
-        return len(plan.unique)
-
-    def update_async(self, table: str, keys: Any, grads: Any, lr: float) -> Future:
-        return self._executor().submit(self.update, table, keys, grads, lr)
+        fresh = None if watch is None else np.intersect1d(plan.unique, watch)
+        _, _, rows = self.engine.update(table, plan.unique, summed, lr, update_id or "", read_keys=fresh)
+        return len(plan.unique), fresh, rows
 
     def assign(self, table: str, keys: Any, rows: Any, *, keep_optimizer_state: bool = False) -> int:
         spec = self.spec(table)

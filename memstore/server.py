@@ -139,9 +139,22 @@ class MemStoreServicer:
         header, payload = wire.decode_frame(frame, pb.UpdateRequest)
         self._route(header.route)
         spec = self.engine.table(header.table).spec
-        keys, grads = self._values(header, payload, spec.wire_dtype, "gradient")
-        version, dup = self.engine.update(header.table, keys, grads, header.lr, header.update_id, header.group, header.parts)
-        out = wire.encode_frame(pb.UpdateResponse(version=version, duplicate=dup))
+        if header.num_read_keys < 0:
+            raise InvalidArgument(f"negative num_read_keys in header: {header.num_read_keys}")
+        read_bytes = header.num_read_keys * 8
+        if read_bytes > len(payload):
+            raise InvalidArgument(f"update payload is {len(payload)} bytes, too short for its {header.num_read_keys} read keys")
+        cut = len(payload) - read_bytes
+        keys, grads = self._values(header, payload[:cut], spec.wire_dtype, "gradient")
+        read_keys = wire.keys_from_payload(payload[cut:], header.num_read_keys) if header.num_read_keys else None
+        version, dup, rows = self.engine.update(header.table, keys, grads, header.lr, header.update_id, header.group,
+                                                header.parts, read_keys)
+        head = pb.UpdateResponse(version=version, duplicate=dup)
+        if rows is None:
+            out = wire.encode_frame(head)
+        else:  # read-back rows are the few stale ones of a prefetch: one copy into the frame is cheap
+            head.num_rows, head.dim, head.dtype = len(rows), spec.dim, wire.DTYPE_TO_PB[spec.wire_dtype]
+            out = wire.encode_frame(head, wire.tensor_bytes(rows))
         self._count("Update", len(keys), len(frame), len(out))
         return out
 

@@ -502,7 +502,7 @@ def _apply(engine: "ShardEngine", rec: dict, stats: ReplayStats) -> None:
                 return
             keys, values = keys[mine], values[torch.from_numpy(mine)]
     if kind == "update":
-        _, dup = engine.update(name, keys, values, rec["lr"], rec.get("update_id", ""))
+        _, dup, _ = engine.update(name, keys, values, rec["lr"], rec.get("update_id", ""))
     else:
         _, dup = engine.assign(name, keys, values, rec["keep_state"], rec.get("update_id", ""))
     if dup:

@@ -145,12 +145,12 @@ def test_update_ids_survive_restore(saved, num_shards):
         for e in restored:
             part = mine & (keys % num_shards == e.shard_index)
             if part.any():
-                _, dup = e.update("adam.f32", keys[part], grads[torch.from_numpy(part)], 0.05, f"s0.0:{old_shard}")
+                _, dup, _ = e.update("adam.f32", keys[part], grads[torch.from_numpy(part)], 0.05, f"s0.0:{old_shard}")
                 assert dup, f"update s0.0:{old_shard} was applied again on shard {e.shard_index}"
     after = global_table(restored, "adam.f32")
     for key in before:
         np.testing.assert_array_equal(before[key], after[key])
-    _, dup = restored[0].update("adam.f32", keys[keys % num_shards == 0][:1], grads[:1], 0.05, "fresh")
+    _, dup, _ = restored[0].update("adam.f32", keys[keys % num_shards == 0][:1], grads[:1], 0.05, "fresh")
     assert not dup
 
 

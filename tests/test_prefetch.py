@@ -29,7 +29,7 @@ def reference(corpus, tmp_path_factory):  # noqa: F811
     with InProcessStore() as store:
         summary = train(tiny_config(corpus, steps=STEPS, prefetch_depth=0), store, progress=False, checkpoint_dir=out)
         rows = all_rows(store, store.list_tables())
-    assert summary["rows_reread"] == 0 and summary["prefetch_depth"] == 0
+    assert summary["rows_refreshed"] == 0 and summary["prefetch_depth"] == 0
     return summary, out, rows
 
 
@@ -52,7 +52,7 @@ def test_prefetch_in_process_is_bit_identical(corpus, reference, tmp_path, depth
         rows = all_rows(store, store.list_tables())
     _same_as_reference(reference, summary, tmp_path, rows)
     assert summary["prefetch_depth"] == depth
-    assert 0 < summary["rows_reread"] < summary["rows_fetched"]  # the patch ran, on the stale keys only
+    assert 0 < summary["rows_refreshed"] < summary["rows_fetched"]  # the patch ran, on the stale keys only
 
 
 def test_prefetch_on_shard_processes_is_bit_identical(corpus, reference, tmp_path):  # noqa: F811
@@ -61,7 +61,7 @@ def test_prefetch_on_shard_processes_is_bit_identical(corpus, reference, tmp_pat
                         checkpoint_dir=tmp_path)
         rows = all_rows(client, client.list_tables())
     _same_as_reference(reference, summary, tmp_path, rows)
-    assert summary["rows_reread"] > 0
+    assert summary["rows_refreshed"] > 0
 
 
 @pytest.mark.parametrize("depth", [1, 3])
@@ -83,8 +83,9 @@ def test_prefetch_runs_ahead_of_the_push(corpus, depth):  # noqa: F811
 
 def test_patch_brings_stale_prefetched_rows_up_to_date(corpus):  # noqa: F811
     """The stale situation built by hand: rows of step 1 prefetched, then an update over step
-    0's keys acknowledged; the prefetched rows differ from the store's, the patched rows equal a
-    fresh lookup, and only the overlapping keys were re-read."""
+    0's keys sent with the prefetcher's watched keys and acknowledged with its reply; the
+    prefetched rows differ from the store's, the patched rows equal a fresh lookup, and only
+    the overlapping keys came back."""
     with InProcessStore() as store:
         run = build(tiny_config(corpus, steps=STEPS, prefetch_depth=0), store)
         try:
@@ -95,25 +96,29 @@ def test_patch_brings_stale_prefetched_rows_up_to_date(corpus):  # noqa: F811
             stale = {l: {n: f.result().clone() for n, f in futs.items()} for l, futs in entry.futures.items()}
             h0 = {l: np.asarray(h) for l, h in run.mapping.hash(batch(0)).items()}
             h1 = entry.hashes
+            watch = pf.watch()
             gen = torch.Generator().manual_seed(0)
-            overlap = 0
+            overlap, fresh = 0, {}
             for l, r in run.rows.items():
+                fresh[l] = {}
                 for h, name in enumerate(r.tables):
                     keys = h0[l][..., h]
-                    store.update(name, keys, torch.randn(*keys.shape, r.cfg.head_dim, generator=gen), 0.1)
+                    assert np.array_equal(watch[l][name], np.unique(h1[l][..., h]))
+                    fresh[l][name] = store.update_read(name, keys, torch.randn(*keys.shape, r.cfg.head_dim, generator=gen),
+                                                       0.1, watch[l][name])
                     overlap += np.intersect1d(np.unique(keys), np.unique(h1[l][..., h])).size
-            pf.acknowledge(0, h0)
+            pf.acknowledge(0, fresh)
             assert overlap > 0
             hashes, patched = pf.take(1, batch(1))
             changed = False
             for l, r in run.rows.items():
                 assert np.array_equal(hashes[l], h1[l])
                 for h, name in enumerate(r.tables):
-                    fresh = store.lookup(name, h1[l][..., h], as_tensor=True)
-                    changed |= not torch.equal(stale[l][name], fresh)
-                    assert torch.equal(patched[l][name], fresh), name
+                    current = store.lookup(name, h1[l][..., h], as_tensor=True)
+                    changed |= not torch.equal(stale[l][name], current)
+                    assert torch.equal(patched[l][name], current), name
             assert changed, "the update did not make the prefetched rows stale"
-            assert pf.rows_reread == overlap and pf.patched_steps == 1
+            assert pf.rows_refreshed == overlap and pf.patched_steps == 1
             pf.close()
         finally:
             run.close()

@@ -51,7 +51,7 @@ class Server:
             self.engine.create_table(spec)
 
     def update(self, name, keys, grads, lr, uid):
-        version, _ = self.engine.update(name, keys, grads, lr, uid)
+        version, _, _ = self.engine.update(name, keys, grads, lr, uid)
         if self.log is not None:
             self.log.append(wal.update_record(name, keys, grads, lr, uid, version))
 
@@ -239,7 +239,7 @@ def test_checkpoint_plus_wal_recovers_every_acknowledged_write(tmp_path, new_sha
     # A straddler: applied before the cut, its record appended after the rotation.
     keys = np.arange(0, 40, 2)
     straddler = (keys, torch.ones(len(keys), 6), 0.1, "straddle:0")
-    version, _ = servers[0].engine.update("adam", *straddler)
+    version, _, _ = servers[0].engine.update("adam", *straddler)
     freezes = [snapshot.ShardFreeze(s.engine).acquire() for s in servers]
     snapshots = [snapshot.snapshot_shard(s.engine, freeze=f) for s, f in zip(servers, freezes)]
     for i, log in enumerate(logs):

@@ -228,22 +228,39 @@ class EngramRows:
         self._keys, self._leaf = ids, e
         return e
 
-    def push(self, lr: float) -> None:
+    def push(self, lr: float, *, watch: Mapping[str, np.ndarray] | None = None, exchange=None,
+             update_id: str | None = None) -> dict[str, tuple[np.ndarray, torch.Tensor]]:
         """Sends the rows' gradients, one update per table; lr is the backbone's learning
-        rate (the tables get lr * cfg.table_lr_multiplier). Call after backward()."""
+        rate (the tables get lr * cfg.table_lr_multiplier). Call after backward().
+
+        watch: {table: keys} whose rows, where this update changes them, come back in the
+        update's reply (`update_read`); returns {table: (sorted changed keys, rows)} for the
+        watched tables. exchange(keys (B, T, H), grads (B, T, H, d)) -> the same for all
+        data-parallel workers' batches, in rank order (trainer.parallel): every worker then
+        sends that whole update under `update_id` + table, which the store applies once."""
         if self._leaf is None:
             raise RuntimeError(f"Engram layer {self.layer_id}: push() without a fetch()")
         if self._leaf.grad is None:
             raise RuntimeError(f"Engram layer {self.layer_id}: no gradient reached the rows; "
                                f"call backward() on a loss that uses them before push()")
         B, T, H = self._keys.shape
+        keys = self._keys
         grads = self._leaf.grad.detach().to("cpu", torch.float32).view(B, T, H, -1)  # (B, T, H, d)
-        table_lr = float(lr) * self.cfg.table_lr_multiplier
-        futures = [self.store.update_async(name, self._keys[..., h], grads[:, :, h], table_lr)
-                   for h, name in enumerate(self.tables)]
         self._keys = self._leaf = None  # the step is over even if an update fails
-        for f in futures:
-            f.result()  # raises the first store error
+        if exchange is not None:
+            keys, grads = exchange(keys, grads)  # (W*B, T, H), (W*B, T, H, d)
+        table_lr = float(lr) * self.cfg.table_lr_multiplier
+        watch = watch or {}
+        futures = {}
+        for h, name in enumerate(self.tables):
+            uid = None if update_id is None else f"{update_id}/{name}"
+            if name in watch:
+                futures[name] = self.store.update_read_async(name, keys[..., h], grads[:, :, h], table_lr, watch[name],
+                                                             update_id=uid)
+            else:
+                futures[name] = self.store.update_async(name, keys[..., h], grads[:, :, h], table_lr, update_id=uid)
+        results = {name: f.result() for name, f in futures.items()}  # raises the first store error
+        return {name: results[name] for name in watch if name in results}
 
     def discard(self) -> None:
         """Forgets a fetched step without pushing (e.g. a skipped batch)."""

@@ -6,42 +6,46 @@ computes: `RowPrefetcher.ahead(t)` hashes those batches and starts their lookups
 source's background threads (`EngramRows.issue` -> `lookup_async`); nothing waits for them
 until the step that needs them.
 
-Staleness and the patch. A lookup issued for step s before update u (the push of step u < s)
+Staleness and the refresh. A lookup issued for step s before update u (the push of step u < s)
 was acknowledged may have read rows from before u. Sync mode must give exactly the parameters
 of training without prefetch, so before step s consumes its prefetched rows they are brought up
-to date:
+to date, without a second round trip:
 
 - Per Engram layer, the prefetcher keeps a queue of issued steps: the step, its input ids,
-  its hash ids (B, T, H), one Future per table (`{table: Future}`), and `acked`, the number of
-  updates acknowledged when the lookups were issued.
-- When an update is acknowledged (`acknowledge(step, hashes)`), for every step already issued
-  and not yet taken, the keys of that step the update touched are stale: per table,
-  stale = unique(keys of the step) ∩ unique(keys of the update) (np.intersect1d, vectorised),
-  and their re-read starts at once (one lookup_async per table), after the update was applied,
-  so it reads current values while the trainer finishes its step.
-- `take(s, x)` waits for the step's lookups and its re-reads, copies the prefetched rows into a
-  fresh writable tensor and writes each re-read at the positions holding its keys (np.isin +
-  searchsorted), in acknowledgement order (a later re-read wins). Keys no update touched since
+  its hash ids (B, T, H), one Future per table (`{table: Future}`), and each head's distinct
+  keys.
+- Before a step's update is sent, `watch()` names, per table, the distinct keys of every step
+  already issued and not yet taken; the update goes out as `update_read` with those keys, and
+  each shard replies with the rows among them that the update changed, read right after
+  applying it (DESIGN.md section 3: the update reply carries the fresh values).
+- `acknowledge(step, fresh)` takes those replies: for every queued step, its stale keys are
+  its keys among the fresh ones (np.intersect1d, vectorised), and their fresh rows are kept
+  with the step, in acknowledgement order.
+- `take(s, x)` waits for the step's lookups, copies the prefetched rows into a fresh writable
+  tensor and writes each kept fresh row at the positions holding its key (np.isin +
+  searchsorted), in acknowledgement order (a later update wins). Keys no update touched since
   the issue are unchanged in the store, so the result equals a fresh lookup, bit for bit,
   whether the prefetch ran before, after or concurrently with the updates (a torn read across
-  shards only affects touched keys, which are re-read).
+  shards only affects touched keys, which are refreshed).
 - This relies on the store's optimizer touching only the updated rows (memstore.optim: sparse
-  Adam, decoupled weight decay on the updated rows only) and on this trainer being the only
-  writer. Several data-parallel writers would have to record each other's keys too (their
-  batches are just as deterministic).
+  Adam, decoupled weight decay on the updated rows only) and on every update to these tables
+  passing through `acknowledge`: with data-parallel workers each worker sends (and so
+  acknowledges) the step's whole summed update (trainer.parallel).
 
-Accounting: `wait_s` counts only the time blocked on rows (Future.result of the lookups and
-the patch re-reads), not hashing or concatenation; `rows_fetched` counts unique keys per table
-and step looked up, `rows_reread` the unique keys re-read by the patch. Measured at the default
-sizes (8 x 128 tokens, ~50k rows per head): 6.8 % of fetched rows re-read at depth 1, 11.5 %
-at depth 2. The re-read is one small lookup per table, so it is latency-bound: on real shards
-it costs about what the prefetch saved (the next step: let the update's reply carry them).
+Accounting: `wait_s` counts only the time blocked on rows (Future.result of the lookups), not
+hashing or concatenation; `rows_fetched` counts unique keys per table and step looked up,
+`rows_refreshed` the unique keys patched from update replies. Measured at the default sizes
+(8 x 128 tokens, ~50k rows per head): 6.8 % of fetched rows refreshed at depth 1, 11.5 % at
+depth 2; before the replies carried them, these were re-read by a second lookup per table,
+which on real shards cost about what the prefetch saved.
 
-depth 0 turns prefetch off: `take` issues the step's lookups itself and waits for them.
+depth 0 turns prefetch off: `take` issues the step's lookups itself and waits for them, and
+`watch()` is empty.
 
 Public API: RowPrefetcher(rows, mapping, depth, batch_fn=None, limit=None);
 take(step, input_ids) -> (hashes {layer: (B,T,H)}, rows {layer: {table: (B,T,d) tensor}});
-ahead(step); acknowledge(step, hashes); close(); stats() -> dict; events (issue/ack/take log).
+ahead(step); watch() -> {layer: {table: keys}}; acknowledge(step, fresh {layer: {table:
+(keys, rows)}}); close(); stats() -> dict; events (issue/ack/take log).
 """
 
 from __future__ import annotations
@@ -63,10 +67,10 @@ class _Issued:
     hashes: dict[int, np.ndarray]  # layer -> (B, T, H) int64
     futures: dict[int, dict[str, Future]]  # layer -> {table: Future of (B, T, d)}
     acked: int  # updates acknowledged when the lookups were issued
-    uniques: dict[int, list[np.ndarray]]  # layer -> per head, the step's distinct keys
+    uniques: dict[int, list[np.ndarray]]  # layer -> per head, the step's distinct keys (sorted)
     # One entry per update acknowledged after the issue, in order: (layer, table) ->
-    # (head, stale keys, Future of their rows read after that update), started at the ack.
-    patches: list[dict[tuple[int, str], tuple[int, np.ndarray, Future]]]
+    # (head, stale keys (sorted), their rows right after that update).
+    patches: list[dict[tuple[int, str], tuple[int, np.ndarray, torch.Tensor]]]
 
 
 class RowPrefetcher:
@@ -88,10 +92,9 @@ class RowPrefetcher:
         self.acked = 0  # updates acknowledged so far
         self._queue: deque[_Issued] = deque()
         self.events: deque[tuple[str, int]] = deque(maxlen=4096)  # ("issue"|"take"|"ack", step)
-        self.wait_s = 0.0  # lookup_wait_s + patch_wait_s
-        self.patch_wait_s = 0.0
+        self.wait_s = 0.0  # blocked on lookups
         self.rows_fetched = 0
-        self.rows_reread = 0
+        self.rows_refreshed = 0
         self.patched_steps = 0
 
     # ------------------------------------------------------------------ issuing
@@ -139,18 +142,14 @@ class RowPrefetcher:
         return entry.hashes, out
 
     def _patch(self, entry: _Issued, rows: dict[int, dict[str, torch.Tensor]]) -> None:
-        """Writes the re-read rows of every update acknowledged since the issue into fresh
-        copies of the prefetched rows, in acknowledgement order (a later re-read wins)."""
+        """Writes the fresh rows of every update acknowledged since the issue into fresh
+        copies of the prefetched rows, in acknowledgement order (a later update wins)."""
         self.rows_fetched += sum(u.size for us in entry.uniques.values() for u in us)
-        if not entry.patches:
+        if not any(entry.patches):
             return
-        t0 = time.perf_counter()
-        fresh = [{k: f.result() for k, (_, _, f) in patch.items()} for patch in entry.patches]
-        self.wait_s += time.perf_counter() - t0
-        self.patch_wait_s += time.perf_counter() - t0
         copied = set()
-        for patch, values in zip(entry.patches, fresh):
-            for (l, name), (h, stale, _) in patch.items():
+        for patch in entry.patches:
+            for (l, name), (h, stale, values) in patch.items():
                 keys = entry.hashes[l][..., h].reshape(-1)  # (B*T,)
                 pos = np.flatnonzero(np.isin(keys, stale))
                 idx = np.searchsorted(stale, keys[pos])
@@ -158,23 +157,32 @@ class RowPrefetcher:
                     rows[l][name] = rows[l][name].clone().contiguous()  # a fresh writable tensor
                     copied.add((l, name))
                 out = rows[l][name]
-                out.view(-1, out.shape[-1])[torch.from_numpy(pos)] = values[(l, name)][torch.from_numpy(idx)].to(out.dtype)
-                self.rows_reread += stale.size
+                out.view(-1, out.shape[-1])[torch.from_numpy(pos)] = values[torch.from_numpy(idx)].to(out.dtype)
+                self.rows_refreshed += stale.size
         self.patched_steps += 1
 
-    def acknowledge(self, step: int, hashes: Mapping[int, np.ndarray]) -> None:
-        """Records that `step`'s update (its rows' keys `hashes`) has been applied by the store,
-        and at once starts re-reading, for every step already prefetched, the keys it touched
-        (so the re-reads overlap the rest of this step instead of delaying the next one)."""
-        touched = {l: [np.unique(np.asarray(h)[..., i]) for i in range(np.asarray(h).shape[-1])]
-                   for l, h in hashes.items()}
+    def watch(self) -> dict[int, dict[str, np.ndarray]]:
+        """Per layer and table, the distinct keys of the steps issued and not yet taken: the
+        keys whose changed rows the next update's reply must carry."""
+        if not self._queue:
+            return {}
+        return {l: {name: np.unique(np.concatenate([e.uniques[l][h] for e in self._queue]))
+                    for h, name in enumerate(r.tables)} for l, r in self.rows.items()}
+
+    def acknowledge(self, step: int, fresh: Mapping[int, Mapping[str, tuple[np.ndarray, torch.Tensor]]]) -> None:
+        """Records that `step`'s update has been applied by the store, with `fresh`, per layer
+        and table, the (sorted keys, rows) it changed among the watched keys, as read right
+        after it: each queued step keeps the fresh rows of its own keys for `take`."""
         for entry in self._queue:
             patch = {}
             for l, r in self.rows.items():
                 for h, name in enumerate(r.tables):
-                    stale = np.intersect1d(entry.uniques[l][h], touched[l][h], assume_unique=True)
+                    if name not in fresh.get(l, {}):
+                        continue
+                    keys, values = fresh[l][name]
+                    stale = np.intersect1d(entry.uniques[l][h], keys, assume_unique=True)
                     if stale.size:
-                        patch[(l, name)] = (h, stale, r.store.lookup_async(name, stale, as_tensor=True))
+                        patch[(l, name)] = (h, stale, values[torch.from_numpy(np.searchsorted(keys, stale))])
             entry.patches.append(patch)
         self.acked += 1
         self.events.append(("ack", step))
@@ -199,7 +207,7 @@ class RowPrefetcher:
         self._drop_all()
 
     def stats(self) -> dict:
-        return {"prefetch_depth": self.depth, "row_wait_s": self.wait_s, "patch_wait_s": self.patch_wait_s, "rows_fetched": self.rows_fetched,
-                "rows_reread": self.rows_reread,
-                "reread_share": self.rows_reread / self.rows_fetched if self.rows_fetched else 0.0,
+        return {"prefetch_depth": self.depth, "row_wait_s": self.wait_s, "rows_fetched": self.rows_fetched,
+                "rows_refreshed": self.rows_refreshed,
+                "refreshed_share": self.rows_refreshed / self.rows_fetched if self.rows_fetched else 0.0,
                 "patched_steps": self.patched_steps}

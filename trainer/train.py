@@ -53,6 +53,7 @@ from trainer.data import DataConfig, TokenData, load_data, tokenizer_digest
 from trainer.engram import EngramConfig, EngramRows, create_tables
 from trainer.hashing import NgramHashMapping
 from trainer.model import Model, ModelConfig
+from trainer.parallel import DataParallel
 from trainer.prefetch import RowPrefetcher
 
 log = logging.getLogger("trainer.train")
@@ -173,6 +174,11 @@ class Run:
     pusher: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(1, thread_name_prefix="engram-push"))
     prefetch: RowPrefetcher | None = None  # None for the baseline
     push_wait_s: float = 0.0  # seconds blocked on the store's acknowledgement of pushes
+    parallel: DataParallel | None = None  # this worker's place among data-parallel workers
+
+    def local(self, batch: torch.Tensor) -> torch.Tensor:
+        """This worker's slice of a whole batch (all of it without data parallelism)."""
+        return batch if self.parallel is None else self.parallel.local(batch)
 
     def close(self) -> None:
         if self.prefetch is not None:
@@ -180,9 +186,11 @@ class Run:
         self.pusher.shutdown(wait=True)
 
 
-def build(cfg: TrainConfig, store: Any, data: TokenData | None = None) -> Run:
+def build(cfg: TrainConfig, store: Any, data: TokenData | None = None, parallel: DataParallel | None = None) -> Run:
     """Model, AdamW and the Engram tables on `store` (created if missing); the model's init
-    depends on cfg.seed only."""
+    depends on cfg.seed only, so every data-parallel worker starts from the same one."""
+    if parallel is not None and cfg.batch_size % parallel.world:
+        raise ValueError(f"batch_size {cfg.batch_size} does not split over {parallel.world} workers")
     data = data if data is not None else load_data(cfg.data_config())
     model_cfg = cfg.model_config(data.vocab_size, data.pad_id)
     torch.manual_seed(cfg.seed)
@@ -200,11 +208,11 @@ def build(cfg: TrainConfig, store: Any, data: TokenData | None = None) -> Run:
                                    ec.pad_id, ec.seed, data.tokenizer)
         specs = create_tables(store, ec, mapping)
         rows = {l: EngramRows(store, ec, l, device=resolve_device(cfg.device)) for l in ec.layer_ids}
-    prefetch = None
+    run = Run(cfg, data, model, opt, rows, mapping, specs, parallel=parallel)
     if rows:
-        prefetch = RowPrefetcher(rows, mapping, cfg.prefetch_depth, limit=cfg.steps,
-                                 batch_fn=lambda s: data.batch("train", cfg.batch_size, cfg.seq_len, cfg.seed, s)[0])
-    return Run(cfg, data, model, opt, rows, mapping, specs, prefetch=prefetch)
+        run.prefetch = RowPrefetcher(rows, mapping, cfg.prefetch_depth, limit=cfg.steps,
+                                     batch_fn=lambda s: run.local(data.batch("train", cfg.batch_size, cfg.seq_len, cfg.seed, s)[0]))
+    return run
 
 
 def resolve_device(name: str) -> torch.device:
@@ -228,34 +236,39 @@ def _fetch(run: Run, input_ids: torch.Tensor) -> dict[int, torch.Tensor]:
 
 @torch.no_grad()
 def evaluate(run: Run) -> float:
-    """Mean loss over cfg.eval_batches fixed held-out batches; changes no state."""
+    """Mean loss over cfg.eval_batches fixed held-out batches; changes no state. Data-parallel
+    workers each evaluate their slice of every batch and average."""
     cfg = run.cfg
     run.model.eval()
     try:
         losses = []
         for i in range(cfg.eval_batches):
-            x, y = run.data.batch("heldout", cfg.batch_size, cfg.seq_len, cfg.seed, i)
+            x, y = (run.local(t) for t in run.data.batch("heldout", cfg.batch_size, cfg.seq_len, cfg.seed, i))
             rows = _fetch(run, x)
             for r in run.rows.values():
                 r.discard()
             losses.append(run.model.loss(*_on_model_device(run, x, y), rows).item())
-        return float(np.mean(losses))
+        loss = float(np.mean(losses))
+        return loss if run.parallel is None else run.parallel.mean(loss)
     finally:
         run.model.train()
 
 
 def train_step(run: Run, step: int, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
-    """One optimizer step; returns (loss, seconds blocked waiting for rows).
+    """One optimizer step on this worker's batch (x, y); returns (loss, seconds blocked
+    waiting for rows). With data parallelism the loss is the mean over all workers.
 
-    The step's rows come from the prefetcher (looked up during earlier steps, patched for the
-    updates acknowledged since: exact), then the lookups of the next prefetch_depth steps start
-    and run while this step computes. The row gradients travel to the store while the dense
-    parameters step (disjoint state); the step ends only once the store has applied them
-    (sync semantics), which is recorded so later prefetched rows get patched. The time blocked
-    on that acknowledgement adds to run.push_wait_s, not to the returned wait."""
+    The step's rows come from the prefetcher (looked up during earlier steps, refreshed from
+    the replies of the updates acknowledged since: exact), then the lookups of the next
+    prefetch_depth steps start and run while this step computes. The row gradients travel to
+    the store while the dense parameters step (disjoint state), each update's reply carrying
+    the rows it changed among those already prefetched; the step ends only once the store has
+    applied them (sync semantics). The time blocked on that acknowledgement adds to
+    run.push_wait_s, not to the returned wait."""
     lr = lr_at(run.cfg, step)
     for group in run.opt.param_groups:
         group["lr"] = lr
+    dp = run.parallel
     hashes, rows, wait = {}, {}, 0.0
     if run.rows:
         waited = run.prefetch.wait_s
@@ -265,18 +278,20 @@ def train_step(run: Run, step: int, x: torch.Tensor, y: torch.Tensor) -> tuple[f
         rows = {l: r.fetch(hashes[l], prefetched=fetched[l]) for l, r in run.rows.items()}
     loss = run.model.loss(*_on_model_device(run, x, y), rows)
     run.opt.zero_grad(set_to_none=True)
-    loss.backward()
-    pushes = [run.pusher.submit(r.push, lr) for r in run.rows.values()]
+    (loss if dp is None else loss / dp.world).backward()  # W workers' sum: the whole batch's mean
+    watch = run.prefetch.watch() if run.rows else {}
+    push = {} if dp is None else {"exchange": dp.exchange, "update_id": dp.update_id(step)}
+    pushes = {l: run.pusher.submit(r.push, lr, watch=watch.get(l), **push) for l, r in run.rows.items()}
+    loss_value = loss.item() if dp is None else dp.all_reduce_grads(run.model.parameters(), loss.item())
     torch.nn.utils.clip_grad_norm_(run.model.parameters(), run.cfg.grad_clip)
     run.opt.step()
     t0 = time.perf_counter()
-    for p in pushes:
-        p.result()
+    fresh = {l: p.result() for l, p in pushes.items()}
     run.push_wait_s += time.perf_counter() - t0
     if run.rows:
-        run.prefetch.acknowledge(step, hashes)
+        run.prefetch.acknowledge(step, fresh)
     run.model.update_router_biases()
-    return loss.item(), wait
+    return loss_value, wait
 
 
 class _Progress:
@@ -314,27 +329,37 @@ class _Progress:
 
 def train(cfg: TrainConfig, store: Any, *, progress: bool = True, data: TokenData | None = None,
           until_step: int | None = None, resume: Path | str | None = None,
-          checkpoint_dir: Path | str | None = None, store_name: str | None = None) -> dict:
+          checkpoint_dir: Path | str | None = None, store_name: str | None = None,
+          parallel: DataParallel | None = None, progress_stream=None) -> dict:
     """Trains from step 0 (or the `resume` checkpoint's step) to `until_step` (default
     cfg.steps, the schedule's length); saves a checkpoint to `checkpoint_dir` at the end.
 
     store: any row source (None for the baseline, cfg.engram False); store_name: the store's
-    name on Ray, for an exact store checkpoint. Returns a summary: final train and eval loss,
-    tokens/s, wait_share (share of step time blocked waiting for rows: lookups and patch
-    re-reads), push_wait_share (blocked on the store applying the row gradients), steps, and the
-    prefetcher's counts (rows_fetched, rows_reread: unique keys per table and step).
+    name on Ray, for an exact store checkpoint; parallel: this worker's place among
+    data-parallel workers (trainer.parallel; each runs train() with the same arguments, rank 0
+    writes the checkpoint and restores the store's part of one). Returns a summary: final
+    train and eval loss, tokens/s (of all workers), wait_share (share of step time blocked
+    waiting for rows), push_wait_share (blocked on the store applying the row gradients),
+    steps, and the prefetcher's counts (rows_fetched, rows_refreshed: unique keys per table
+    and step). progress_stream: where progress goes (default stdout).
     """
-    run = build(cfg, store, data)
+    run = build(cfg, store, data, parallel)
+    lead = parallel is None or parallel.rank == 0
     try:
         store_ckpt = StoreCheckpoint(store, run.specs, store_name)
-        start = load_checkpoint(resume, run, store_ckpt.restore) if resume is not None else 0
+        restore_store = store_ckpt.restore if lead else (lambda directory, meta: None)
+        start = load_checkpoint(resume, run, restore_store) if resume is not None else 0
+        if parallel is not None:
+            parallel.barrier()  # the store is restored before any worker reads it
         until = cfg.steps if until_step is None else until_step
         if not start <= until <= cfg.steps:
             raise ValueError(f"cannot train from step {start} to {until} of a {cfg.steps}-step schedule")
         wall0 = time.perf_counter()
-        losses, evals, busy, waited = _train_loop(run, start, until, progress)
-        if checkpoint_dir is not None:
+        losses, evals, busy, waited, step_s = _train_loop(run, start, until, progress, progress_stream)
+        if checkpoint_dir is not None and lead:  # the workers' dense states are identical
             save_checkpoint(checkpoint_dir, run.model, run.opt, until, cfg, store_ckpt.save, data=run.data)
+        if parallel is not None:
+            parallel.barrier()
     finally:
         run.close()
     n = until - start
@@ -349,25 +374,29 @@ def train(cfg: TrainConfig, store: Any, *, progress: bool = True, data: TokenDat
         "dense_params": sum(p.numel() for p in run.model.parameters()),
         "store_checkpoint": store_ckpt.kind,
         "push_wait_share": run.push_wait_s / busy if busy else None,
+        "workers": 1 if parallel is None else parallel.world, "step_s": step_s,
+        **({} if parallel is None or not busy else
+           {"exchange_share": parallel.exchange_s / busy, "dense_reduce_share": parallel.reduce_s / busy}),
         **(run.prefetch.stats() if run.prefetch is not None else {"prefetch_depth": cfg.prefetch_depth}),
     }
 
 
-def _train_loop(run: Run, start: int, until: int, progress: bool) -> tuple[list[float], list, float, float]:
+def _train_loop(run: Run, start: int, until: int, progress: bool, stream=None) -> tuple[list[float], list, float, float, list[float]]:
     """Steps start..until-1 with periodic evals; (losses, [(step, eval loss)], step seconds,
-    seconds of them spent waiting for the store)."""
+    seconds of them spent waiting for the store, each step's seconds)."""
     cfg = run.cfg
-    bar = _Progress(progress, until)
+    bar = _Progress(progress, until, stream)
     tokens_per_step = cfg.batch_size * cfg.seq_len
-    losses, evals = [], []
+    losses, evals, step_s = [], [], []
     busy = waited = 0.0
     batches = run.data.batches("train", cfg.batch_size, cfg.seq_len, cfg.seed, start)
     if run.prefetch is not None:
         run.prefetch.limit = until  # nothing to look up past the last step
     for step, (x, y) in zip(range(start, until), batches):
         t0 = time.perf_counter()
-        loss, wait = train_step(run, step, x, y)
-        busy += time.perf_counter() - t0
+        loss, wait = train_step(run, step, run.local(x), run.local(y))
+        step_s.append(time.perf_counter() - t0)
+        busy += step_s[-1]
         waited += wait
         losses.append(loss)
         bar.step(step + 1, f"step {step + 1}/{until}  loss {loss:.4f}  "
@@ -378,7 +407,7 @@ def _train_loop(run: Run, start: int, until: int, progress: bool) -> tuple[list[
     bar.close()
     if start == until:
         evals.append((until, evaluate(run)))
-    return losses, evals, busy, waited
+    return losses, evals, busy, waited, step_s
 
 
 # ---------------------------------------------------------------------------- checkpoints

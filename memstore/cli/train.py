@@ -5,7 +5,8 @@ the default `TrainConfig` (the standard library's source as corpus, a 4096-token
 and cached on first use), prints the eval loss, saves a checkpoint under runs/<timestamp>/ and
 takes down everything it started. --store trains on an existing store (tables named after the
 run, left in place); --in-process keeps the tables in this process (no Ray, no shards).
---resume continues a checkpoint: its config, overridden by the flags given.
+--resume continues a checkpoint: its config, overridden by the flags given. --workers W trains
+with W data-parallel workers on Ray (cluster.train), each on its slice of every batch.
 """
 
 from __future__ import annotations
@@ -41,6 +42,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     store.add_argument("--address", help="Ray cluster (default $RAY_ADDRESS, else the local Ray, started if none runs)")
     store.add_argument("--shards", metavar="N", type=int, default=2, help="shards of the store this command brings up (default 2)")
 
+    workers = p.add_argument_group("data-parallel workers (on Ray)")
+    workers.add_argument("--workers", metavar="W", type=int, default=1,
+                         help="trainer workers, one Ray actor each, each on 1/W of every batch; together they "
+                              "train exactly what one worker trains on the whole batch (default 1: this process)")
+    workers.add_argument("--cpus-per-worker", metavar="N", type=float, default=1,
+                         help="CPUs Ray reserves for each worker (default 1)")
+
     data = p.add_argument_group("data")
     data.add_argument("--corpus", metavar="PATH", help="a text or JSONL file, or a folder of .txt/.md/.py/.jsonl "
                                        "(default: the Python standard library's source)")
@@ -64,7 +72,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     opt.add_argument("--eval-every", metavar="N", type=int, help="steps between held-out evaluations (default 100)")
     opt.add_argument("--seed", metavar="N", type=int, help="seed of the init, the data order and the hashing (default 0)")
     opt.add_argument("--prefetch", metavar="N", type=int, help="look up the rows of the next N steps while a step "
-                     "computes (exact: stale rows are re-read); 0 = off (default 1)")
+                     "computes (exact: the updates refresh the rows they change); 0 = off (default 1)")
     opt.add_argument("--device", help="cpu, cuda, cuda:N or auto: CUDA when available (default auto)")
     opt.add_argument("--compare-baseline", action="store_true",
                      help="also train the same model without Engram on the same data and compare eval losses")
@@ -124,12 +132,37 @@ def open_store(args: argparse.Namespace) -> Iterator[tuple[object, str | None]]:
             shutil.rmtree(data_dir, ignore_errors=True)
 
 
+def _train_workers(args: argparse.Namespace, cfg, name: str, out: Path) -> dict:
+    """The run on args.workers data-parallel Ray actors (one GPU each where the config uses CUDA)."""
+    import ray
+
+    from cluster.train import train_workers
+
+    cpus = ray.cluster_resources().get("CPU", 0)
+    if args.workers * args.cpus_per_worker > cpus:
+        raise ValueError(f"{args.workers} workers x {args.cpus_per_worker:g} CPUs do not fit the Ray cluster's "
+                         f"{cpus:g} CPUs: lower --cpus-per-worker")
+    gpus = 1 if cfg.device.startswith("cuda") or (cfg.device == "auto" and ray.cluster_resources().get("GPU", 0) >= args.workers) else 0
+    print(f"training with {args.workers} data-parallel workers on Ray ...", flush=True)
+    return train_workers(cfg, args.workers, cpus_per_worker=args.cpus_per_worker, gpus_per_worker=gpus,
+                         store_name=name, address=args.address, progress=not args.quiet, checkpoint_dir=out,
+                         resume=args.resume)
+
+
 def run(args: argparse.Namespace) -> int:
     from trainer.data import load_data
     from trainer.train import train
 
     wall0 = time.perf_counter()
+    if args.workers < 1:
+        raise ValueError(f"--workers must be >= 1, got {args.workers}")
+    if args.workers > 1 and args.in_process:
+        raise ValueError("data-parallel workers need a store they can share: drop --in-process")
+    if not args.cpus_per_worker >= 0:
+        raise ValueError(f"--cpus-per-worker must be >= 0, got {args.cpus_per_worker}")
     cfg = resolve_config(args)
+    if cfg.batch_size % args.workers:
+        raise ValueError(f"--batch-size {cfg.batch_size} does not split over {args.workers} workers")
     if args.store and not args.resume and not cfg.table_prefix:
         cfg = dataclasses.replace(cfg, table_prefix=f"train-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.")
     out = args.out or Path("runs") / time.strftime("%Y%m%d-%H%M%S")
@@ -137,8 +170,11 @@ def run(args: argparse.Namespace) -> int:
     print(f"data: {len(data.tokens):,} tokens from {data.num_files} files, vocabulary {data.vocab_size} "
           f"({'cached' if data.cache_hit else 'trained'}: {data.directory})", flush=True)
     with open_store(args) as (store, name):
-        summary = train(cfg, store, progress=not args.quiet, data=data, resume=args.resume,
-                        checkpoint_dir=out, store_name=name)
+        if args.workers > 1:
+            summary = _train_workers(args, cfg, name, out)
+        else:
+            summary = train(cfg, store, progress=not args.quiet, data=data, resume=args.resume,
+                            checkpoint_dir=out, store_name=name)
     baseline = None
     if args.compare_baseline:
         print("baseline: the same model without Engram", flush=True)

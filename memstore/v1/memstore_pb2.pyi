@@ -143,7 +143,7 @@ class LookupResponse(_message.Message):
     def __init__(self, num_keys: _Optional[int] = ..., dim: _Optional[int] = ..., dtype: _Optional[_Union[DType, str]] = ..., version: _Optional[int] = ...) -> None: ...
 
 class UpdateRequest(_message.Message):
-    __slots__ = ("table", "route", "num_keys", "dim", "dtype", "lr", "update_id", "group", "parts")
+    __slots__ = ("table", "route", "num_keys", "dim", "dtype", "lr", "update_id", "group", "parts", "num_read_keys")
     TABLE_FIELD_NUMBER: _ClassVar[int]
     ROUTE_FIELD_NUMBER: _ClassVar[int]
     NUM_KEYS_FIELD_NUMBER: _ClassVar[int]
@@ -153,6 +153,7 @@ class UpdateRequest(_message.Message):
     UPDATE_ID_FIELD_NUMBER: _ClassVar[int]
     GROUP_FIELD_NUMBER: _ClassVar[int]
     PARTS_FIELD_NUMBER: _ClassVar[int]
+    NUM_READ_KEYS_FIELD_NUMBER: _ClassVar[int]
     table: str
     route: Route
     num_keys: int
@@ -162,15 +163,22 @@ class UpdateRequest(_message.Message):
     update_id: str
     group: str
     parts: int
-    def __init__(self, table: _Optional[str] = ..., route: _Optional[_Union[Route, _Mapping]] = ..., num_keys: _Optional[int] = ..., dim: _Optional[int] = ..., dtype: _Optional[_Union[DType, str]] = ..., lr: _Optional[float] = ..., update_id: _Optional[str] = ..., group: _Optional[str] = ..., parts: _Optional[int] = ...) -> None: ...
+    num_read_keys: int
+    def __init__(self, table: _Optional[str] = ..., route: _Optional[_Union[Route, _Mapping]] = ..., num_keys: _Optional[int] = ..., dim: _Optional[int] = ..., dtype: _Optional[_Union[DType, str]] = ..., lr: _Optional[float] = ..., update_id: _Optional[str] = ..., group: _Optional[str] = ..., parts: _Optional[int] = ..., num_read_keys: _Optional[int] = ...) -> None: ...
 
 class UpdateResponse(_message.Message):
-    __slots__ = ("version", "duplicate")
+    __slots__ = ("version", "duplicate", "num_rows", "dim", "dtype")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     DUPLICATE_FIELD_NUMBER: _ClassVar[int]
+    NUM_ROWS_FIELD_NUMBER: _ClassVar[int]
+    DIM_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
     version: int
     duplicate: bool
-    def __init__(self, version: _Optional[int] = ..., duplicate: _Optional[bool] = ...) -> None: ...
+    num_rows: int
+    dim: int
+    dtype: DType
+    def __init__(self, version: _Optional[int] = ..., duplicate: _Optional[bool] = ..., num_rows: _Optional[int] = ..., dim: _Optional[int] = ..., dtype: _Optional[_Union[DType, str]] = ...) -> None: ...
 
 class AssignRequest(_message.Message):
     __slots__ = ("table", "route", "num_keys", "dim", "dtype", "keep_optimizer_state", "update_id", "group", "parts")
