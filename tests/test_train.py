@@ -231,7 +231,8 @@ def test_cli_rejects_bad_flags_with_the_usage_code(tmp_path):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none on this machine)")
 class TestCuda:
-    """The same training code on CUDA: rows staged in pinned memory, copied non-blocking."""
+    """The same training code on CUDA: rows staged in pinned memory, copied non-blocking on a
+    side stream that the Engram layer waits for."""
 
     def test_rows_reach_the_gpu_as_a_leaf(self, corpus):
         from trainer.train import build
@@ -243,6 +244,11 @@ class TestCuda:
             (layer, rows), = run.rows.items()
             e = rows.fetch(hashes[layer])
             assert e.is_cuda and e.is_leaf and e.requires_grad
+            assert rows._copy_stream is not None and rows._copy_stream != torch.cuda.current_stream()
+            rows.wait_ready()  # the compute stream now waits for the side stream's copy
+            torch.cuda.synchronize()
+            want = torch.cat([store.lookup(n, hashes[layer][..., h], as_tensor=True) for h, n in enumerate(rows.tables)], -1)
+            assert torch.equal(e.detach().cpu(), want)
             rows.discard()
 
     def test_cuda_training_follows_the_cpu_trajectory(self, corpus):

@@ -179,6 +179,16 @@ class EngramRows:
         self.tables = [table_name(cfg, layer_id, h) for h in range(cfg.num_heads)]
         self._keys: np.ndarray | None = None  # (B, T, H) hash ids of the fetched rows
         self._leaf: torch.Tensor | None = None  # (B, T, H*d) the fetched rows
+        self._copy_stream = None  # CUDA: the side stream of the host-to-device copies
+        self._ready = None  # CUDA: recorded when the last fetch's copy completes
+
+    def wait_ready(self) -> None:
+        """Makes the current CUDA stream wait for the last fetch's copy (no-op on CPU or
+        once waited): call before the rows are used, e.g. as the Engram module's forward
+        pre-hook."""
+        if self._ready is not None:
+            torch.cuda.current_stream(self.device).wait_event(self._ready)
+            self._ready = None
 
     def _check_ids(self, hash_ids: Any) -> np.ndarray:
         if isinstance(hash_ids, torch.Tensor):
@@ -217,11 +227,22 @@ class EngramRows:
                                  f"{(*ids.shape[:2], self.cfg.head_dim)}")
             parts.append(rows)
         if self.device.type == "cuda":
-            # Staged in pinned host memory so the copy to the GPU runs without blocking; the
-            # caching host allocator keeps the buffer until the copy has completed.
+            # Staged in pinned host memory and copied on a side stream, so the copy runs while
+            # the compute stream works through what precedes the Engram layer; the compute
+            # stream waits for it only when the layer starts (`wait_ready`, a forward pre-hook
+            # that trainer.train installs). The caching host allocator keeps the staging
+            # buffer until the copy has completed; record_stream keeps `e` from being reused
+            # before the compute stream is done with it.
             staged = torch.empty((*ids.shape[:2], len(self.tables) * self.cfg.head_dim), dtype=parts[0].dtype,
                                  pin_memory=True)
-            e = torch.cat(parts, dim=-1, out=staged).to(self.device, self.dtype, non_blocking=True)
+            torch.cat(parts, dim=-1, out=staged)
+            if self._copy_stream is None:
+                self._copy_stream = torch.cuda.Stream(self.device)
+            with torch.cuda.stream(self._copy_stream):
+                e = staged.to(self.device, self.dtype, non_blocking=True)
+                self._ready = torch.cuda.Event()
+                self._ready.record(self._copy_stream)
+            e.record_stream(torch.cuda.current_stream(self.device))
         else:
             e = torch.cat(parts, dim=-1).to(self.device, self.dtype)  # (B, T, H*d), a fresh tensor
         e.requires_grad_(True)

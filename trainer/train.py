@@ -208,6 +208,9 @@ def build(cfg: TrainConfig, store: Any, data: TokenData | None = None, parallel:
                                    ec.pad_id, ec.seed, data.tokenizer)
         specs = create_tables(store, ec, mapping)
         rows = {l: EngramRows(store, ec, l, device=resolve_device(cfg.device)) for l in ec.layer_ids}
+        for block in model.blocks:  # on CUDA the rows arrive on a side stream: wait where they are used
+            if block.layer_id in rows:
+                block.engram.register_forward_pre_hook(lambda module, args, r=rows[block.layer_id]: r.wait_ready())
     run = Run(cfg, data, model, opt, rows, mapping, specs, parallel=parallel)
     if rows:
         run.prefetch = RowPrefetcher(rows, mapping, cfg.prefetch_depth, limit=cfg.steps,
