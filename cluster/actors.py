@@ -81,7 +81,8 @@ class _ShardActor:
 
     def info(self) -> dict:
         return {"shard_index": self.shard_index, "address": self.address, "node_id": self.node_id, "pid": self.pid,
-                "replayed": self.replayed.applied if self.restarted else 0}
+                "replayed": self.replayed.applied if self.restarted else 0,
+                "metrics_address": self.server.metrics_address}
 
     def log_bytes(self, since: int) -> int:
         """Bytes of write-ahead log from generation `since` on (what a restart would replay)."""
@@ -177,18 +178,37 @@ PORT_RANGE = 64
 
 def _serve_in_port_range(engine, host: str):
     """Starts the shard's server on a free port: any, or the first free one of
-    MEMSTORE_PORT_BASE .. +PORT_RANGE (so several stores can share a node's published range)."""
+    MEMSTORE_PORT_BASE .. +PORT_RANGE (so several stores can share a node's published range),
+    and its Prometheus metrics likewise from MEMSTORE_METRICS_PORT_BASE; the layout announces both."""
     from memstore.server import ShardServer
 
-    base = os.environ.get("MEMSTORE_PORT_BASE")
+    server = _first_free(os.environ.get("MEMSTORE_PORT_BASE"), host, lambda port: ShardServer(engine, host, port))
+    _first_free(os.environ.get("MEMSTORE_METRICS_PORT_BASE"), host, server.serve_metrics)
+    return server.start()
+
+
+def _first_free(base: str | None, host: str, bind):
+    """bind(port) on any free port when base is unset, else on the first of base .. +PORT_RANGE
+    that it binds without an OSError."""
     if not base:
-        return ShardServer(engine, host, 0).start()
+        return bind(0)
     for port in range(int(base), int(base) + PORT_RANGE):
         try:
-            return ShardServer(engine, host, port).start()
+            return bind(port)
         except OSError:
             continue
     raise OSError(f"no free port in {base}..{int(base) + PORT_RANGE - 1} on {host}")
+
+
+def _actor_state(actor) -> str:
+    """The GCS's state of one actor. Ray's public state API (ray.util.state) goes through the
+    dashboard, which a minimal cluster does not run; the GCS actor table is always there."""
+    from ray._private import state
+
+    try:
+        return state.actors(actor._actor_id.hex()).get("State", "UNKNOWN")
+    except Exception:  # a private API: never let its changes break `memstore status`
+        return "UNKNOWN"
 
 
 class _ShardCut:
@@ -270,9 +290,10 @@ class _Coordinator:
             self.epoch += 1
             return self.epoch
 
-    def refresh(self) -> dict:
-        """Asks every shard where it serves now (a restarted one may not have reported yet)."""
-        ready, _ = ray.wait([a.info.remote() for a in self._actors], num_returns=len(self._actors), timeout=30)
+    def refresh(self, timeout_s: float = 30.0) -> dict:
+        """Asks every shard where it serves now (a restarted one may not have reported yet);
+        a shard that does not answer within timeout_s (restarting) keeps its last entry."""
+        ready, _ = ray.wait([a.info.remote() for a in self._actors], num_returns=len(self._actors), timeout=timeout_s)
         infos = {}
         for ref in ready:
             try:
@@ -367,12 +388,12 @@ class _Coordinator:
             return {"path": str(path), "tables": len(manifest["tables"]), "from_shards": manifest["store"]["num_shards"],
                     "seconds": time.monotonic() - t0}
 
-    def log_bytes(self) -> list[int | None]:
+    def log_bytes(self, timeout_s: float = 5.0) -> list[int | None]:
         """Each shard's write-ahead log bytes since the recovery point (None: no answer)."""
         with self._lock:
             since = self.recovery["wal_since"]
         refs = [a.log_bytes.remote(since) for a in self._actors]
-        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=5)
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
         out = []
         for ref in refs:
             try:
@@ -380,6 +401,11 @@ class _Coordinator:
             except ray.exceptions.RayError:
                 out.append(None)
         return out
+
+    def shard_states(self) -> list[str]:
+        """Ray's state of each shard actor: ALIVE, RESTARTING (its process died and Ray is
+        bringing it back: until its log is replayed), DEAD, PENDING_CREATION, or UNKNOWN."""
+        return [_actor_state(a) for a in self._actors]
 
     def progress(self) -> tuple[int, int]:
         """(done, total) bytes over all shards of the checkpoint write or restore under way."""

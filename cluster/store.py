@@ -192,6 +192,11 @@ def layout(name: str) -> dict:
     return ray.get(find(name).layout.remote())
 
 
+def shard_states(name: str) -> list[str]:
+    """Ray's state of each shard actor of store `name` (ALIVE, RESTARTING, ...)."""
+    return ray.get(find(name).shard_states.remote())
+
+
 def shutdown(name: str) -> str | None:
     """Takes store `name` down: its shards, then its coordinator. Returns the GCS address of
     the local Ray that was started for it, if any (the caller may stop that Ray)."""
@@ -267,13 +272,21 @@ class StoreDirectory:
 def status(name: str, timeout_s: float = 2.0) -> dict:
     """One document about store `name`: per shard its place, state, tables, rows, bytes held
     next to process RSS, recent call rates and latencies, and log bytes since the last
-    checkpoint; then a summary. States: SERVING, NOT_SERVING, UNREACHABLE."""
+    checkpoint; then a summary. States: SERVING, NOT_SERVING, RESTARTING (Ray is bringing the
+    shard's actor back: states are Ray's when the call starts), UNREACHABLE. A restarting
+    shard holds the call up to timeout_s."""
     from memstore.status import shard_status
 
     coordinator = find(name)
-    layout = ray.get(coordinator.refresh.remote())
-    log_bytes = ray.get(coordinator.log_bytes.remote())
-    shards = [shard_status(s, timeout_s) | {"log_bytes": b} for s, b in zip(layout["shards"], log_bytes)]
+    states = ray.get(coordinator.shard_states.remote())
+    refreshed, logs = coordinator.refresh.remote(timeout_s), coordinator.log_bytes.remote(timeout_s)
+    layout, log_bytes = ray.get(refreshed), ray.get(logs)
+    shards = [
+        ({"shard_index": s["shard_index"], "address": s["address"], "node_id": s.get("node_id", ""),
+          "metrics_address": s.get("metrics_address"), "state": "RESTARTING"}
+         if state == "RESTARTING" else shard_status(s, timeout_s)) | {"log_bytes": b}
+        for s, b, state in zip(layout["shards"], log_bytes, states)
+    ]
     recovery = layout["recovery"]
     serving = sum(s["state"] == "SERVING" for s in shards)
     return {

@@ -131,7 +131,9 @@ class ShardEngine:
         local = self.local_index(table, keys, unique=False)
         if alloc is None:
             alloc = lambda version: torch.empty(len(keys), table.spec.dim, dtype=table.spec.wire_torch_dtype)  # noqa: E731
-        return table.gather(local, alloc)
+        rows = table.gather(local, alloc)
+        table.telemetry.record_lookup(local)  # per-head load (memstore.telemetry)
+        return rows
 
     def update(
         self, name: str, keys: np.ndarray, grads: torch.Tensor, lr: float, update_id: str = "",

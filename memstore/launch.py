@@ -11,12 +11,15 @@ import tempfile
 import time
 
 SERVING = re.compile(r"serving on (\S+)")
+METRICS = re.compile(r"metrics on http://(\S+)/metrics")
 
 
-def start_shard(index: int, num_shards: int, port: int = 0, host: str = "127.0.0.1") -> subprocess.Popen:
-    """Starts shard `index` of `num_shards`; its log goes to the file named by `proc.log_path`."""
+def start_shard(index: int, num_shards: int, port: int = 0, host: str = "127.0.0.1",
+                extra_args: tuple[str, ...] = ()) -> subprocess.Popen:
+    """Starts shard `index` of `num_shards` (extra_args: more `memstore serve` flags); its log
+    goes to the file named by `proc.log_path`."""
     cmd = [sys.executable, "-m", "memstore.cli.main", "serve", "--host", host, "--port", str(port),
-           "--shard-index", str(index), "--num-shards", str(num_shards)]
+           "--shard-index", str(index), "--num-shards", str(num_shards), *extra_args]
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     # stdout carries only the "serving on" line; logs go to a file so a full pipe never blocks.
     log = tempfile.NamedTemporaryFile("w", prefix=f"memstore-shard{index}-", suffix=".log", delete=False)
@@ -27,12 +30,17 @@ def start_shard(index: int, num_shards: int, port: int = 0, host: str = "127.0.0
 
 
 def wait_serving(proc: subprocess.Popen, timeout_s: float = 60.0) -> str:
-    """Reads the server's output until it announces its address; returns host:port."""
+    """Reads the server's output until it announces its address; returns host:port. The
+    metrics endpoint's host:port, if it announced one, is left in `proc.metrics_address`."""
     deadline = time.monotonic() + timeout_s
+    proc.metrics_address = None
     while time.monotonic() < deadline:
         line = proc.stdout.readline()
         if not line:
             raise RuntimeError(f"shard exited with code {proc.wait()}; see {proc.log_path}")
+        metrics = METRICS.search(line)
+        if metrics:
+            proc.metrics_address = metrics.group(1)
         m = SERVING.search(line)
         if m:
             return m.group(1)
@@ -40,13 +48,16 @@ def wait_serving(proc: subprocess.Popen, timeout_s: float = 60.0) -> str:
 
 
 class LocalShards:
-    """S `memstore serve` processes on free ports of 127.0.0.1; a context manager."""
+    """S `memstore serve` processes on free ports of 127.0.0.1; a context manager.
+    metrics=True gives each a Prometheus endpoint on a free port (`metrics_addresses`)."""
 
-    def __init__(self, num_shards: int) -> None:
+    def __init__(self, num_shards: int, metrics: bool = False) -> None:
         self.num_shards = num_shards
-        self.procs = [start_shard(i, num_shards) for i in range(num_shards)]
+        extra = ("--metrics-port", "0") if metrics else ()
+        self.procs = [start_shard(i, num_shards, extra_args=extra) for i in range(num_shards)]
         try:
             self.addresses = [wait_serving(p) for p in self.procs]
+            self.metrics_addresses = [p.metrics_address for p in self.procs]
         except BaseException:
             self.stop()
             raise

@@ -25,6 +25,7 @@ from memstore import wire
 from memstore.alloc import keep_freed_memory
 from memstore.engine import ShardEngine
 from memstore.errors import InvalidArgument, MemStoreError, TableExists, TableNotFound, Unavailable, WrongShard
+from memstore.metrics import ShardMetrics
 from memstore.v1 import memstore_pb2 as pb
 
 log = logging.getLogger("memstore.server")
@@ -83,6 +84,7 @@ class MemStoreServicer:
         self.started = time.monotonic()
         self._counters = {m.name: MethodCounters() for m in pb.DESCRIPTOR.services_by_name["MemStore"].methods}
         self._counters_lock = threading.Lock()  # guards the counters' fields
+        self.metrics = ShardMetrics(engine, list(self._counters))  # Prometheus, fed by the same counting
 
     # ---- control RPCs ----------------------------------------------------------------------
     def CreateTable(self, request: pb.CreateTableRequest, context) -> pb.TableInfo:
@@ -115,6 +117,16 @@ class MemStoreServicer:
             uptime_s=time.monotonic() - self.started,
             rss_bytes=_rss_bytes(),
         )
+
+    def TableStats(self, request: pb.TableStatsRequest, context) -> pb.TableStatsResponse:
+        tables = [self.engine.table(name) for name in request.tables] or self.engine.tables()
+        out = pb.TableStatsResponse(shard_index=self.engine.shard_index, num_shards=self.engine.num_shards)
+        for t in tables:
+            s = t.telemetry.snapshot(t.spec.name, t.spec.num_rows, t.shard_index, t.num_shards)
+            out.tables.add(table=s.table, num_rows=s.num_rows, local_rows=s.local_rows, lookups=s.lookups,
+                           lookup_keys=s.lookup_keys, updates=s.updates, update_keys=s.update_keys,
+                           rows_touched=s.rows_touched, hot_counts=s.hot_counts.tolist(), hot_keys=s.hot_keys.tolist())
+        return out
 
     # ---- data RPCs (framed) ------------------------------------------------------------------
     def Lookup(self, frame: bytes, context) -> bytes:
@@ -200,14 +212,17 @@ class MemStoreServicer:
             c.rows += rows
             c.bytes_in += bytes_in
             c.bytes_out += bytes_out
+        self.metrics.transfer(method, rows, bytes_in, bytes_out)
 
-    def count_error(self, method: str) -> None:
+    def count_error(self, method: str, code: str = "UNKNOWN") -> None:
         with self._counters_lock:
             self._counters[method].errors += 1
+        self.metrics.error(method, code)
 
-    def observe(self, method: str, seconds: float) -> None:
+    def observe(self, method: str, seconds: float, code: str = "OK") -> None:
         with self._counters_lock:
             self._counters[method].recent.append((time.monotonic(), seconds))
+        self.metrics.request(method, code, seconds)
 
 
 def _rss_bytes() -> int:
@@ -228,18 +243,20 @@ def _handler(servicer: MemStoreServicer, method) -> grpc.RpcMethodHandler:
 
     def call(request, context):
         t0 = time.perf_counter()
+        code = grpc.StatusCode.OK
         try:
             return impl(request, context)
         except MemStoreError as e:
-            servicer.count_error(name)
             code = next((c for t, c in STATUS_OF.items() if isinstance(e, t)), grpc.StatusCode.UNAVAILABLE)
+            servicer.count_error(name, code.name)
             context.abort(code, str(e))
         except Exception:
-            servicer.count_error(name)
+            code = grpc.StatusCode.INTERNAL
+            servicer.count_error(name, code.name)
             log.exception("%s failed", name)
-            context.abort(grpc.StatusCode.INTERNAL, f"{name} failed on shard {servicer.engine.shard_index}; see its log")
+            context.abort(code, f"{name} failed on shard {servicer.engine.shard_index}; see its log")
         finally:
-            servicer.observe(name, time.perf_counter() - t0)
+            servicer.observe(name, time.perf_counter() - t0, code.name)
 
     if name in FRAMED:
         return grpc.unary_unary_rpc_method_handler(call)  # frames stay bytes both ways
@@ -256,9 +273,11 @@ def add_servicer(servicer: MemStoreServicer, server: grpc.Server) -> None:
 
 
 class ShardServer:
-    """A running shard: engine, gRPC server and health service. `stop()` drains gracefully."""
+    """A running shard: engine, gRPC server and health service, and Prometheus metrics over
+    HTTP when metrics_port is given (0 picks a free port). `stop()` drains gracefully."""
 
-    def __init__(self, engine: ShardEngine, host: str = "127.0.0.1", port: int = 0, max_workers: int = 8) -> None:
+    def __init__(self, engine: ShardEngine, host: str = "127.0.0.1", port: int = 0, max_workers: int = 8,
+                 metrics_port: int | None = None) -> None:
         keep_freed_memory()  # reply buffers are reused instead of page-faulted in per request
         self.engine = engine
         self.servicer = MemStoreServicer(engine)
@@ -275,6 +294,16 @@ class ShardServer:
         if self.port == 0:
             raise OSError(f"could not bind {host}:{port} (in use, or not an address of this host)")
         self.address = f"{host}:{self.port}"
+        self.host = host
+        self.metrics_address = None  # host:port of /metrics, when served
+        if metrics_port is not None:
+            self.serve_metrics(metrics_port)
+
+    def serve_metrics(self, port: int) -> str:
+        """Serves Prometheus metrics on this server's host:port (0 picks a free port);
+        returns that address. OSError if the port is taken."""
+        self.metrics_address = f"{self.host}:{self.servicer.metrics.serve(self.host, port)}"
+        return self.metrics_address
 
     def start(self) -> "ShardServer":
         self.server.start()
@@ -285,11 +314,12 @@ class ShardServer:
     def stop(self, grace_s: float = 2.0) -> None:
         self.health.enter_graceful_shutdown()
         self.server.stop(grace_s).wait()
+        self.servicer.metrics.close()
 
     def wait(self) -> None:
         self.server.wait_for_termination()
 
 
-def serve(host: str, port: int, shard_index: int, num_shards: int) -> ShardServer:
+def serve(host: str, port: int, shard_index: int, num_shards: int, metrics_port: int | None = None) -> ShardServer:
     """Starts shard `shard_index` of `num_shards` on host:port (0 picks a free port)."""
-    return ShardServer(ShardEngine(shard_index, num_shards), host, port).start()
+    return ShardServer(ShardEngine(shard_index, num_shards), host, port, metrics_port=metrics_port).start()

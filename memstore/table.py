@@ -20,6 +20,7 @@ from memstore.keys import as_numpy
 from memstore.optim import make_optimizer
 from memstore.partition import fill_initial_rows, local_rows
 from memstore.spec import TableSpec
+from memstore.telemetry import TableTelemetry
 
 # How many update ids a table remembers for retry de-duplication. A client retries an
 # update within seconds; this covers far more updates than can be in flight.
@@ -92,6 +93,7 @@ class ShardTable:
             }
         self.version = 0  # updates + assigns applied; guarded by lock
         self.lock = RWLock()
+        self.telemetry = TableTelemetry(self.local_rows)  # reads per row, lookups, updates
         self.applied_ids: OrderedDict[str, int] = OrderedDict()  # update id -> version; guarded by ids_lock
         self.ids_lock = threading.Lock()  # serialises id-tagged writes: check id, apply, record id
 
@@ -121,7 +123,9 @@ class ShardTable:
         with self.lock.write():
             self.optimizer.step(self.rows, self.state, local, grads, lr)
             self.version += 1
-            return self.version
+            version = self.version
+        self.telemetry.record_update(len(local))
+        return version
 
     def assign(self, local: torch.Tensor, values: torch.Tensor, keep_state: bool) -> int:
         """Writes `values` into unique rows `local` verbatim; resets their optimizer state unless kept."""

@@ -38,6 +38,9 @@ def run(args: argparse.Namespace) -> int:
     store.ensure_ray(args.address)
     layout = store.layout(args.name)
     states = [check(s["address"], args.timeout) for s in layout["shards"]]
+    if any(st != "SERVING" for st in states):  # name the shards Ray is bringing back (not serving yet)
+        ray_states = store.shard_states(args.name)
+        states = ["RESTARTING" if st != "SERVING" and r == "RESTARTING" else st for st, r in zip(states, ray_states)]
     for s, state in zip(layout["shards"], states):
         print(f"shard {s['shard_index']:>3}  {s['address']:<22} {state}")
     serving = sum(st == "SERVING" for st in states)

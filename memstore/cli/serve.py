@@ -14,6 +14,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     net = p.add_argument_group("network")
     net.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     net.add_argument("--port", type=int, default=0, help="port to bind; 0 picks a free one (default 0)")
+    net.add_argument("--metrics-port", type=int, metavar="PORT",
+                     help="serve Prometheus metrics over HTTP on this port of --host; 0 picks a free one "
+                          "(default: no metrics endpoint)")
     shard = p.add_argument_group("placement")
     shard.add_argument("--shard-index", type=int, default=0, help="this shard's index i in [0, S) (default 0)")
     shard.add_argument("--num-shards", type=int, default=1, help="number of shards S of the store (default 1)")
@@ -32,6 +35,8 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--num-shards must be in 1..4096, got {args.num_shards}")
     if not 0 <= args.port < 65536:
         raise ValueError(f"--port must be in 0..65535, got {args.port}")
+    if args.metrics_port is not None and not 0 <= args.metrics_port < 65536:
+        raise ValueError(f"--metrics-port must be in 0..65535, got {args.metrics_port}")
     if args.port:
         _check_bindable(args.host, args.port)
     if args.torch_threads < 0:
@@ -41,7 +46,10 @@ def run(args: argparse.Namespace) -> int:
 
         torch.set_num_threads(args.torch_threads)
     engine = ShardEngine(args.shard_index, args.num_shards)
-    server = ShardServer(engine, args.host, args.port, max_workers=args.workers).start()
+    server = ShardServer(engine, args.host, args.port, max_workers=args.workers, metrics_port=args.metrics_port).start()
+    if server.metrics_address:  # before the serving line, which launchers wait for
+        print(f"memstore shard {args.shard_index}/{args.num_shards} metrics on http://{server.metrics_address}/metrics",
+              flush=True)
     # Tests and launchers read this line to learn the bound port.
     print(f"memstore shard {args.shard_index}/{args.num_shards} serving on {server.address}", flush=True)
     stop = threading.Event()

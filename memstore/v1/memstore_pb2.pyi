@@ -253,3 +253,43 @@ class StatsResponse(_message.Message):
     uptime_s: float
     rss_bytes: int
     def __init__(self, shard_index: _Optional[int] = ..., num_shards: _Optional[int] = ..., tables: _Optional[_Iterable[_Union[TableInfo, _Mapping]]] = ..., methods: _Optional[_Iterable[_Union[MethodStats, _Mapping]]] = ..., uptime_s: _Optional[float] = ..., rss_bytes: _Optional[int] = ...) -> None: ...
+
+class TableStatsRequest(_message.Message):
+    __slots__ = ("tables",)
+    TABLES_FIELD_NUMBER: _ClassVar[int]
+    tables: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, tables: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class TableTelemetry(_message.Message):
+    __slots__ = ("table", "num_rows", "local_rows", "lookups", "lookup_keys", "updates", "update_keys", "rows_touched", "hot_counts", "hot_keys")
+    TABLE_FIELD_NUMBER: _ClassVar[int]
+    NUM_ROWS_FIELD_NUMBER: _ClassVar[int]
+    LOCAL_ROWS_FIELD_NUMBER: _ClassVar[int]
+    LOOKUPS_FIELD_NUMBER: _ClassVar[int]
+    LOOKUP_KEYS_FIELD_NUMBER: _ClassVar[int]
+    UPDATES_FIELD_NUMBER: _ClassVar[int]
+    UPDATE_KEYS_FIELD_NUMBER: _ClassVar[int]
+    ROWS_TOUCHED_FIELD_NUMBER: _ClassVar[int]
+    HOT_COUNTS_FIELD_NUMBER: _ClassVar[int]
+    HOT_KEYS_FIELD_NUMBER: _ClassVar[int]
+    table: str
+    num_rows: int
+    local_rows: int
+    lookups: int
+    lookup_keys: int
+    updates: int
+    update_keys: int
+    rows_touched: int
+    hot_counts: _containers.RepeatedScalarFieldContainer[int]
+    hot_keys: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, table: _Optional[str] = ..., num_rows: _Optional[int] = ..., local_rows: _Optional[int] = ..., lookups: _Optional[int] = ..., lookup_keys: _Optional[int] = ..., updates: _Optional[int] = ..., update_keys: _Optional[int] = ..., rows_touched: _Optional[int] = ..., hot_counts: _Optional[_Iterable[int]] = ..., hot_keys: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class TableStatsResponse(_message.Message):
+    __slots__ = ("shard_index", "num_shards", "tables")
+    SHARD_INDEX_FIELD_NUMBER: _ClassVar[int]
+    NUM_SHARDS_FIELD_NUMBER: _ClassVar[int]
+    TABLES_FIELD_NUMBER: _ClassVar[int]
+    shard_index: int
+    num_shards: int
+    tables: _containers.RepeatedCompositeFieldContainer[TableTelemetry]
+    def __init__(self, shard_index: _Optional[int] = ..., num_shards: _Optional[int] = ..., tables: _Optional[_Iterable[_Union[TableTelemetry, _Mapping]]] = ...) -> None: ...
