@@ -139,3 +139,21 @@ def test_cli_prefetch_flag_sets_the_depth():
     args = parser.parse_args(["train", "--in-process", "--prefetch", "3"])
     assert cli_train.resolve_config(args).prefetch_depth == 3
     assert cli_train.resolve_config(parser.parse_args(["train", "--in-process"])).prefetch_depth == 1
+
+
+def test_training_feeds_the_trainer_metrics(corpus):  # noqa: F811
+    from prometheus_client import generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with InProcessStore() as store:
+        run = build(tiny_config(corpus, steps=STEPS, prefetch_depth=2), store)
+        try:
+            _train_loop(run, 0, STEPS, progress=False)
+            text = generate_latest(run.metrics.registry).decode()
+        finally:
+            run.close()
+    samples = {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples}
+    assert samples["memstore_trainer_steps_total"] == STEPS
+    assert samples["memstore_trainer_tokens_total"] == STEPS * 2 * 16  # batch 2 x 16 tokens
+    assert samples["memstore_trainer_step_seconds_count"] == STEPS
+    assert samples["memstore_trainer_prefetch_depth"] == 2

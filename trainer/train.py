@@ -52,6 +52,7 @@ import torch
 from trainer.data import DataConfig, TokenData, load_data, tokenizer_digest
 from trainer.engram import EngramConfig, EngramRows, create_tables
 from trainer.hashing import NgramHashMapping
+from trainer.metrics import TrainerMetrics
 from trainer.model import Model, ModelConfig
 from trainer.parallel import DataParallel
 from trainer.prefetch import RowPrefetcher
@@ -112,10 +113,15 @@ class TrainConfig:
     # Rows of the next prefetch_depth steps are looked up while a step computes, and patched
     # exactly before use (trainer.prefetch); 0 = off. Same parameters at every depth.
     prefetch_depth: int = 1
+    # Prometheus metrics of the run (trainer.metrics) served on this port: None = not served,
+    # 0 = a free port; data-parallel worker r serves on metrics_port + r.
+    metrics_port: int | None = None
 
     def __post_init__(self) -> None:
         if self.prefetch_depth < 0:
             raise ValueError(f"prefetch_depth must be >= 0, got {self.prefetch_depth}")
+        if self.metrics_port is not None and not 0 <= self.metrics_port < 65536:
+            raise ValueError(f"metrics_port must be a port number, got {self.metrics_port}")
         for name in ("steps", "batch_size", "seq_len", "eval_every", "eval_batches"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
@@ -175,6 +181,7 @@ class Run:
     prefetch: RowPrefetcher | None = None  # None for the baseline
     push_wait_s: float = 0.0  # seconds blocked on the store's acknowledgement of pushes
     parallel: DataParallel | None = None  # this worker's place among data-parallel workers
+    metrics: TrainerMetrics | None = None  # step time, row wait, prefetch depth, tokens/s
 
     def local(self, batch: torch.Tensor) -> torch.Tensor:
         """This worker's slice of a whole batch (all of it without data parallelism)."""
@@ -184,6 +191,8 @@ class Run:
         if self.prefetch is not None:
             self.prefetch.close()
         self.pusher.shutdown(wait=True)
+        if self.metrics is not None:
+            self.metrics.close()
 
 
 def build(cfg: TrainConfig, store: Any, data: TokenData | None = None, parallel: DataParallel | None = None) -> Run:
@@ -211,7 +220,11 @@ def build(cfg: TrainConfig, store: Any, data: TokenData | None = None, parallel:
         for block in model.blocks:  # on CUDA the rows arrive on a side stream: wait where they are used
             if block.layer_id in rows:
                 block.engram.register_forward_pre_hook(lambda module, args, r=rows[block.layer_id]: r.wait_ready())
-    run = Run(cfg, data, model, opt, rows, mapping, specs, parallel=parallel)
+    rank = 0 if parallel is None else parallel.rank
+    run = Run(cfg, data, model, opt, rows, mapping, specs, parallel=parallel, metrics=TrainerMetrics(worker=rank))
+    if cfg.metrics_port is not None:
+        port = run.metrics.serve(cfg.metrics_port + rank if cfg.metrics_port else 0)
+        log.info("worker %d serves Prometheus metrics on port %d", rank, port)
     if rows:
         run.prefetch = RowPrefetcher(rows, mapping, cfg.prefetch_depth, limit=cfg.steps,
                                      batch_fn=lambda s: run.local(data.batch("train", cfg.batch_size, cfg.seq_len, cfg.seed, s)[0]))
@@ -396,10 +409,12 @@ def _train_loop(run: Run, start: int, until: int, progress: bool, stream=None) -
     if run.prefetch is not None:
         run.prefetch.limit = until  # nothing to look up past the last step
     for step, (x, y) in zip(range(start, until), batches):
-        t0 = time.perf_counter()
+        t0, pushed = time.perf_counter(), run.push_wait_s
         loss, wait = train_step(run, step, run.local(x), run.local(y))
         step_s.append(time.perf_counter() - t0)
         busy += step_s[-1]
+        run.metrics.step(step_s[-1], tokens=tokens_per_step // (run.parallel.world if run.parallel else 1),
+                         row_wait_s=wait, push_wait_s=run.push_wait_s - pushed, prefetch_depth=cfg.prefetch_depth)
         waited += wait
         losses.append(loss)
         bar.step(step + 1, f"step {step + 1}/{until}  loss {loss:.4f}  "

@@ -27,7 +27,7 @@ _CONFIG_FLAGS = {
     "steps": "steps", "batch_size": "batch_size", "seq_len": "seq_len", "lr": "lr", "eval_every": "eval_every",
     "seed": "seed", "device": "device", "corpus": "corpus", "vocab_size": "vocab_size", "cache_dir": "cache_dir",
     "d_model": "d_model", "layers": "n_layers", "heads": "n_heads", "experts": "n_routed_experts",
-    "d_expert": "d_expert", "prefetch": "prefetch_depth",
+    "d_expert": "d_expert", "prefetch": "prefetch_depth", "metrics_port": "metrics_port",
 }
 
 
@@ -82,6 +82,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     out.add_argument("--resume", type=Path, metavar="DIR", help="continue the checkpoint in DIR (its config, "
                                                                 "overridden by the flags given)")
     out.add_argument("--quiet", action="store_true", help="no progress lines")
+    out.add_argument("--metrics-port", metavar="P", type=int, help="serve the run's Prometheus metrics (step time, "
+                     "row wait, prefetch depth, tokens/s) on port P, worker r on P + r; 0 = a free port")
 
 
 def resolve_config(args: argparse.Namespace):
