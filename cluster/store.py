@@ -97,6 +97,7 @@ def stop_local_ray(gcs_address: str) -> int:
             continue
         if any(arg in markers for arg in argv):
             pids.append(int(entry))
+    pids += _descendants(pids)  # the raylet's agents (dashboard, runtime env) name no address
     for sig, wait_s in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 5.0)):
         for pid in pids:
             try:
@@ -112,6 +113,27 @@ def stop_local_ray(gcs_address: str) -> int:
         if stale:
             os.remove(CURRENT_CLUSTER_FILE)
     return len(pids)
+
+
+def _descendants(roots: list[int]) -> list[int]:
+    """Every live process below `roots` in the process tree, from /proc's parent ids."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        children.setdefault(ppid, []).append(int(entry))
+    out, todo = [], list(roots)
+    while todo:
+        for child in children.get(todo.pop(), []):
+            if child not in roots and child not in out:
+                out.append(child)
+                todo.append(child)
+    return out
 
 
 def _running(pid: int) -> bool:
