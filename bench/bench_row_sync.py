@@ -38,6 +38,7 @@ from memstore.launch import LocalShards  # noqa: E402
 from trainer.data import load_data  # noqa: E402
 from trainer.engram import create_tables  # noqa: E402
 from trainer.hashing import NgramHashMapping  # noqa: E402
+from trainer.parallel import DataParallel  # noqa: E402
 from trainer.train import TrainConfig  # noqa: E402
 
 
@@ -48,7 +49,7 @@ def worker(rank: int, world: int, port: int, addresses: list[str], steps: int, o
     ec = cfg.model_config(data.vocab_size, data.pad_id).engram
     mapping = NgramHashMapping(ec.engram_vocab_size, ec.max_ngram_size, ec.n_head_per_ngram, ec.layer_ids, ec.pad_id,
                                ec.seed, data.tokenizer)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    parallel = DataParallel.init(rank, world, f"127.0.0.1:{port}", run_id="bench")
     client = MemStoreClient(addresses)
     specs = create_tables(client, ec, mapping)
     b = cfg.batch_size // world
@@ -62,11 +63,7 @@ def worker(rank: int, world: int, port: int, addresses: list[str], steps: int, o
             dist.barrier()
             t0 = time.perf_counter()
             if way == "exchange":
-                ks = [torch.empty_like(torch.from_numpy(keys)) for _ in range(world)]
-                gs = [torch.empty_like(grads) for _ in range(world)]
-                dist.all_gather(ks, torch.from_numpy(keys))
-                dist.all_gather(gs, grads)
-                k_all, g_all = torch.cat(ks).numpy(), torch.cat(gs)
+                k_all, g_all = parallel.exchange(keys, grads)
                 futures = [client.update_async(s.name, k_all[..., h], g_all[:, :, h], 1e-3, update_id=f"x{step}/{s.name}")
                            for h, s in enumerate(specs)]
             else:
@@ -78,7 +75,7 @@ def worker(rank: int, world: int, port: int, addresses: list[str], steps: int, o
     if rank == 0:
         out.update({way: statistics.median(t[3:]) for way, t in timings.items()})
     client.close()
-    dist.destroy_process_group()
+    parallel.close()
 
 
 def main() -> None:
@@ -87,6 +84,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--shards", type=int, default=2)
     args = ap.parse_args()
+    if args.steps < 5:
+        ap.error("--steps must be >= 5 (the first 3 are left out of the medians)")
     load_data(TrainConfig().data_config())  # the tokenizer cache, before the workers need it
     import socket
 

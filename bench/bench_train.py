@@ -49,6 +49,8 @@ def main() -> None:
     ap.add_argument("--shards", type=int, default=2, help="shard processes (default 2)")
     ap.add_argument("--no-workers", action="store_true", help="skip the 2-worker runs (no Ray)")
     args = ap.parse_args()
+    if args.steps <= args.skip + 2:
+        ap.error(f"--steps must exceed --skip + 2 = {args.skip + 2}")
     cfg = TrainConfig(steps=args.steps, warmup_steps=args.steps // 10, eval_every=args.steps, eval_batches=2)
     data = load_data(cfg.data_config())
     results: dict[str, dict] = {}

@@ -82,15 +82,18 @@ class _TrainWorker:
         config = TrainConfig.from_dict(cfg)
         self.sink = _ProgressSink()
         backend = "nccl" if resolve_device(config.device).type == "cuda" else "gloo"
-        parallel = DataParallel.init(self.rank, self.world, master, run_id, backend=backend) if self.world > 1 else None
-        client = (MemStoreClient.connect(store["name"], address=store.get("address")) if store.get("name")
-                  else MemStoreClient(store["addresses"]))
+        parallel = client = None
         try:
+            # Even one worker goes through the process groups, the exchange and the update ids.
+            parallel = DataParallel.init(self.rank, self.world, master, run_id, backend=backend)
+            client = (MemStoreClient.connect(store["name"], address=store.get("address")) if store.get("name")
+                      else MemStoreClient(store["addresses"]))
             data = load_data(config.data_config())
             return train(config, client, data=data, parallel=parallel, store_name=store.get("name"),
                          progress=self.rank == 0, progress_stream=self.sink, **options)
         finally:
-            client.close()
+            if client is not None:
+                client.close()
             if parallel is not None:
                 parallel.close()
 
@@ -121,8 +124,12 @@ class TrainWorkers:
         `worker_wait_shares`."""
         import dataclasses
 
+        if not self.actors:
+            raise RuntimeError("this pool of trainer workers is closed (a run failed or close() was called)")
         if (store_name is None) == (store_addresses is None):
             raise ValueError("give the store by name or by shard addresses, not both or neither")
+        if cfg.batch_size % self.world:
+            raise ValueError(f"batch_size {cfg.batch_size} does not split over {self.world} workers")
         store = {"name": store_name, "address": address} if store_name else {"addresses": list(store_addresses)}
         options = {k: (str(v) if v is not None and k in ("checkpoint_dir", "resume") else v) for k, v in options.items()}
         master = ray.get(self.actors[0].rendezvous.remote())
@@ -132,7 +139,14 @@ class TrainWorkers:
         pending = list(refs)
         tty = progress and sys.stdout.isatty()
         while pending:
-            _, pending = ray.wait(pending, num_returns=len(pending), timeout=poll_s)
+            done, pending = ray.wait(pending, num_returns=1, timeout=poll_s)
+            try:
+                ray.get(done)
+            except Exception:
+                # The others would wait in a collective until its timeout: end them all (the
+                # pool is spent) and report this worker's failure.
+                self.close()
+                raise
             if progress:
                 self._show(tty)
         summaries = ray.get(refs)

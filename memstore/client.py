@@ -225,6 +225,8 @@ class MemStoreClient:
         the number of rows updated. update_id: the same id names the same update to every
         shard, which applies it once however often it is sent (data-parallel workers each
         send the step's summed update; the first to arrive applies it); None: a fresh id.
+        Senders of one id must send the same keys and gradients with the same
+        ClientConfig.max_request_bytes, so the update splits into the same parts (ids).
         """
         return self._update(table, keys, grads, lr, update_id, None)[0]
 
@@ -267,10 +269,15 @@ class MemStoreClient:
         rows = []
         for (_, frame), reply, want in zip(frames, replies, reads):
             head, payload = wire.decode_frame(reply, pb.UpdateResponse)
-            if head.num_rows != len(want):
-                raise MemStoreError(f"Update of {table!r}: a shard returned {head.num_rows} read-back rows, asked {len(want)}")
-            if len(want):
-                rows.append(wire.rows_from_buffer(payload, head.num_rows, head.dim, wire.dtype_name(head.dtype, "update reply")))
+            if not len(want):
+                continue
+            dtype = wire.dtype_name(head.dtype, "update reply")
+            if (head.num_rows, head.dim, dtype) != (len(want), spec.dim, spec.wire_dtype) or \
+                    len(payload) != len(want) * spec.wire_row_bytes:
+                raise MemStoreError(f"Update of {table!r}: a shard returned {head.num_rows} read-back rows of dim "
+                                    f"{head.dim} {dtype} in {len(payload)} bytes; asked {len(want)} of dim {spec.dim} "
+                                    f"{spec.wire_dtype}")
+            rows.append(wire.rows_from_buffer(payload, head.num_rows, head.dim, dtype))
         fresh = np.concatenate(reads) if reads else np.empty(0, np.int64)
         values = torch.cat(rows) if rows else torch.empty(0, spec.dim, dtype=spec.wire_torch_dtype)
         order = np.argsort(fresh, kind="stable")

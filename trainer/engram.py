@@ -205,11 +205,15 @@ class EngramRows:
         return {name: self.store.lookup_async(name, ids[..., h], as_tensor=True)
                 for h, name in enumerate(self.tables)}
 
-    def fetch(self, hash_ids: Any, prefetched: Mapping[str, Future | torch.Tensor] | None = None) -> torch.Tensor:
+    def fetch(self, hash_ids: Any, prefetched: Mapping[str, Future | torch.Tensor] | None = None, *,
+              defer_wait: bool = False) -> torch.Tensor:
         """Rows of `hash_ids` (B, T, H) as a leaf `e` (B, T, H*d) that requires grad.
 
         prefetched: {table name: Future or (B, T, d) tensor} for these same hash ids;
-        heads missing from it are looked up now.
+        heads missing from it are looked up now. On CUDA the copy runs on a side stream and
+        the current stream waits for it before `fetch` returns (without blocking the host);
+        defer_wait=True leaves that wait to the caller (`wait_ready`, e.g. a forward pre-hook
+        of the Engram module), so the copy overlaps the work queued before it.
         """
         if self._leaf is not None:
             raise RuntimeError(f"Engram layer {self.layer_id}: fetch() again before push() "
@@ -243,6 +247,8 @@ class EngramRows:
                 self._ready = torch.cuda.Event()
                 self._ready.record(self._copy_stream)
             e.record_stream(torch.cuda.current_stream(self.device))
+            if not defer_wait:
+                self.wait_ready()
         else:
             e = torch.cat(parts, dim=-1).to(self.device, self.dtype)  # (B, T, H*d), a fresh tensor
         e.requires_grad_(True)
@@ -259,6 +265,9 @@ class EngramRows:
         watched tables. exchange(keys (B, T, H), grads (B, T, H, d)) -> the same for all
         data-parallel workers' batches, in rank order (trainer.parallel): every worker then
         sends that whole update under `update_id` + table, which the store applies once."""
+        assert (exchange is None) == (update_id is None), (
+            "data-parallel pushes need both exchange and update_id: without the id the summed update "
+            "applies W times, without the exchange only one worker's part applies")
         if self._leaf is None:
             raise RuntimeError(f"Engram layer {self.layer_id}: push() without a fetch()")
         if self._leaf.grad is None:

@@ -21,7 +21,12 @@ reassociation. What crosses between workers, per step:
   rows that sender watches for its prefetched steps (trainer.prefetch). Exchanging among
   workers was chosen over summing on the shard because the shard would have to hold partial
   updates until all W arrive (state that a crash could lose after acknowledging a part); the
-  price is W copies of the update on the wire to the store (measured in bench/bench_train.py).
+  price is W copies of the update on the wire to the store (bench/bench_row_sync.py measures
+  both ways). A sender whose copy arrives second gets the rows as they are at once, which is
+  still right after this update: no worker can send the next step's update to a table
+  before every worker has this step's replies, since the next step's exchange needs every
+  worker to have finished this one. Every worker must split the update the same way (the
+  same ClientConfig.max_request_bytes), so its parts carry the same ids.
 - The routers' balancing biases: their load counts are all-reduced (trainer.model).
 
 Backends: gloo for the rows (CPU tensors); the dense group is gloo on CPU, nccl on GPU.
@@ -59,7 +64,11 @@ class DataParallel:
             raise ValueError(f"rank {rank} is not in [0, {world})")
         dist.init_process_group(backend, init_method=f"tcp://{master}", rank=rank, world_size=world,
                                 timeout=timedelta(seconds=timeout_s))
-        rows_group = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s))
+        try:
+            rows_group = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s))
+        except BaseException:
+            dist.destroy_process_group()
+            raise
         return cls(rank, world, run_id, rows_group)
 
     def local(self, batch: torch.Tensor) -> torch.Tensor:
@@ -94,15 +103,18 @@ class DataParallel:
                 for p in params]
         buf = torch.cat([present, *flat])  # (P + 1 + sum of numels,)
         dist.all_reduce(buf)
+        head = buf[:len(params) + 1].cpu()  # the flags and the loss in one device-to-host copy
         at = len(params) + 1
         for i, p in enumerate(params):
             n = p.numel()
-            if buf[i] > 0:
+            if head[i] > 0:
                 p.grad = buf[at:at + n].view_as(p).to(p.dtype)
             at += n
         self.reduce_s += time.perf_counter() - t0
-        return float(buf[len(params)]) / self.world
+        return float(head[len(params)]) / self.world
 
+    # mean() and barrier() use rows_group from the main thread: only between steps (evals,
+    # checkpoints), when train_step has waited for every push, so no exchange is in flight.
     def mean(self, value: float) -> float:
         t = torch.tensor([value], dtype=torch.float64)
         dist.all_reduce(t, group=self.rows_group)

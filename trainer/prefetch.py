@@ -17,7 +17,7 @@ to date, without a second round trip:
 - Before a step's update is sent, `watch()` names, per table, the distinct keys of every step
   already issued and not yet taken; the update goes out as `update_read` with those keys, and
   each shard replies with the rows among them that the update changed, read right after
-  applying it (DESIGN.md section 3: the update reply carries the fresh values).
+  applying it (memstore.client.update_read).
 - `acknowledge(step, fresh)` takes those replies: for every queued step, its stale keys are
   its keys among the fresh ones (np.intersect1d, vectorised), and their fresh rows are kept
   with the step, in acknowledgement order.
@@ -177,8 +177,9 @@ class RowPrefetcher:
             patch = {}
             for l, r in self.rows.items():
                 for h, name in enumerate(r.tables):
-                    if name not in fresh.get(l, {}):
-                        continue
+                    assert name in fresh.get(l, {}), (
+                        f"step {step}'s update of {name} came back without the watched rows: "
+                        f"prefetched step {entry.step} would use stale rows")
                     keys, values = fresh[l][name]
                     stale = np.intersect1d(entry.uniques[l][h], keys, assume_unique=True)
                     if stale.size:

@@ -9,9 +9,11 @@ One step: a batch (trainer.data, fixed by (seed, step)) -> hash ids (NgramHashMa
 trained tokenizer) -> rows (EngramRows.fetch) -> forward/backward -> clip the dense gradients
 and step AdamW while the row gradients travel to the store (which applies Adam at 5x the lr,
 no decay) -> wait for the store -> the routers' balancing-bias update. The rows of the next
-prefetch_depth steps are looked up while a step computes (trainer.prefetch); before a step uses
-them, the keys that updates acknowledged since the lookup touched are re-read, so every step
-reads up-to-date rows, exactly as without prefetch. The learning
+prefetch_depth steps are looked up while a step computes (trainer.prefetch); each update's
+reply carries the rows it changed among them, which are patched in before a step uses them, so
+every step reads up-to-date rows, exactly as without prefetch. With data parallelism
+(trainer.parallel) each worker trains on its slice of every batch and the workers' gradients
+are summed, dense and rows, so W workers train what one worker would. The learning
 rate warms up linearly, then decays by a cosine to min_lr_ratio * lr; the tables follow the
 same schedule. Gradient clipping covers the dense parameters only: the rows' gradients go to
 the store unclipped (its Adam normalises their scale anyway).
@@ -247,7 +249,7 @@ def _fetch(run: Run, input_ids: torch.Tensor) -> dict[int, torch.Tensor]:
     if not run.rows:
         return {}
     hashes = run.mapping.hash(input_ids)  # {layer: (B, T, H)}
-    return {l: r.fetch(hashes[l]) for l, r in run.rows.items()}
+    return {l: r.fetch(hashes[l], defer_wait=True) for l, r in run.rows.items()}
 
 
 @torch.no_grad()
@@ -291,7 +293,7 @@ def train_step(run: Run, step: int, x: torch.Tensor, y: torch.Tensor) -> tuple[f
         hashes, fetched = run.prefetch.take(step, x)
         wait = run.prefetch.wait_s - waited
         run.prefetch.ahead(step)  # steps step+1 .. step+depth, looked up while this one computes
-        rows = {l: r.fetch(hashes[l], prefetched=fetched[l]) for l, r in run.rows.items()}
+        rows = {l: r.fetch(hashes[l], prefetched=fetched[l], defer_wait=True) for l, r in run.rows.items()}
     loss = run.model.loss(*_on_model_device(run, x, y), rows)
     run.opt.zero_grad(set_to_none=True)
     (loss if dp is None else loss / dp.world).backward()  # W workers' sum: the whole batch's mean

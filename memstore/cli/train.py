@@ -144,7 +144,11 @@ def _train_workers(args: argparse.Namespace, cfg, name: str, out: Path) -> dict:
     if args.workers * args.cpus_per_worker > cpus:
         raise ValueError(f"{args.workers} workers x {args.cpus_per_worker:g} CPUs do not fit the Ray cluster's "
                          f"{cpus:g} CPUs: lower --cpus-per-worker")
-    gpus = 1 if cfg.device.startswith("cuda") or (cfg.device == "auto" and ray.cluster_resources().get("GPU", 0) >= args.workers) else 0
+    have_gpus = ray.cluster_resources().get("GPU", 0)
+    gpus = 1 if cfg.device.startswith("cuda") or (cfg.device == "auto" and have_gpus >= args.workers) else 0
+    if gpus * args.workers > have_gpus:
+        raise ValueError(f"--device {cfg.device} gives each of {args.workers} workers a GPU; the Ray cluster has "
+                         f"{have_gpus:g}")
     print(f"training with {args.workers} data-parallel workers on Ray ...", flush=True)
     return train_workers(cfg, args.workers, cpus_per_worker=args.cpus_per_worker, gpus_per_worker=gpus,
                          store_name=name, address=args.address, progress=not args.quiet, checkpoint_dir=out,
