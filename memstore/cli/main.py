@@ -12,12 +12,13 @@ import logging
 import sys
 import traceback
 
-from memstore.cli import checkpoint, demo, down, health, ls, restore, serve, stats, status, train, up
+from memstore.cli import checkpoint, demo, down, exp, health, ls, plan, restore, serve, stats, status, train, up
 from memstore.errors import InvalidArgument, StoreNotFound, TableNotFound, Unavailable
 
 SUBCOMMANDS = {
     "serve": serve, "demo": demo, "up": up, "down": down, "ls": ls, "health": health,
     "status": status, "checkpoint": checkpoint, "restore": restore, "train": train, "stats": stats,
+    "exp": exp, "plan": plan,
 }
 
 
