@@ -30,7 +30,7 @@ NAME = "probe"
 
 @pytest.fixture(scope="module")
 def probe_store():
-    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})  # as in test_ray_store
     ray.init(address=c.address, namespace="memstore", log_to_driver=False)
     try:
         yield store.deploy(NAME, 2, [TableSpec("t", num_rows=1_000, dim=8)])

@@ -23,7 +23,8 @@ from memstore.errors import StoreNotFound
 
 @pytest.fixture(scope="module")
 def cluster():
-    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "resources": {}})
+    # No dashboard: nothing here uses it, and its start once aborted and stalled the head (flaky in CI).
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "resources": {}, "include_dashboard": False})
     memory_nodes = [c.add_node(num_cpus=1, resources={"memstore": 1}) for _ in range(2)]
     c.wait_for_nodes()
     ray.init(address=c.address, namespace="memstore", log_to_driver=False)
