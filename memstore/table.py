@@ -113,7 +113,9 @@ class ShardTable:
             if out.dtype == self.rows.dtype:
                 # numpy's take runs on this handler thread; torch's index_select would wake
                 # intra-op threads that fight gRPC's for the cores (lookups 1.5x slower on 2).
-                np.take(self._rows_np, local.numpy(), axis=0, out=as_numpy(out))
+                # mode="clip": the keys were range-checked already, and numpy buffers `out` in
+                # the default mode="raise" (an extra copy: 1.5 vs 0.8 ms for 8 MiB, measured).
+                np.take(self._rows_np, local.numpy(), axis=0, out=as_numpy(out), mode="clip")
             else:
                 out.copy_(self.rows.index_select(0, local))
             return out
