@@ -22,11 +22,36 @@ LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0
                    5.0, 10.0)
 
 
-class ShardMetrics:
+class MetricsEndpoint:
+    """Serves `registry` at /metrics over HTTP (prometheus-client's server), once asked."""
+
+    what = "metrics"  # named in the error when the port is taken
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self._http = None  # the HTTP server while serving
+
+    def serve(self, port: int = 0, host: str = "0.0.0.0") -> int:
+        """Serves /metrics on host:port (0 picks a free port); returns the bound port."""
+        assert self._http is None, "metrics are served already"
+        try:
+            self._http, _ = start_http_server(port, host, registry=self.registry)
+        except OSError as e:
+            raise OSError(f"cannot serve {self.what} on {host}:{port}: {e.strerror or e}") from None
+        return self._http.server_port
+
+    def close(self) -> None:
+        if self._http is not None:
+            self._http.shutdown()
+            self._http.server_close()
+            self._http = None
+
+
+class ShardMetrics(MetricsEndpoint):
     """The metrics of one shard; `registry` is what its HTTP endpoint serves."""
 
     def __init__(self, engine, methods: list[str]) -> None:
-        self.registry = CollectorRegistry()
+        super().__init__()
         r = self.registry
         self.requests = Counter("memstore_requests", "RPCs finished, by method and gRPC status code",
                                 ["method", "code"], registry=r)
@@ -44,7 +69,6 @@ class ShardMetrics:
             self.latency.labels(m)
         ProcessCollector(registry=r)  # process_resident_memory_bytes (RSS), CPU seconds, open fds
         r.register(_EngineCollector(engine))
-        self._http = None
 
     # ---- called by the servicer ----------------------------------------------------------------
     def request(self, method: str, code: str, seconds: float) -> None:
@@ -59,21 +83,6 @@ class ShardMetrics:
         self.bytes_in.labels(method).inc(bytes_in)
         self.bytes_out.labels(method).inc(bytes_out)
 
-    # ---- the HTTP endpoint ---------------------------------------------------------------------
-    def serve(self, host: str, port: int) -> int:
-        """Serves /metrics on host:port (0 picks a free port); returns the bound port."""
-        assert self._http is None, "metrics are served already"
-        try:
-            self._http, _ = start_http_server(port, host, registry=self.registry)
-        except OSError as e:
-            raise OSError(f"cannot serve metrics on {host}:{port}: {e.strerror or e}") from None
-        return self._http.server_port
-
-    def close(self) -> None:
-        if self._http is not None:
-            self._http.shutdown()
-            self._http.server_close()
-            self._http = None
 
 
 class _EngineCollector:

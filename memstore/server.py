@@ -302,7 +302,7 @@ class ShardServer:
     def serve_metrics(self, port: int) -> str:
         """Serves Prometheus metrics on this server's host:port (0 picks a free port);
         returns that address. OSError if the port is taken."""
-        self.metrics_address = f"{self.host}:{self.servicer.metrics.serve(self.host, port)}"
+        self.metrics_address = f"{self.host}:{self.servicer.metrics.serve(port, self.host)}"
         return self.metrics_address
 
     def start(self) -> "ShardServer":

@@ -296,12 +296,7 @@ def plot_allocation(results: Sequence[dict], path: Path, title: str = "") -> Pat
         a.set_xlabel("ρ: share of the sparse budget in routed experts (%)")
         a.grid(alpha=0.3)
         a.legend(fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_slots(results: Sequence[dict], path: Path, title: str = "") -> Path:
@@ -342,12 +337,7 @@ def plot_slots(results: Sequence[dict], path: Path, title: str = "") -> Path:
         a.set_xlabel("Engram table rows (all heads)")
         a.grid(alpha=0.3, which="both")
         a.legend(fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def _draw_fit(ax, x: Sequence[float], y: Sequence[float]) -> None:
@@ -356,3 +346,15 @@ def _draw_fit(ax, x: Sequence[float], y: Sequence[float]) -> None:
         xs = np.logspace(math.log10(min(x)), math.log10(max(x)), 50)
         ax.plot(xs, fit["intercept"] + fit["per_decade"] * np.log10(xs), ":", color="tab:gray",
                 label=f"log-linear fit: {fit['per_decade']:+.3f} nats per decade")
+
+
+def _save(fig, path) -> Path:
+    """Writes a finished figure as a PNG (making its folder) and frees it."""
+    plt = _pyplot()
+
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path

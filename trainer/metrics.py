@@ -5,7 +5,7 @@ tokens/s.
 two workers or a test in one process do not clash) and serves it over HTTP only when asked
 (`serve(port)`). The training loop calls `step(...)` once per step with figures it measures
 already; nothing here times anything itself, so it adds no work to a step but a few counter
-increments. Relies on prometheus-client only.
+increments. Relies on prometheus-client and memstore.metrics (the HTTP endpoint).
 
     metrics = TrainerMetrics(worker=rank)
     metrics.serve(9300)                      # optional; 0 picks a free port, returned
@@ -18,7 +18,9 @@ increments. Relies on prometheus-client only.
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import Counter, Gauge, Histogram
+
+from memstore.metrics import MetricsEndpoint
 
 # Step times run from tens of ms (small models on GPU) to seconds (CPU).
 STEP_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -26,11 +28,13 @@ STEP_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 WAIT_BUCKETS = (0.0001, 0.0005, 0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0)
 
 
-class TrainerMetrics:
+class TrainerMetrics(MetricsEndpoint):
     """The metrics of one worker, labelled with its rank (`worker`)."""
 
+    what = "trainer metrics"
+
     def __init__(self, worker: int | str = 0) -> None:
-        self.registry = CollectorRegistry()
+        super().__init__()
         r, labels = self.registry, ["worker"]
         self.steps = Counter("memstore_trainer_steps", "optimizer steps taken", labels, registry=r).labels(worker)
         self.tokens = Counter("memstore_trainer_tokens", "tokens trained on by this worker", labels,
@@ -49,7 +53,6 @@ class TrainerMetrics:
         self.prefetch_depth = Gauge("memstore_trainer_prefetch_depth",
                                     "steps whose rows are looked up ahead of the step that computes", labels,
                                     registry=r).labels(worker)
-        self._http = None
 
     def step(self, seconds: float, tokens: int, row_wait_s: float = 0.0, push_wait_s: float | None = None,
              prefetch_depth: int | None = None) -> None:
@@ -69,17 +72,3 @@ class TrainerMetrics:
         if prefetch_depth is not None:
             self.prefetch_depth.set(prefetch_depth)
 
-    def serve(self, port: int = 0, host: str = "0.0.0.0") -> int:
-        """Serves /metrics on host:port (0 picks a free port); returns the bound port."""
-        assert self._http is None, "metrics are served already"
-        try:
-            self._http, _ = start_http_server(port, host, registry=self.registry)
-        except OSError as e:
-            raise OSError(f"cannot serve trainer metrics on {host}:{port}: {e.strerror or e}") from None
-        return self._http.server_port
-
-    def close(self) -> None:
-        if self._http is not None:
-            self._http.shutdown()
-            self._http.server_close()
-            self._http = None
