@@ -183,7 +183,11 @@ def _serve_in_port_range(engine, host: str):
     from memstore.server import ShardServer
 
     server = _first_free(os.environ.get("MEMSTORE_PORT_BASE"), host, lambda port: ShardServer(engine, host, port))
-    _first_free(os.environ.get("MEMSTORE_METRICS_PORT_BASE"), host, server.serve_metrics)
+    try:
+        _first_free(os.environ.get("MEMSTORE_METRICS_PORT_BASE"), host, server.serve_metrics)
+    except OSError:
+        server.server.stop(None)  # release the gRPC port it bound
+        raise
     return server.start()
 
 

@@ -85,7 +85,8 @@ def stop_local_ray(gcs_address: str) -> int:
     Returns the number of processes signalled."""
     ray.shutdown()
     port = gcs_address.rsplit(":", 1)[1]
-    markers = (f"--gcs_server_port={port}", f"--gcs-address={gcs_address}", f"--address={gcs_address}")
+    # Ray's daemons name their GCS so; a user's `--address=` (a script, this CLI) is not matched.
+    markers = (f"--gcs_server_port={port}", f"--gcs-address={gcs_address}")
     pids = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit() or int(entry) == os.getpid():
@@ -98,6 +99,7 @@ def stop_local_ray(gcs_address: str) -> int:
         if any(arg in markers for arg in argv):
             pids.append(int(entry))
     pids += _descendants(pids)  # the raylet's agents (dashboard, runtime env) name no address
+    pids = [p for p in pids if p not in _ancestors()]  # never this process or what runs it
     for sig, wait_s in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 5.0)):
         for pid in pids:
             try:
@@ -133,6 +135,19 @@ def _descendants(roots: list[int]) -> list[int]:
             if child not in roots and child not in out:
                 out.append(child)
                 todo.append(child)
+    return out
+
+
+def _ancestors() -> set[int]:
+    """This process and its parents up to init."""
+    out, pid = set(), os.getpid()
+    while pid > 1 and pid not in out:
+        out.add(pid)
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                pid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            break
     return out
 
 

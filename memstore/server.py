@@ -119,7 +119,7 @@ class MemStoreServicer:
         )
 
     def TableStats(self, request: pb.TableStatsRequest, context) -> pb.TableStatsResponse:
-        tables = [self.engine.table(name) for name in request.tables] or self.engine.tables()
+        tables = [self.engine.table(name) for name in dict.fromkeys(request.tables)] or self.engine.tables()  # each once
         out = pb.TableStatsResponse(shard_index=self.engine.shard_index, num_shards=self.engine.num_shards)
         for t in tables:
             s = t.telemetry.snapshot(t.spec.name, t.spec.num_rows, t.shard_index, t.num_shards)
@@ -297,7 +297,11 @@ class ShardServer:
         self.host = host
         self.metrics_address = None  # host:port of /metrics, when served
         if metrics_port is not None:
-            self.serve_metrics(metrics_port)
+            try:
+                self.serve_metrics(metrics_port)
+            except OSError:
+                self.server.stop(None)  # release the gRPC port now, not at garbage collection
+                raise
 
     def serve_metrics(self, port: int) -> str:
         """Serves Prometheus metrics on this server's host:port (0 picks a free port);

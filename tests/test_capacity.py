@@ -170,3 +170,10 @@ def test_plan_cli_prints_a_table_then_json(capsys, corpus_cfg):
     assert rc == 0 and doc["dedup"]["source"] == "corpus" and doc["dedup"]["sizes"] == [64, 256, 1024, 4096]
     assert 0.0 < doc["plan"]["dedup_rate"] < 1.0
     assert cli.main(["plan", "--d-mem", "1000"]) == cli.ExitStatus.USAGE  # 1000 does not split over 16 heads
+
+
+def test_tokens_per_step_must_split_over_the_workers():
+    from trainer.capacity import PlanConfig
+
+    with pytest.raises(ValueError, match="split evenly over 3 workers"):
+        PlanConfig(tokens_per_step=1000, workers=3)

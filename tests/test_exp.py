@@ -80,10 +80,12 @@ def test_two_point_allocation_sweep_end_to_end(corpus, tmp_path, capsys):
                      *tiny_flags(corpus)]) == 0
     again = capsys.readouterr().out
     assert "2 of 2 points already" in again and json.loads(again.strip().splitlines()[-1])["points"] == doc["points"]
-    # the same folder with another config is refused, not mixed
+    # the same folder with another config is refused, not mixed, and its record stays
+    record = (out / "sweep.json").read_text()
     assert cli.main(["exp", "allocation", "--rhos", "1,0.5", "--experts", "4", "--out", str(out), "--no-plot",
                      *tiny_flags(corpus), "--lr", "1e-3"]) == cli.ExitStatus.USAGE
     assert "another config (differs in lr" in capsys.readouterr().err
+    assert (out / "sweep.json").read_text() == record
 
 
 def test_interrupted_sweep_resumes_where_it_stopped(corpus, tmp_path, monkeypatch):

@@ -35,6 +35,17 @@ def test_counts_repeats_within_a_call_and_reports_the_hottest_rows():
     assert s.skew == (4 + 2 + 8 * 1) / 104 and s.occupancy == 0.1
 
 
+def test_concurrent_lookups_lose_no_count():
+    """Shard handlers record from many threads at once (index_add_ releases the GIL)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    t = TableTelemetry(10)
+    keys = torch.zeros(1000, dtype=torch.int64)
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda _: [t.record_lookup(keys) for _ in range(200)], range(8)))
+    assert int(t._reads[0]) == 8 * 200 * 1000 and t.lookups == 8 * 200
+
+
 def test_combining_shards_finds_the_store_wide_hottest_rows():
     """The hottest 1 % of a 1,000-row table may all sit on one shard: each shard sends its
     top 10 (1 % of the whole table), not 1 % of its own rows, so the merge stays exact."""

@@ -82,6 +82,8 @@ class PlanConfig:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.max_ngram_size < 2:
             raise ValueError(f"max_ngram_size must be >= 2, got {self.max_ngram_size}")
+        if self.tokens_per_step % self.workers:
+            raise ValueError(f"tokens_per_step ({self.tokens_per_step}) must split evenly over {self.workers} workers")
         if self.d_mem % self.num_heads_per_layer:
             raise ValueError(f"d_mem ({self.d_mem}) must split evenly over {self.num_heads_per_layer} heads "
                              f"({self.max_ngram_size - 1} orders x {self.n_head_per_ngram})")

@@ -184,6 +184,8 @@ def run(args: argparse.Namespace) -> int:
     out = args.out or Path("experiments") / args.experiment
     sweep = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
              if k not in ("command", "debug", "progress")}
+    for p in points:  # a saved point of another config refuses the rerun before anything is written
+        experiments.load_point(out, p)
     experiments.write_sweep_record(out, {"experiment": args.experiment, "base_config": dataclasses.asdict(cfg),
                                          "args": sweep, "points": [p.key for p in points]})
     results = experiments.run_points(points, out, progress=args.progress)

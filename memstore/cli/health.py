@@ -40,9 +40,10 @@ def run(args: argparse.Namespace) -> int:
     states = [check(s["address"], args.timeout) for s in layout["shards"]]
     if any(st != "SERVING" for st in states):  # name the shards Ray is bringing back (not serving yet)
         ray_states = store.shard_states(args.name)
-        states = ["RESTARTING" if st != "SERVING" and r == "RESTARTING" else st for st, r in zip(states, ray_states)]
+        states = ["RESTARTING" if st != "SERVING" and r == "RESTARTING" else st
+                  for st, r in zip(states, ray_states, strict=True)]
     for s, state in zip(layout["shards"], states):
         print(f"shard {s['shard_index']:>3}  {s['address']:<22} {state}")
     serving = sum(st == "SERVING" for st in states)
     print(f"store {args.name!r}: {serving}/{len(states)} shards serving")
-    return 0 if serving == len(states) else DEGRADED
+    return 0 if states and serving == len(states) else DEGRADED  # no shards (yet) is not healthy

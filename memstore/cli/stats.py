@@ -35,6 +35,7 @@ def collect(addresses: list[str], tables: list[str], timeout_s: float) -> list[d
     from memstore.telemetry import combine
 
     with ThreadPoolExecutor(max_workers=min(len(addresses), 32)) as pool:
+        tables = list(dict.fromkeys(tables))  # a table named twice is still counted once
         replies = list(pool.map(lambda a: table_telemetry(a, tables, timeout_s), addresses))
     num_shards = {s for _, s, _ in replies}
     indices = sorted(i for i, _, _ in replies)
