@@ -145,3 +145,26 @@ def test_stats_cli_wants_every_shard_exactly_once(shards_2, capsys):
     assert "not every shard of one store" in capsys.readouterr().err
     assert main(["stats"]) == ExitStatus.USAGE
     assert "give a store NAME or --shards" in capsys.readouterr().err
+
+
+def test_stats_cli_reports_a_table_some_shards_lack_as_degraded(shards_2, crafted, capsys):
+    """A table created on shard 0 only (a create that failed part-way): figures from the shard
+    that has it, a line naming the gap, exit 1."""
+    import grpc
+
+    from memstore import wire
+    from memstore.server import CHANNEL_OPTIONS, SERVICE
+    from memstore.v1 import memstore_pb2 as pb
+
+    spec = TableSpec("half", num_rows=100, dim=4)
+    with grpc.insecure_channel(shards_2.addresses[0], options=CHANNEL_OPTIONS) as ch:
+        create = ch.unary_unary(f"/{SERVICE}/CreateTable", request_serializer=lambda m: m.SerializeToString(),
+                                response_deserializer=pb.TableInfo.FromString)
+        create(pb.CreateTableRequest(spec=wire.spec_to_pb(spec), route=pb.Route(shard_index=0, num_shards=2)), timeout=10)
+    try:
+        code = main(["stats", "--shards", ",".join(shards_2.addresses)])
+        out = capsys.readouterr().out
+        assert code == 1 and "table 'half' is on 1 of 2 shards only" in out, out
+    finally:
+        with MemStoreClient(shards_2.addresses) as client:
+            client.drop_table("half")

@@ -76,10 +76,15 @@ def run(args: argparse.Namespace) -> int:
         store.ensure_ray(args.address)
         addresses = [s["address"] for s in store.refresh_layout(args.name)["shards"]]
     tables = collect(addresses, args.table, args.timeout)
+    # A table some shards lack (a create that failed part-way, a shard still replaying its log)
+    # is reported from the shards that have it, and the store counts as degraded.
+    partial = [t for t in tables if t["shards"] != len(addresses)]
     if args.json:
         print(json.dumps({"store": args.name, "num_shards": len(addresses), "tables": tables}))
     else:
         print(render(tables, hot_keys=bool(args.table)))
         where = f"store {args.name!r}" if args.name else "shards " + ",".join(addresses)
         print(f"{where}: {len(tables)} tables over {len(addresses)} shards; counts since each shard started")
-    return 0
+        for t in partial:
+            print(f"table {t['table']!r} is on {t['shards']} of {len(addresses)} shards only: its figures cover those")
+    return 1 if partial else 0
