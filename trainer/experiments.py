@@ -351,7 +351,6 @@ def _draw_fit(ax, x: Sequence[float], y: Sequence[float]) -> None:
 def _save(fig, path) -> Path:
     """Writes a finished figure as a PNG (making its folder) and frees it."""
     plt = _pyplot()
-
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
