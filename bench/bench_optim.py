@@ -4,6 +4,8 @@ Run: python -m bench.bench_optim [--num-rows 4000000 --dim 64 --batch 65536 --re
 
 Each optimizer updates `batch` unique random rows (in random order) of a `num_rows` x `dim`
 float32 table, a fresh row set per repetition; the figure is the median over `reps` steps.
+Tables sit in the memory a shard gives them (memstore.alloc.zeros: huge pages where the OS
+allows), SparseAdam's parameter too; optimizer state is each optimizer's own.
 Targets (DESIGN.md section 4, 2-core CPU): row-wise Adagrad >= 8 M rows/s; Adam >= 2.5x
 faster than torch.optim.SparseAdam. Prints a table, then one JSON document as its last line.
 """
@@ -24,6 +26,7 @@ import torch
 if __package__ in (None, ""):  # lets `python bench/bench_optim.py` find memstore in a checkout
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from memstore import alloc  # noqa: E402
 from memstore.optim import make_optimizer  # noqa: E402
 from memstore.spec import OptimizerSpec  # noqa: E402
 
@@ -58,7 +61,8 @@ def _median_ms(step: Callable[[int], None], reps: int, tensors: Callable[[], lis
 
 
 def _torch_sparse_adam_ms(num_rows, dim, idx_sets, grads, reps) -> float:
-    param = torch.nn.Parameter(torch.randn(num_rows, dim))
+    # The table in the memory a shard gives it (huge pages); SparseAdam allocates its own state.
+    param = torch.nn.Parameter(alloc.zeros((num_rows, dim), torch.float32).copy_(torch.randn(num_rows, dim)))
     opt = torch.optim.SparseAdam([param], lr=LR)
     sparse = [torch.sparse_coo_tensor(i.unsqueeze(0), grads, (num_rows, dim), check_invariants=False) for i in idx_sets]
 
@@ -74,7 +78,7 @@ def _torch_sparse_adam_ms(num_rows, dim, idx_sets, grads, reps) -> float:
 
 def _memstore_ms(spec, dtype, num_rows, dim, idx_sets, grads, reps) -> float:
     optimizer = make_optimizer(spec)
-    rows = torch.randn(num_rows, dim).to(dtype)
+    rows = alloc.zeros((num_rows, dim), dtype).copy_(torch.randn(num_rows, dim))  # as a shard holds them
     state = optimizer.init_state(num_rows, dim)
     return _median_ms(lambda r: optimizer.step(rows, state, idx_sets[r], grads, LR), reps,
                       lambda: [rows, *state.values()])

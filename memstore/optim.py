@@ -29,6 +29,7 @@ import math
 
 import torch
 
+from memstore import alloc
 from memstore.errors import InvalidArgument
 from memstore.spec import OptimizerSpec
 
@@ -53,7 +54,7 @@ class SparseOptimizer:
 
     def init_state(self, num_rows: int, dim: int) -> dict[str, torch.Tensor]:
         """Zeroed state for a table of num_rows x dim, on the CPU (move it with the rows)."""
-        return {name: torch.zeros(num_rows, dim, dtype=torch.float32) for name in self.state_names}
+        return {name: alloc.zeros((num_rows, dim), torch.float32) for name in self.state_names}
 
     def step(
         self,
@@ -120,7 +121,7 @@ class SparseRowWiseAdagrad(SparseOptimizer):
     state_names = ("momentum1",)  # fbgemm's name for the per-row accumulator
 
     def init_state(self, num_rows: int, dim: int) -> dict[str, torch.Tensor]:
-        return {"momentum1": torch.zeros(num_rows, dtype=torch.float32)}
+        return {"momentum1": alloc.zeros((num_rows,), torch.float32)}
 
     def _delta(self, state, ix, g, lr, per_row):
         acc = state["momentum1"].index_select(0, ix)  # (k,)
@@ -138,7 +139,7 @@ class SparseAdam(SparseOptimizer):
 
     def init_state(self, num_rows: int, dim: int) -> dict[str, torch.Tensor]:
         state = super().init_state(num_rows, dim)
-        state["step"] = torch.zeros(num_rows, dtype=torch.int64)
+        state["step"] = alloc.zeros((num_rows,), torch.int64)
         return state
 
     def _per_row(self, state, idx, lr):

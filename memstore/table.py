@@ -16,6 +16,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from memstore import alloc
 from memstore.keys import as_numpy
 from memstore.optim import make_optimizer
 from memstore.partition import fill_initial_rows, local_rows
@@ -73,24 +74,19 @@ class ShardTable:
     def __init__(
         self, spec: TableSpec, shard_index: int = 0, num_shards: int = 1, *, initialise: bool = True
     ) -> None:
-        """initialise=False leaves rows and optimizer state unwritten (torch.empty), for a
-        restore that overwrites every value (memstore.checkpoint); it skips the init cost."""
+        """initialise=False leaves rows and optimizer state zero, for a restore that
+        overwrites every value (memstore.checkpoint); it skips the init cost. Rows and state
+        sit on huge pages where the OS allows (memstore.alloc.zeros): their accesses are random."""
         self.spec = spec
         self.shard_index = shard_index
         self.num_shards = num_shards
         self.local_rows = local_rows(spec.num_rows, shard_index, num_shards)
-        self.rows = torch.empty(self.local_rows, spec.dim, dtype=spec.torch_dtype)
+        self.rows = alloc.zeros((self.local_rows, spec.dim), spec.torch_dtype)
         self._rows_np = as_numpy(self.rows)  # the same memory, for single-threaded gathers
         if initialise:
             fill_initial_rows(self.rows, spec.init, spec.seed, shard_index, num_shards)
         self.optimizer = make_optimizer(spec.optimizer)
-        if initialise:
-            self.state = self.optimizer.init_state(self.local_rows, spec.dim)
-        else:  # init_state's names, dtypes and trailing shapes, read off a 0-row state
-            self.state = {
-                name: torch.empty((self.local_rows, *t.shape[1:]), dtype=t.dtype)
-                for name, t in self.optimizer.init_state(0, spec.dim).items()
-            }
+        self.state = self.optimizer.init_state(self.local_rows, spec.dim)
         self.version = 0  # updates + assigns applied; guarded by lock
         self.lock = RWLock()
         self.telemetry = TableTelemetry(self.local_rows)  # reads per row, lookups, updates

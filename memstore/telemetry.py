@@ -28,6 +28,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from memstore import alloc
+
 # Skew is the share of reads that go to the hottest HOT_PERCENT % of a table's rows.
 HOT_PERCENT = 1
 # How many of the hottest rows a snapshot names by key.
@@ -76,7 +78,7 @@ class TableTelemetry:
 
     def __init__(self, local_rows: int) -> None:
         self.local_rows = local_rows
-        self._reads = torch.zeros(local_rows, dtype=torch.int64)  # reads per local row
+        self._reads = alloc.zeros((local_rows,), torch.int64)  # reads per local row; random access: huge pages
         self._one = torch.ones(1, dtype=torch.int64)
         self.lookups = 0
         self.lookup_keys = 0

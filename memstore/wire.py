@@ -27,6 +27,7 @@ _LEN = struct.Struct("<I")
 # could be written through. The engine never writes to a request's payload (it copies what it
 # keeps), so the warning says nothing here.
 warnings.filterwarnings("ignore", message="The given buffer is not writable")
+warnings.filterwarnings("ignore", message="The given NumPy array is not writable")  # keys viewed in place
 M = TypeVar("M", bound=Message)
 
 DTYPE_TO_PB = {"float32": pb.FLOAT32, "bfloat16": pb.BFLOAT16, "float16": pb.FLOAT16}
@@ -52,14 +53,19 @@ _bytes_buffer.restype = ctypes.c_void_p
 _bytes_buffer.argtypes = (ctypes.py_object,)
 
 
+def new_bytes(size: int) -> tuple[bytes, np.ndarray]:
+    """A new bytes object of `size` bytes, unwritten, and a writable uint8 view of it: fill
+    the view before the bytes are shared (sent, hashed, compared), then drop it."""
+    data = _bytes_uninitialised(None, size)
+    return data, np.ctypeslib.as_array((ctypes.c_uint8 * size).from_address(_bytes_buffer(data)))
+
+
 def new_frame(header: Message, num_keys: int, dim: int, dtype: str) -> tuple[bytes, torch.Tensor]:
     """A frame for `header` and a rows payload [num_keys, dim] of `dtype`, returned with a
     writable tensor over that payload: fill it, then send the bytes (and drop the tensor)."""
     head = header.SerializeToString()
     start = _LEN.size + len(head)
-    size = start + num_keys * dim * DTYPE_BYTES[dtype]
-    frame = _bytes_uninitialised(None, size)
-    buf = np.ctypeslib.as_array((ctypes.c_uint8 * size).from_address(_bytes_buffer(frame)))
+    frame, buf = new_bytes(start + num_keys * dim * DTYPE_BYTES[dtype])
     buf[:_LEN.size] = np.frombuffer(_LEN.pack(len(head)), np.uint8)
     buf[_LEN.size : start] = np.frombuffer(head, np.uint8)
     rows = torch.from_numpy(buf[start:]).view(DTYPES[dtype]).view(num_keys, dim)
