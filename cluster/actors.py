@@ -41,6 +41,7 @@ class _ShardActor:
     def __init__(self, store: str, shard_index: int, num_shards: int, data_dir: str, wal_sync: str) -> None:
         from memstore import checkpoint, wal
         from memstore.engine import ShardEngine
+        from memstore.server import settle_shard_process
         from memstore.spec import TableSpec
 
         self.store = store
@@ -71,6 +72,7 @@ class _ShardActor:
         self._progress = (0, 0)  # (done, total) bytes of the checkpoint write or restore under way
 
         self.server = _serve_in_port_range(self.engine, ray.util.get_node_ip_address())
+        settle_shard_process()
         self.address = self.server.address
         self.node_id = ray.get_runtime_context().get_node_id()
         self.pid = os.getpid()

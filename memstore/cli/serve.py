@@ -29,7 +29,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from memstore.engine import ShardEngine
-    from memstore.server import ShardServer
+    from memstore.server import ShardServer, settle_shard_process
 
     if not 0 < args.num_shards <= 4096:
         raise ValueError(f"--num-shards must be in 1..4096, got {args.num_shards}")
@@ -50,6 +50,7 @@ def run(args: argparse.Namespace) -> int:
     if server.metrics_address:  # before the serving line, which launchers wait for
         print(f"memstore shard {args.shard_index}/{args.num_shards} metrics on http://{server.metrics_address}/metrics",
               flush=True)
+    settle_shard_process()
     # Tests and launchers read this line to learn the bound port.
     print(f"memstore shard {args.shard_index}/{args.num_shards} serving on {server.address}", flush=True)
     stop = threading.Event()
