@@ -17,7 +17,7 @@ import time
 import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import grpc
 import numpy as np
@@ -35,7 +35,7 @@ from memstore.errors import (
     Unavailable,
     WrongShard,
 )
-from memstore.server import CHANNEL_OPTIONS, SERVICE
+from memstore.server import CHANNEL_OPTIONS, FRAMED, SERVICE
 from memstore.spec import TableSpec, as_key_array
 from memstore.v1 import memstore_pb2 as pb
 
@@ -87,7 +87,7 @@ class _Shard:
         ident = lambda b: b  # noqa: E731 -- frames are bytes both ways
         self.methods: dict[str, grpc.UnaryUnaryMultiCallable] = {}
         for m in pb.DESCRIPTOR.services_by_name["MemStore"].methods:
-            framed = m.name in ("Lookup", "Update", "Assign")
+            framed = m.name in FRAMED
             out_cls = getattr(pb, m.output_type.name)
             self.methods[m.name] = self.channel.unary_unary(
                 f"/{SERVICE}/{m.name}",
@@ -199,16 +199,68 @@ class MemStoreClient:
 
         def place(i: int, frame: bytes) -> None:  # runs as each reply arrives
             header, payload = wire.decode_frame(frame, pb.LookupResponse)
-            dtype = wire.dtype_name(header.dtype, "lookup reply")
-            if (header.dim, dtype) != (spec.dim, spec.wire_dtype):  # the table was recreated under us
-                with self._specs_lock:
-                    self._specs.pop(table, None)
-                raise InvalidArgument(f"table {table!r} now has dim {header.dim} and wire dtype {dtype}; "
-                                      f"this call assumed {spec.dim} and {spec.wire_dtype}: retry")
-            rows.put(starts[i], wire.rows_from_buffer(payload, header.num_keys, header.dim, dtype))
+            rows.put(starts[i], self._reply_rows(table, spec, header, payload))
 
         self._fan_out("Lookup", requests, on_reply=place)
-        out = rows.result().view(*arr.shape, spec.dim)  # (*keys.shape, dim)
+        return self._as_result(rows.result(), arr, spec, as_tensor)
+
+    def lookup_many(self, keys: Mapping[str, Any], *, as_tensor: bool = False) -> dict[str, np.ndarray | torch.Tensor]:
+        """`lookup` of several tables at once, {table: keys} -> {table: rows}, in one request
+        per shard (LookupMany) where `lookup` makes one per table and shard: a training step
+        that reads every Engram head's table pays one round trip per shard."""
+        jobs = {}  # table -> (spec, keys array, assembler)
+        parts, where = [], []  # the parts of every table; where[i]: (table, first row of part i)
+        for name, k in keys.items():
+            spec = self.spec(name)
+            arr = as_key_array(k)
+            plan = keyplan.plan_keys(arr.reshape(-1), spec, self.num_shards)
+            jobs[name] = (spec, arr, plan.assembler(spec.dim, spec.wire_torch_dtype))
+            for shard in range(self.num_shards):
+                start = int(plan.bounds[shard])
+                for chunk in self._chunks(plan.shard_keys(shard), spec.wire_row_bytes):
+                    parts.append((shard, pb.LookupRequest(table=name, num_keys=len(chunk)), (chunk,)))
+                    where.append((name, start))
+                    start += len(chunk)
+        frames = self._packed(parts, pb.LookupManyRequest,
+                              lambda i: parts[i][1].num_keys * jobs[parts[i][1].table][0].wire_row_bytes)
+
+        def place(f: int, frame: bytes) -> None:  # runs as each reply arrives
+            header, payload = wire.decode_frame(frame, pb.LookupManyResponse)
+            members = frames[f][2]
+            if len(header.parts) != len(members):
+                raise MemStoreError(f"LookupMany: a shard answered {len(header.parts)} parts, asked {len(members)}")
+            at = 0
+            for i, head in zip(members, header.parts):
+                name, start = where[i]
+                spec = jobs[name][0]
+                size = head.num_keys * spec.wire_row_bytes
+                jobs[name][2].put(start, self._reply_rows(name, spec, head, payload[at:at + size], parts[i][1].num_keys))
+                at += size
+
+        self._fan_out("LookupMany", [(shard, frame) for shard, frame, _ in frames], on_reply=place)
+        return {name: self._as_result(rows.result(), arr, spec, as_tensor) for name, (spec, arr, rows) in jobs.items()}
+
+    def lookup_many_async(self, keys: Mapping[str, Any], *, as_tensor: bool = False) -> Future:
+        """`lookup_many` on a background thread; the future's result is its return value."""
+        return self._executor().submit(self.lookup_many, keys, as_tensor=as_tensor)
+
+    def _reply_rows(self, table: str, spec: TableSpec, header: pb.LookupResponse, payload,
+                    num_keys: int | None = None) -> torch.Tensor:
+        """The rows of one lookup reply (part), checked against what the call assumed."""
+        dtype = wire.dtype_name(header.dtype, "lookup reply")
+        if (header.dim, dtype) != (spec.dim, spec.wire_dtype):  # the table was recreated under us
+            with self._specs_lock:
+                self._specs.pop(table, None)
+            raise InvalidArgument(f"table {table!r} now has dim {header.dim} and wire dtype {dtype}; "
+                                  f"this call assumed {spec.dim} and {spec.wire_dtype}: retry")
+        if num_keys is not None and (header.num_keys != num_keys or len(payload) != num_keys * spec.wire_row_bytes):
+            raise MemStoreError(f"LookupMany of {table!r}: a shard returned {header.num_keys} rows in "
+                                f"{len(payload)} bytes; asked {num_keys}")
+        return wire.rows_from_buffer(payload, header.num_keys, header.dim, dtype)
+
+    @staticmethod
+    def _as_result(rows: torch.Tensor, arr: np.ndarray, spec: TableSpec, as_tensor: bool) -> np.ndarray | torch.Tensor:
+        out = rows.view(*arr.shape, spec.dim)  # (*keys.shape, dim)
         if as_tensor:
             return out
         return out.numpy() if out.dtype != torch.bfloat16 else out.float().numpy()
@@ -247,8 +299,59 @@ class MemStoreClient:
                           update_id: str | None = None) -> Future:
         return self._executor().submit(self.update_read, table, keys, grads, lr, watch, update_id=update_id)
 
+    def update_many(self, updates: Mapping[str, tuple[Any, Any]], lr: float, *, watch: Mapping[str, Any] | None = None,
+                    update_ids: Mapping[str, str] | None = None) -> dict[str, tuple[np.ndarray, torch.Tensor]]:
+        """`update` of several tables at once, {table: (keys, grads)} with one learning rate,
+        in one request per shard (UpdateMany) where `update` makes one per table and shard.
+        Each table's update is the one `update` would send (its own id: update_ids[table], or
+        a fresh one) and, for the tables in `watch` ({table: keys}), reads back its changed
+        watched rows as `update_read` does. All or nothing: every table's update is checked
+        before anything is sent, and every shard checks all of a request's parts before it
+        applies any. Returns {table: (sorted changed keys, rows)} for the watched tables."""
+        calls = keyplan.prepare_many(updates, watch, update_ids,
+                                     lambda name, k, g, uid, w: self._prepare_update(name, k, g, lr, uid, w))
+        watch = watch or {}
+        parts, owner = [], []  # every call's parts; owner[i]: (table, index of the part in its call)
+        for name, (_, _, call_parts, _) in calls.items():
+            parts += call_parts
+            owner += [(name, j) for j in range(len(call_parts))]
+        frames = self._packed(parts, pb.UpdateManyRequest, lambda i: sum(memoryview(p).nbytes for p in parts[i][2]))
+        replies = self._fan_out("UpdateMany", [(shard, frame) for shard, frame, _ in frames])
+        read_rows: dict[str, list] = {name: [None] * len(calls[name][2]) for name in watch}
+        for (_, _, members), reply in zip(frames, replies):
+            head, payload = wire.decode_frame(reply, pb.UpdateManyResponse)
+            if len(head.parts) != len(members):
+                raise MemStoreError(f"UpdateMany: a shard answered {len(head.parts)} parts, asked {len(members)}")
+            at = 0
+            for i, part in zip(members, head.parts):
+                name, j = owner[i]
+                if name not in watch:
+                    continue
+                spec, want = calls[name][0], calls[name][3][j]
+                size = part.num_rows * spec.wire_row_bytes
+                read_rows[name][j] = self._read_back(name, spec, part, payload[at:at + size], want)
+                at += size
+        return {name: self._fresh(calls[name][0], calls[name][3], read_rows[name]) for name in watch}
+
+    def update_many_async(self, updates: Mapping[str, tuple[Any, Any]], lr: float, *, watch: Mapping[str, Any] | None = None,
+                          update_ids: Mapping[str, str] | None = None) -> Future:
+        return self._executor().submit(self.update_many, updates, lr, watch=watch, update_ids=update_ids)
+
     def _update(self, table: str, keys: Any, grads: Any, lr: float, update_id: str | None,
                 watch: np.ndarray | None) -> tuple[int, np.ndarray | None, torch.Tensor | None]:
+        spec, plan, parts, reads = self._prepare_update(table, keys, grads, lr, update_id, watch)
+        replies = self._fan_out("Update", self._frames(parts))
+        if watch is None:
+            return len(plan.unique), None, None
+        rows = []
+        for reply, want in zip(replies, reads):
+            head, payload = wire.decode_frame(reply, pb.UpdateResponse)
+            rows.append(self._read_back(table, spec, head, payload, want))
+        return (len(plan.unique), *self._fresh(spec, reads, rows))
+
+    def _prepare_update(self, table: str, keys: Any, grads: Any, lr: float, update_id: str | None,
+                        watch: np.ndarray | None):
+        """Checks one update and splits it into parts: (spec, key plan, parts, each part's read keys)."""
         if not (np.isfinite(lr) and lr >= 0.0):
             raise InvalidArgument(f"learning rate must be finite and >= 0, got {lr}")
         spec = self.spec(table)
@@ -262,26 +365,29 @@ class MemStoreClient:
         # Each part reads back the watched keys it updates (sorted: intersect1d), so every
         # watched key that changed comes back exactly once, from the part that changed it.
         read = None if watch is None else (lambda chunk: np.intersect1d(chunk, watch))
-        frames, reads = self._value_frames(plan, summed, header, update_id, read)
-        replies = self._fan_out("Update", frames)
-        if watch is None:
-            return len(plan.unique), None, None
-        rows = []
-        for (_, frame), reply, want in zip(frames, replies, reads):
-            head, payload = wire.decode_frame(reply, pb.UpdateResponse)
-            if not len(want):
-                continue
-            dtype = wire.dtype_name(head.dtype, "update reply")
-            if (head.num_rows, head.dim, dtype) != (len(want), spec.dim, spec.wire_dtype) or \
-                    len(payload) != len(want) * spec.wire_row_bytes:
-                raise MemStoreError(f"Update of {table!r}: a shard returned {head.num_rows} read-back rows of dim "
-                                    f"{head.dim} {dtype} in {len(payload)} bytes; asked {len(want)} of dim {spec.dim} "
-                                    f"{spec.wire_dtype}")
-            rows.append(wire.rows_from_buffer(payload, head.num_rows, head.dim, dtype))
+        parts, reads = self._value_parts(plan, summed, header, update_id, read)
+        return spec, plan, parts, reads
+
+    @staticmethod
+    def _read_back(table: str, spec: TableSpec, head: pb.UpdateResponse, payload, want: np.ndarray) -> torch.Tensor:
+        """The read-back rows of one update part's reply, checked against the keys asked."""
+        if not len(want):
+            return torch.empty(0, spec.dim, dtype=spec.wire_torch_dtype)
+        dtype = wire.dtype_name(head.dtype, "update reply")
+        if (head.num_rows, head.dim, dtype) != (len(want), spec.dim, spec.wire_dtype) or \
+                len(payload) != len(want) * spec.wire_row_bytes:
+            raise MemStoreError(f"Update of {table!r}: a shard returned {head.num_rows} read-back rows of dim "
+                                f"{head.dim} {dtype} in {len(payload)} bytes; asked {len(want)} of dim {spec.dim} "
+                                f"{spec.wire_dtype}")
+        return wire.rows_from_buffer(payload, head.num_rows, head.dim, dtype)
+
+    @staticmethod
+    def _fresh(spec: TableSpec, reads: list[np.ndarray], rows: list[torch.Tensor]) -> tuple[np.ndarray, torch.Tensor]:
+        """Every part's read-back (keys, rows), joined and sorted by key."""
         fresh = np.concatenate(reads) if reads else np.empty(0, np.int64)
         values = torch.cat(rows) if rows else torch.empty(0, spec.dim, dtype=spec.wire_torch_dtype)
         order = np.argsort(fresh, kind="stable")
-        return len(plan.unique), fresh[order], values[torch.from_numpy(order)]
+        return fresh[order], values[torch.from_numpy(order)]
 
     def assign(self, table: str, keys: Any, rows: Any, *, keep_optimizer_state: bool = False) -> int:
         """Writes rows verbatim (cast to the storage dtype); repeated keys are an error. The
@@ -294,7 +400,7 @@ class MemStoreClient:
         ordered = plan.to_unique_order(values).to(spec.torch_dtype)  # (U, dim)
         header = pb.AssignRequest(table=table, dim=spec.dim, dtype=wire.DTYPE_TO_PB[spec.dtype],
                                   keep_optimizer_state=keep_optimizer_state)
-        self._fan_out("Assign", self._value_frames(plan, ordered, header)[0])
+        self._fan_out("Assign", self._frames(self._value_parts(plan, ordered, header)[0]))
         return len(plan.unique)
 
     # ---- helpers --------------------------------------------------------------------------
@@ -306,35 +412,68 @@ class MemStoreClient:
         per = max(1, self.config.max_request_bytes // row_bytes)
         return [keys[i : i + per] for i in range(0, len(keys), per)]
 
-    def _value_frames(self, plan, values: torch.Tensor, header, update_id: str | None = None,
-                      read=None) -> tuple[list[tuple[int, bytes]], list[np.ndarray]]:
-        """Frames of keys || values (|| read keys) per shard and chunk for one call, and each
-        frame's read keys (read(chunk keys), or none). All parts share a group id (the unit a
-        cut keeps whole), and each part has its own update id (the unit a shard applies at most
-        once), derived from `update_id` when given: the same call made twice with the same id
-        is split the same way, so its parts carry the same ids."""
+    def _value_parts(self, plan, values: torch.Tensor, header, update_id: str | None = None,
+                     read=None) -> tuple[list[tuple[int, Any, tuple]], list[np.ndarray]]:
+        """The parts of one update or assign: (shard, header, payload pieces: keys || values
+        (|| read keys)) per shard and chunk, and each part's read keys (read(chunk keys), or
+        none). All parts share a group id (the unit a cut keeps whole), and each part has its
+        own update id (the unit a shard applies at most once), derived from `update_id` when
+        given: the same call made twice with the same id is split the same way, so its parts
+        carry the same ids."""
         group = update_id if update_id is not None else f"{self._client_id}:{next(self._seq)}"
         row_bytes = values.shape[1] * values.element_size()
-        parts = []  # (shard, chunk number, first row, keys)
+        chunks = []  # (shard, chunk number, first row, keys)
         for shard in range(self.num_shards):
             lo = int(plan.bounds[shard])
             for j, chunk in enumerate(self._chunks(plan.shard_keys(shard), row_bytes)):
-                parts.append((shard, j, lo, chunk))
+                chunks.append((shard, j, lo, chunk))
                 lo += len(chunk)
-        frames, reads = [], []
-        for shard, j, lo, chunk in parts:
-            header.route.CopyFrom(self._route(shard))
-            header.num_keys = len(chunk)
-            header.update_id = f"{group}:{shard}:{j}"
-            header.group = group
-            header.parts = len(parts)
+        parts, reads = [], []
+        for shard, j, lo, chunk in chunks:
+            head = type(header)()
+            head.CopyFrom(header)
+            head.route.CopyFrom(self._route(shard))
+            head.num_keys = len(chunk)
+            head.update_id = f"{group}:{shard}:{j}"
+            head.group = group
+            head.parts = len(chunks)
             tail = ()
             if read is not None:
                 reads.append(read(chunk).astype("<i8", copy=False))
-                header.num_read_keys = len(reads[-1])
+                head.num_read_keys = len(reads[-1])
                 tail = (reads[-1],)
-            frames.append((shard, wire.encode_frame(header, chunk, wire.tensor_bytes(values[lo : lo + len(chunk)]), *tail)))
-        return frames, reads
+            parts.append((shard, head, (chunk, wire.tensor_bytes(values[lo : lo + len(chunk)]), *tail)))
+        return parts, reads
+
+    @staticmethod
+    def _frames(parts: list[tuple[int, Any, tuple]]) -> list[tuple[int, bytes]]:
+        """One single-part frame per part."""
+        return [(shard, wire.encode_frame(head, *pieces)) for shard, head, pieces in parts]
+
+    def _packed(self, parts: list[tuple[int, Any, tuple]], many_type, size_of) -> list[tuple[int, bytes, list[int]]]:
+        """Parts of several calls packed into multi-part frames of `many_type` (LookupMany,
+        UpdateMany), one shard's parts per frame, whose parts' sizes (size_of(i): the bytes
+        of rows the part sends or asks for) add up to at most config.max_request_bytes (a
+        single larger part goes alone): (shard, frame, the indices of its parts)."""
+        by_shard: dict[int, list[int]] = {}
+        for i, (shard, _, _) in enumerate(parts):
+            by_shard.setdefault(shard, []).append(i)
+        frames = []
+        for shard, members in by_shard.items():
+            batch, size = [], 0
+            for i in members + [None]:
+                n = None if i is None else size_of(i)
+                if batch and (i is None or size + n > self.config.max_request_bytes):
+                    head = many_type(route=self._route(shard))
+                    for b in batch:
+                        head.parts.append(parts[b][1])
+                        head.parts[-1].ClearField("route")
+                    frames.append((shard, wire.encode_frame(head, *(p for b in batch for p in parts[b][2])), batch))
+                    batch, size = [], 0
+                if i is not None:
+                    batch.append(i)
+                    size += n
+        return frames
 
     def _fan_out(self, method: str, requests: list[tuple[int, Any]], on_reply=None) -> list[Any]:
         """Sends every (shard, request) at once; retries those that find their shard

@@ -112,7 +112,8 @@ class ShardEngine:
                     f"key {first} of table {table.spec.name!r} belongs to shard "
                     f"{first % self.num_shards}, not shard {self.shard_index} of {self.num_shards}"
                 )
-        local = keys // self.num_shards if self.num_shards > 1 else keys
+        # A new array either way: keys often view a request's immutable bytes.
+        local = keys // self.num_shards if self.num_shards > 1 else keys.copy()
         if unique and len(local) > 1:
             ordered = np.sort(local)
             dup = np.flatnonzero(ordered[1:] == ordered[:-1])
@@ -144,6 +145,15 @@ class ShardEngine:
         The rows of read_keys (any valid keys of this shard, typically a subset of `keys`) are
         read, in the wire dtype, after the update and before any later write to the table; for
         a duplicate id they are read at once. None without read_keys. All checks run first."""
+        return self.prepare_update(name, keys, grads, lr, update_id, group, parts, read_keys)()
+
+    def prepare_update(
+        self, name: str, keys: np.ndarray, grads: torch.Tensor, lr: float, update_id: str = "",
+        group: str = "", parts: int = 0, read_keys: np.ndarray | None = None,
+    ) -> Callable[[], tuple[int, bool, torch.Tensor | None]]:
+        """Runs every check of `update` now and returns the call that applies it (and may
+        still fail only as a write can: UNAVAILABLE for a table replaced meanwhile). Several
+        updates in one request are all prepared before the first applies."""
         table = self.table(name)
         self._check_values(table, keys, grads, "gradient")
         if not (np.isfinite(lr) and lr >= 0.0):
@@ -156,7 +166,7 @@ class ShardEngine:
             read = lambda: table.gather(  # noqa: E731
                 read_local, lambda version: torch.empty(len(read_local), spec.dim, dtype=spec.wire_torch_dtype))
         grads32 = grads.float()
-        return self._write(
+        return lambda: self._write(
             table, update_id, group, parts, lambda: table.apply(local, grads32, lr),
             lambda version: wal.update_record(name, keys, grads, lr, update_id, version), read,
         )

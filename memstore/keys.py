@@ -8,13 +8,14 @@ summed (torch `index_add_`, measured 20x+ faster than `np.add.at`) into one row 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, Callable, Mapping
 
 import numpy as np
 import torch
 
 from memstore.errors import InvalidArgument
 from memstore.partition import shard_of
-from memstore.spec import TableSpec
+from memstore.spec import TableSpec, as_key_array
 
 
 @dataclass
@@ -160,3 +161,17 @@ def check_no_duplicates(plan: KeyPlan, spec: TableSpec, what: str) -> None:
         counts = np.bincount(plan.position.numpy(), minlength=len(plan.unique))
         key = int(plan.unique[np.flatnonzero(counts > 1)[0]])
         raise InvalidArgument(f"key {key} appears more than once in one {what} to table {spec.name!r}")
+
+
+def prepare_many(updates: Mapping[str, tuple[Any, Any]], watch: Mapping[str, Any] | None,
+                 update_ids: Mapping[str, str] | None, prepare: Callable) -> dict[str, Any]:
+    """The tables' updates of one multi-table call, each checked and prepared before any is
+    sent or applied: {table: prepare(table, keys, grads, update id or None, distinct watched
+    keys or None)}. Watching a table that the call does not update is bad input."""
+    watch, update_ids = watch or {}, update_ids or {}
+    unknown = sorted(set(watch) - set(updates))
+    if unknown:
+        raise InvalidArgument(f"watched tables {unknown} have no update in this call")
+    return {name: prepare(name, keys, grads, update_ids.get(name),
+                          np.unique(as_key_array(watch[name])) if name in watch else None)
+            for name, (keys, grads) in updates.items()}

@@ -8,7 +8,7 @@ gradient summing) as the client's, and rows through the same engine as a shard's
 from __future__ import annotations
 
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any
+from typing import Any, Mapping
 
 import numpy as np
 import torch
@@ -54,6 +54,15 @@ class InProcessStore:
     def lookup_async(self, table: str, keys: Any, *, as_tensor: bool = False) -> Future:
         return self._executor().submit(self.lookup, table, keys, as_tensor=as_tensor)
 
+    def lookup_many(self, keys: Mapping[str, Any], *, as_tensor: bool = False) -> dict[str, np.ndarray | torch.Tensor]:
+        """As `MemStoreClient.lookup_many`: {table: keys} -> {table: rows}."""
+        for name in keys:
+            self.spec(name)  # every table exists before any is read
+        return {name: self.lookup(name, k, as_tensor=as_tensor) for name, k in keys.items()}
+
+    def lookup_many_async(self, keys: Mapping[str, Any], *, as_tensor: bool = False) -> Future:
+        return self._executor().submit(self.lookup_many, keys, as_tensor=as_tensor)
+
     def update(self, table: str, keys: Any, grads: Any, lr: float, *, update_id: str | None = None) -> int:
         return self._update(table, keys, grads, lr, update_id, None)[0]
 
@@ -70,7 +79,26 @@ class InProcessStore:
                           update_id: str | None = None) -> Future:
         return self._executor().submit(self.update_read, table, keys, grads, lr, watch, update_id=update_id)
 
+    def update_many(self, updates: Mapping[str, tuple[Any, Any]], lr: float, *, watch: Mapping[str, Any] | None = None,
+                    update_ids: Mapping[str, str] | None = None) -> dict[str, tuple[np.ndarray, torch.Tensor]]:
+        """As `MemStoreClient.update_many`: every table's update checked before any applies;
+        {table: (changed keys, rows)} for the watched tables."""
+        applies = keyplan.prepare_many(updates, watch, update_ids,
+                                       lambda name, k, g, uid, w: self._prepare_update(name, k, g, lr, uid, w))
+        results = {name: apply() for name, apply in applies.items()}
+        return {name: results[name][1:] for name in watch or {}}
+
+    def update_many_async(self, updates: Mapping[str, tuple[Any, Any]], lr: float, *, watch: Mapping[str, Any] | None = None,
+                          update_ids: Mapping[str, str] | None = None) -> Future:
+        return self._executor().submit(self.update_many, updates, lr, watch=watch, update_ids=update_ids)
+
     def _update(self, table: str, keys: Any, grads: Any, lr: float, update_id: str | None, watch: np.ndarray | None):
+        return self._prepare_update(table, keys, grads, lr, update_id, watch)()
+
+    def _prepare_update(self, table: str, keys: Any, grads: Any, lr: float, update_id: str | None,
+                        watch: np.ndarray | None):
+        """Checks one update; returns the call that applies it: () -> (rows updated,
+        changed watched keys, their rows)."""
         if not (np.isfinite(lr) and lr >= 0.0):
             raise InvalidArgument(f"learning rate must be finite and >= 0, got {lr}")
         spec = self.spec(table)
@@ -82,8 +110,8 @@ class InProcessStore:
         # The same rounding as on the wire, so both stores apply identical gradients.
         summed = plan.to_unique_order(grads).to(spec.wire_torch_dtype)
         fresh = None if watch is None else np.intersect1d(plan.unique, watch)
-        _, _, rows = self.engine.update(table, plan.unique, summed, lr, update_id or "", read_keys=fresh)
-        return len(plan.unique), fresh, rows
+        apply = self.engine.prepare_update(table, plan.unique, summed, lr, update_id or "", read_keys=fresh)
+        return lambda: (len(plan.unique), fresh, apply()[2])
 
     def assign(self, table: str, keys: Any, rows: Any, *, keep_optimizer_state: bool = False) -> int:
         spec = self.spec(table)

@@ -17,9 +17,11 @@ import time
 from concurrent import futures
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Callable
 
 import grpc
 import numpy as np
+import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from memstore import wire
@@ -27,6 +29,7 @@ from memstore.alloc import keep_freed_memory
 from memstore.engine import ShardEngine
 from memstore.errors import InvalidArgument, MemStoreError, TableExists, TableNotFound, Unavailable, WrongShard
 from memstore.metrics import ShardMetrics
+from memstore.spec import DTYPE_BYTES, TableSpec
 from memstore.v1 import memstore_pb2 as pb
 
 log = logging.getLogger("memstore.server")
@@ -148,9 +151,77 @@ class MemStoreServicer:
         self._count("Lookup", len(keys), len(frame), len(reply[0]))
         return reply[0]
 
+    def LookupMany(self, frame: bytes, context) -> bytes:
+        header, payload = wire.decode_frame(frame, pb.LookupManyRequest)
+        self._route(header.route)
+        sizes = [p.num_keys for p in header.parts]
+        if min(sizes, default=0) < 0 or 8 * sum(sizes) != len(payload):
+            raise InvalidArgument(f"LookupMany payload is {len(payload)} bytes; its parts' {sizes} int64 keys "
+                                  f"need {8 * sum(sizes)}")
+        starts = np.cumsum([0, *sizes]) * 8
+        # Every table and key is checked before anything is read (and counted as read).
+        parts = [(p.table, self.engine.table(p.table).spec, wire.keys_from_payload(payload[lo:hi], p.num_keys))
+                 for p, lo, hi in zip(header.parts, starts[:-1], starts[1:])]
+        for name, _, keys in parts:
+            self.engine.local_index(self.engine.table(name), keys, unique=False)
+        head, rows = pb.LookupManyResponse(), []
+        for name, spec, keys in parts:
+            part = head.parts.add(num_keys=len(keys), dim=spec.dim, dtype=wire.DTYPE_TO_PB[spec.wire_dtype])
+
+            def alloc(version: int, n=len(keys), spec=spec, part=part) -> torch.Tensor:
+                part.version = version
+                return torch.empty(n, spec.dim, dtype=spec.wire_torch_dtype)
+
+            rows.append(self.engine.lookup(name, keys, alloc))
+        # The parts are a step's few thousand rows per table: one copy into the frame is cheap.
+        out = wire.encode_frame(head, *(wire.tensor_bytes(r) for r in rows))
+        self._count("LookupMany", sum(sizes), len(frame), len(out))
+        return out
+
     def Update(self, frame: bytes, context) -> bytes:
         header, payload = wire.decode_frame(frame, pb.UpdateRequest)
         self._route(header.route)
+        apply, spec, num_keys = self._prepare_update(header, payload)
+        version, dup, rows = apply()
+        head = self._update_response(version, dup, rows, spec)
+        out = wire.encode_frame(head, *(() if rows is None else (wire.tensor_bytes(rows),)))
+        self._count("Update", num_keys, len(frame), len(out))
+        return out
+
+    def UpdateMany(self, frame: bytes, context) -> bytes:
+        header, payload = wire.decode_frame(frame, pb.UpdateManyRequest)
+        self._route(header.route)
+        prepared, at = [], 0
+        for part in header.parts:  # every part is checked before the first applies
+            size = self._update_bytes(part)
+            if at + size > len(payload):
+                raise InvalidArgument(f"UpdateMany payload is {len(payload)} bytes, too short for its parts")
+            prepared.append(self._prepare_update(part, payload[at:at + size]))
+            at += size
+        if at != len(payload):
+            raise InvalidArgument(f"UpdateMany payload is {len(payload)} bytes; its parts take {at}")
+        head, rows = pb.UpdateManyResponse(), []
+        for apply, spec, _ in prepared:
+            version, dup, read = apply()
+            head.parts.append(self._update_response(version, dup, read, spec))
+            if read is not None:
+                rows.append(wire.tensor_bytes(read))
+        out = wire.encode_frame(head, *rows)
+        self._count("UpdateMany", sum(n for _, _, n in prepared), len(frame), len(out))
+        return out
+
+    @staticmethod
+    def _update_bytes(header: pb.UpdateRequest) -> int:
+        """The payload bytes of one update part: keys, gradients, read keys."""
+        if min(header.num_keys, header.dim, header.num_read_keys) < 0:
+            raise InvalidArgument(f"negative size in header: num_keys={header.num_keys}, dim={header.dim}, "
+                                  f"num_read_keys={header.num_read_keys}")
+        item = DTYPE_BYTES[wire.dtype_name(header.dtype, "gradient dtype")]
+        return header.num_keys * (8 + header.dim * item) + header.num_read_keys * 8
+
+    def _prepare_update(self, header: pb.UpdateRequest, payload) -> tuple[Callable, TableSpec, int]:
+        """Checks one update (its header and its payload: keys || grads || read keys) without
+        applying it: (the call that applies it, the table's spec, its number of keys)."""
         spec = self.engine.table(header.table).spec
         if header.num_read_keys < 0:
             raise InvalidArgument(f"negative num_read_keys in header: {header.num_read_keys}")
@@ -160,16 +231,16 @@ class MemStoreServicer:
         cut = len(payload) - read_bytes
         keys, grads = self._values(header, payload[:cut], spec.wire_dtype, "gradient")
         read_keys = wire.keys_from_payload(payload[cut:], header.num_read_keys) if header.num_read_keys else None
-        version, dup, rows = self.engine.update(header.table, keys, grads, header.lr, header.update_id, header.group,
-                                                header.parts, read_keys)
+        apply = self.engine.prepare_update(header.table, keys, grads, header.lr, header.update_id, header.group,
+                                           header.parts, read_keys)
+        return apply, spec, len(keys)
+
+    @staticmethod
+    def _update_response(version: int, dup: bool, rows: torch.Tensor | None, spec: TableSpec) -> pb.UpdateResponse:
         head = pb.UpdateResponse(version=version, duplicate=dup)
-        if rows is None:
-            out = wire.encode_frame(head)
-        else:  # read-back rows are the few stale ones of a prefetch: one copy into the frame is cheap
+        if rows is not None:  # read-back rows are the few stale ones of a prefetch: one copy into the frame is cheap
             head.num_rows, head.dim, head.dtype = len(rows), spec.dim, wire.DTYPE_TO_PB[spec.wire_dtype]
-            out = wire.encode_frame(head, wire.tensor_bytes(rows))
-        self._count("Update", len(keys), len(frame), len(out))
-        return out
+        return head
 
     def Assign(self, frame: bytes, context) -> bytes:
         header, payload = wire.decode_frame(frame, pb.AssignRequest)
@@ -234,7 +305,7 @@ def _rss_bytes() -> int:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-FRAMED = ("Lookup", "Update", "Assign")
+FRAMED = ("Lookup", "LookupMany", "Update", "UpdateMany", "Assign")
 
 
 def _handler(servicer: MemStoreServicer, method) -> grpc.RpcMethodHandler:

@@ -27,7 +27,6 @@ _LEN = struct.Struct("<I")
 # could be written through. The engine never writes to a request's payload (it copies what it
 # keeps), so the warning says nothing here.
 warnings.filterwarnings("ignore", message="The given buffer is not writable")
-warnings.filterwarnings("ignore", message="The given NumPy array is not writable")  # keys viewed in place
 M = TypeVar("M", bound=Message)
 
 DTYPE_TO_PB = {"float32": pb.FLOAT32, "bfloat16": pb.BFLOAT16, "float16": pb.FLOAT16}

@@ -27,6 +27,6 @@ def test_generated_code_is_in_sync_with_protos(tmp_path):
 
 def test_every_rpc_has_a_servicer_method():
     methods = [m.name for m in pb.DESCRIPTOR.services_by_name["MemStore"].methods]
-    assert {"CreateTable", "DescribeTable", "ListTables", "DropTable", "Lookup", "Update", "Assign", "Stats"} <= set(methods)
+    assert {"CreateTable", "DescribeTable", "ListTables", "DropTable", "Lookup", "LookupMany", "Update", "UpdateMany", "Assign", "Stats"} <= set(methods)
     for name in methods:
         assert callable(getattr(MemStoreServicer, name, None)), f"no servicer method for RPC {name}"

@@ -36,7 +36,7 @@ Kept from the demo: W_K and W_V have biases; the gating RMSNorms use torch's def
 (the dtype's machine epsilon) and ShortConv's use 1e-5; ShortConv is norm -> conv -> SiLU
 over M*D depthwise channels (branch m owns channels m*D .. m*D+D-1).
 
-Relies on torch and on memstore's row-source interface (`lookup_async`, `update_async`,
+Relies on torch and on memstore's row-source interface (`lookup_many_async`, `update_many`,
 `spec`); it imports nothing of gRPC or Ray.
 """
 
@@ -156,10 +156,11 @@ def create_tables(store: Any, cfg: EngramConfig, mapping: Any) -> list[TableSpec
 class EngramRows:
     """One Engram layer's rows, fetched from a row source as an autograd leaf.
 
-    Per step: `e = rows.fetch(hash_ids)` -> forward/backward -> `rows.push(lr)`. fetch issues
-    the H per-head lookups at once and concatenates them into a leaf `e` (B, T, H*d) that
-    requires grad; push sends `e.grad`, split per head, as one update per table (the store
-    de-duplicates keys and sums their gradients) and forgets the step.
+    Per step: `e = rows.fetch(hash_ids)` -> forward/backward -> `rows.push(lr)`. fetch looks
+    up the H heads' rows in one call (one request per shard) and concatenates them into a leaf
+    `e` (B, T, H*d) that requires grad; push sends `e.grad`, split per head, as one update per
+    table (the store de-duplicates keys and sums their gradients), again in one call, and
+    forgets the step.
 
     Prefetch: `issue(hash_ids)` starts the lookups and returns {table name: Future}; pass
     that dict (or already fetched tensors) as `fetch(hash_ids, prefetched=...)` for the same
@@ -200,10 +201,31 @@ class EngramRows:
         return ids.astype(np.int64, copy=False)
 
     def issue(self, hash_ids: Any) -> dict[str, Future]:
-        """Starts the lookups of every head; {table name: Future of (B, T, d) rows}."""
-        ids = self._check_ids(hash_ids)
-        return {name: self.store.lookup_async(name, ids[..., h], as_tensor=True)
-                for h, name in enumerate(self.tables)}
+        """Starts the lookups of every head, as one call for all of them (one request per
+        shard); {table name: Future of (B, T, d) rows}."""
+        return self._lookup(self._check_ids(hash_ids), self.tables)
+
+    def _lookup(self, ids: np.ndarray, names: Sequence[str]) -> dict[str, Future]:
+        """{name: Future of its rows} for the heads `names` of hash ids (B, T, H), looked up
+        together (the row source's lookup_many)."""
+        if not names:
+            return {}
+        head = {name: h for h, name in enumerate(self.tables)}
+        both = self.store.lookup_many_async({name: ids[..., head[name]] for name in names}, as_tensor=True)
+        parts = {name: Future() for name in names}
+
+        def split(done: Future) -> None:
+            try:
+                rows = done.result()
+            except BaseException as e:  # every head's future carries the call's error
+                for part in parts.values():
+                    part.set_exception(e)
+            else:
+                for name, part in parts.items():
+                    part.set_result(rows[name])
+
+        both.add_done_callback(split)
+        return parts
 
     def fetch(self, hash_ids: Any, prefetched: Mapping[str, Future | torch.Tensor] | None = None, *,
               defer_wait: bool = False) -> torch.Tensor:
@@ -220,8 +242,7 @@ class EngramRows:
                                f"would drop the previous step's row gradients")
         ids = self._check_ids(hash_ids)
         prefetched = prefetched or {}
-        pending = {name: self.store.lookup_async(name, ids[..., h], as_tensor=True)
-                   for h, name in enumerate(self.tables) if name not in prefetched}
+        pending = self._lookup(ids, [name for name in self.tables if name not in prefetched])
         parts = []
         for name in self.tables:
             src = prefetched.get(name, pending.get(name))
@@ -281,16 +302,11 @@ class EngramRows:
             keys, grads = exchange(keys, grads)  # (W*B, T, H), (W*B, T, H, d)
         table_lr = float(lr) * self.cfg.table_lr_multiplier
         watch = watch or {}
-        futures = {}
-        for h, name in enumerate(self.tables):
-            uid = None if update_id is None else f"{update_id}/{name}"
-            if name in watch:
-                futures[name] = self.store.update_read_async(name, keys[..., h], grads[:, :, h], table_lr, watch[name],
-                                                             update_id=uid)
-            else:
-                futures[name] = self.store.update_async(name, keys[..., h], grads[:, :, h], table_lr, update_id=uid)
-        results = {name: f.result() for name, f in futures.items()}  # raises the first store error
-        return {name: results[name] for name in watch if name in results}
+        # One call for every head (one request per shard), each head's update its own.
+        return self.store.update_many(
+            {name: (keys[..., h], grads[:, :, h]) for h, name in enumerate(self.tables)}, table_lr,
+            watch={name: watch[name] for name in self.tables if name in watch},
+            update_ids=None if update_id is None else {name: f"{update_id}/{name}" for name in self.tables})
 
     def discard(self) -> None:
         """Forgets a fetched step without pushing (e.g. a skipped batch)."""

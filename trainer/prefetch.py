@@ -3,7 +3,7 @@
 Hash ids depend only on tokens, and the batches are a pure function of (seed, step)
 (`trainer.data`), so the rows of steps t+1 .. t+D (D = `depth`) can be looked up while step t
 computes: `RowPrefetcher.ahead(t)` hashes those batches and starts their lookups on the row
-source's background threads (`EngramRows.issue` -> `lookup_async`); nothing waits for them
+source's background threads (`EngramRows.issue` -> `lookup_many_async`); nothing waits for them
 until the step that needs them.
 
 Staleness and the refresh. A lookup issued for step s before update u (the push of step u < s)

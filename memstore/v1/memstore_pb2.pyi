@@ -180,6 +180,34 @@ class UpdateResponse(_message.Message):
     dtype: DType
     def __init__(self, version: _Optional[int] = ..., duplicate: _Optional[bool] = ..., num_rows: _Optional[int] = ..., dim: _Optional[int] = ..., dtype: _Optional[_Union[DType, str]] = ...) -> None: ...
 
+class LookupManyRequest(_message.Message):
+    __slots__ = ("route", "parts")
+    ROUTE_FIELD_NUMBER: _ClassVar[int]
+    PARTS_FIELD_NUMBER: _ClassVar[int]
+    route: Route
+    parts: _containers.RepeatedCompositeFieldContainer[LookupRequest]
+    def __init__(self, route: _Optional[_Union[Route, _Mapping]] = ..., parts: _Optional[_Iterable[_Union[LookupRequest, _Mapping]]] = ...) -> None: ...
+
+class LookupManyResponse(_message.Message):
+    __slots__ = ("parts",)
+    PARTS_FIELD_NUMBER: _ClassVar[int]
+    parts: _containers.RepeatedCompositeFieldContainer[LookupResponse]
+    def __init__(self, parts: _Optional[_Iterable[_Union[LookupResponse, _Mapping]]] = ...) -> None: ...
+
+class UpdateManyRequest(_message.Message):
+    __slots__ = ("route", "parts")
+    ROUTE_FIELD_NUMBER: _ClassVar[int]
+    PARTS_FIELD_NUMBER: _ClassVar[int]
+    route: Route
+    parts: _containers.RepeatedCompositeFieldContainer[UpdateRequest]
+    def __init__(self, route: _Optional[_Union[Route, _Mapping]] = ..., parts: _Optional[_Iterable[_Union[UpdateRequest, _Mapping]]] = ...) -> None: ...
+
+class UpdateManyResponse(_message.Message):
+    __slots__ = ("parts",)
+    PARTS_FIELD_NUMBER: _ClassVar[int]
+    parts: _containers.RepeatedCompositeFieldContainer[UpdateResponse]
+    def __init__(self, parts: _Optional[_Iterable[_Union[UpdateResponse, _Mapping]]] = ...) -> None: ...
+
 class AssignRequest(_message.Message):
     __slots__ = ("table", "route", "num_keys", "dim", "dtype", "keep_optimizer_state", "update_id", "group", "parts")
     TABLE_FIELD_NUMBER: _ClassVar[int]

@@ -1,0 +1,162 @@
+"""Several tables in one request per shard (`lookup_many`, `update_many`), over real shard
+processes, against the same calls made table by table and against the in-process store.
+
+Run: python -m pytest tests/test_many.py -q
+"""
+
+from __future__ import annotations
+
+import grpc
+import numpy as np
+import pytest
+
+from memstore import ClientConfig, InProcessStore, InvalidArgument, MemStoreClient, OptimizerSpec, TableSpec
+from memstore import TableNotFound, wire
+from memstore.server import CHANNEL_OPTIONS, SERVICE
+from memstore.v1 import memstore_pb2 as pb
+
+SPECS = [
+    TableSpec("many.a", num_rows=5003, dim=8, seed=1, optimizer=OptimizerSpec("adam")),
+    TableSpec("many.b", num_rows=2999, dim=4, seed=2, optimizer=OptimizerSpec("adagrad")),
+    TableSpec("many.c", num_rows=7001, dim=8, seed=3, dtype="bfloat16", optimizer=OptimizerSpec("sgd", momentum=0.9)),
+]
+NAMES = [s.name for s in SPECS]
+
+
+@pytest.fixture()
+def stores(shards_3):
+    """Two remote stores over the same shards (tables `many.*` and their twins `twin.*`,
+    updated table by table) and the in-process reference."""
+    client = MemStoreClient(shards_3.addresses)
+    ref = InProcessStore()
+    for spec in SPECS:
+        client.create_table(spec)
+        client.create_table(twin(spec))
+        ref.create_table(spec)
+    yield client, ref
+    for spec in SPECS:
+        client.drop_table(spec.name)
+        client.drop_table(twin(spec).name)
+    client.close()
+    ref.close()
+
+
+def twin(spec: TableSpec) -> TableSpec:
+    return TableSpec(f"twin.{spec.name}", num_rows=spec.num_rows, dim=spec.dim, seed=spec.seed, dtype=spec.dtype,
+                     optimizer=spec.optimizer)
+
+
+def step_batch(rng, steps: int = 1):
+    """{table: (keys (4, 60) with repeats, grads (4, 60, dim))}."""
+    return {s.name: (rng.integers(0, s.num_rows, (4, 60)), rng.standard_normal((4, 60, s.dim)).astype(np.float32))
+            for s in SPECS}
+
+
+def test_many_equals_table_by_table_and_the_reference(stores):
+    client, ref = stores
+    rng = np.random.default_rng(0)
+    for step in range(5):
+        batch = step_batch(rng)
+        watch = {NAMES[0]: rng.integers(0, SPECS[0].num_rows, 500), NAMES[2]: rng.integers(0, SPECS[2].num_rows, 500)}
+        many = client.lookup_many({n: k for n, (k, _) in batch.items()})
+        for spec in SPECS:
+            keys = batch[spec.name][0]
+            one = client.lookup(twin(spec).name, keys)
+            assert many[spec.name].shape == keys.shape + (spec.dim,)
+            np.testing.assert_array_equal(many[spec.name], one, err_msg=f"step {step} {spec.name}")
+            np.testing.assert_array_equal(many[spec.name], ref.lookup(spec.name, keys))
+        fresh = client.update_many(batch, 0.01, watch=watch)
+        ref_fresh = ref.update_many(batch, 0.01, watch=watch)
+        assert set(fresh) == set(watch) == set(ref_fresh)
+        for spec in SPECS:
+            keys, grads = batch[spec.name]
+            if spec.name in watch:
+                want = client.update_read(twin(spec).name, keys, grads, 0.01, watch[spec.name])
+                np.testing.assert_array_equal(fresh[spec.name][0], want[0])
+                np.testing.assert_array_equal(fresh[spec.name][1].float().numpy(), want[1].float().numpy())
+                np.testing.assert_array_equal(fresh[spec.name][1].float().numpy(), ref_fresh[spec.name][1].float().numpy())
+            else:
+                client.update(twin(spec).name, keys, grads, 0.01)
+    for spec in SPECS:  # every row of every table: bit for bit
+        every = np.arange(spec.num_rows)
+        np.testing.assert_array_equal(client.lookup(spec.name, every), client.lookup(twin(spec).name, every))
+        np.testing.assert_array_equal(client.lookup(spec.name, every), ref.lookup(spec.name, every))
+
+
+def test_packing_splits_requests_and_keeps_update_ids(shards_3):
+    """A limit of a few rows per request splits every table into many parts, packed several
+    to a request; resent under the same ids, the update applies once."""
+    specs = [TableSpec(f"many.small{i}", num_rows=1000 + i, dim=4, seed=i, optimizer=OptimizerSpec("sgd"))
+             for i in range(3)]
+    rng = np.random.default_rng(1)
+    batch = {s.name: (rng.integers(0, s.num_rows, 300), rng.standard_normal((300, 4)).astype(np.float32)) for s in specs}
+    ids = {s.name: f"step-3/{s.name}" for s in specs}
+    with MemStoreClient(shards_3.addresses, ClientConfig(max_request_bytes=4 * 4 * 25)) as client, InProcessStore() as ref:
+        for s in specs:
+            client.create_table(s)
+            ref.create_table(s)
+        rows = client.lookup_many({n: k for n, (k, _) in batch.items()})
+        for s in specs:
+            np.testing.assert_array_equal(rows[s.name], ref.lookup(s.name, batch[s.name][0]))
+        client.update_many(batch, 0.5, update_ids=ids)
+        client.update_many(batch, 0.5, update_ids=ids)  # a retry: applied once
+        ref.update_many(batch, 0.5)
+        for s in specs:
+            np.testing.assert_array_equal(client.lookup(s.name, np.arange(s.num_rows)), ref.lookup(s.name, np.arange(s.num_rows)))
+            client.drop_table(s.name)
+
+
+def test_bad_part_rejects_the_whole_call(stores, shards_3):
+    client, _ = stores
+    every = {s.name: np.arange(s.num_rows) for s in SPECS}
+    before = client.lookup_many(every)
+    rng = np.random.default_rng(2)
+    batch = step_batch(rng)
+    bad_key = dict(batch)
+    bad_key[NAMES[1]] = (np.array([5, SPECS[1].num_rows]), np.ones((2, 4), np.float32))
+    with pytest.raises(InvalidArgument, match=f"key {SPECS[1].num_rows} is out of range"):
+        client.update_many(bad_key, 0.1)
+    nan = dict(batch)
+    nan[NAMES[2]] = (np.array([1, 2]), np.array([[0.0] * 8, [np.nan] * 8], np.float32))
+    with pytest.raises(InvalidArgument, match="NaN or Inf"):
+        client.update_many(nan, 0.1)
+    with pytest.raises(InvalidArgument, match="no update"):
+        client.update_many(batch, 0.1, watch={"many.nothing": [1]})
+    with pytest.raises(TableNotFound):
+        client.lookup_many({NAMES[0]: [1], "many.absent": [1]})
+    # Raw frames that pass the client's checks: a good part and a bad one in one request.
+    good = pb.UpdateRequest(table=NAMES[0], num_keys=1, dim=8, dtype=pb.FLOAT32, lr=0.1, update_id="raw:0")
+    other_shard = pb.UpdateRequest(table=NAMES[0], num_keys=1, dim=8, dtype=pb.FLOAT32, lr=0.1, update_id="raw:1")
+    head = pb.UpdateManyRequest(route=pb.Route(shard_index=0, num_shards=3), parts=[good, other_shard])
+    g = np.ones((1, 8), np.float32)
+    with grpc.insecure_channel(shards_3.addresses[0], options=CHANNEL_OPTIONS) as ch:
+        update_many = ch.unary_unary(f"/{SERVICE}/UpdateMany")
+        lookup_many = ch.unary_unary(f"/{SERVICE}/LookupMany")
+        cases = [
+            (update_many, wire.encode_frame(head, np.array([3], np.int64), g, np.array([4], np.int64), g),
+             grpc.StatusCode.FAILED_PRECONDITION, "key 4"),
+            (update_many, wire.encode_frame(head, np.array([3], np.int64), g, np.array([6], np.int64)),
+             grpc.StatusCode.INVALID_ARGUMENT, "too short"),
+            (update_many, wire.encode_frame(head, np.array([3], np.int64), g, np.array([6], np.int64), g, b"x"),
+             grpc.StatusCode.INVALID_ARGUMENT, "parts take"),
+            (lookup_many, wire.encode_frame(pb.LookupManyRequest(route=pb.Route(shard_index=0, num_shards=3),
+                                                                 parts=[pb.LookupRequest(table=NAMES[0], num_keys=2)]),
+                                            np.array([3], np.int64)),
+             grpc.StatusCode.INVALID_ARGUMENT, "payload"),
+        ]
+        for call, frame, code, text in cases:
+            with pytest.raises(grpc.RpcError) as e:
+                call(frame, timeout=10)
+            assert e.value.code() == code and text in e.value.details(), e.value.details()
+    after = client.lookup_many(every)
+    for name in NAMES:
+        np.testing.assert_array_equal(after[name], before[name], err_msg=f"{name} changed by a rejected call")
+
+
+def test_empty_and_single_table_calls(stores):
+    client, ref = stores
+    assert client.lookup_many({}) == {} and client.update_many({}, 0.1) == {}
+    rows = client.lookup_many({NAMES[0]: np.empty((0, 3), np.int64)})[NAMES[0]]
+    assert rows.shape == (0, 3, 8)
+    one = client.lookup_many({NAMES[1]: [[7, 7], [8, 1]]}, as_tensor=True)[NAMES[1]]
+    np.testing.assert_array_equal(one.numpy(), ref.lookup(NAMES[1], [[7, 7], [8, 1]]))
