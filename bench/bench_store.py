@@ -14,7 +14,7 @@ and 2 shards, measured side by side in one run:
 Targets: lookups >= 85 % of the raw-bytes ceiling; row-wise Adagrad >= 8 M rows/s; Adam
 >= 2.5x SparseAdam. Prints a table, then one JSON line.
 
-Run: python bench/bench_store.py [--rows 4000000] [--keys 65536] [--reps 15]
+Run: python bench/bench_store.py [--rows 4000000] [--keys 65536] [--reps 30]
 """
 
 from __future__ import annotations
@@ -40,7 +40,9 @@ from memstore.server import CHANNEL_OPTIONS  # noqa: E402
 ECHO_METHOD = "/bench.Echo/Echo"
 
 
-def median_s(fn, reps: int, warmup: int = 2) -> float:
+def median_s(fn, reps: int, warmup: int = 20) -> float:
+    """Median seconds of fn() over reps calls, after `warmup` calls: a process's heap takes
+    a few dozen multi-MiB round trips to reach its high-water mark (page faults until then)."""
     for _ in range(warmup):
         fn()
     times = []
@@ -156,7 +158,7 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=4_000_000, help="table rows (default 4,000,000)")
     ap.add_argument("--keys", type=int, default=65_536, help="distinct keys per lookup (default 65,536)")
     ap.add_argument("--dim", type=int, default=64, help="row width (default 64)")
-    ap.add_argument("--reps", type=int, default=15, help="timed repetitions; medians are reported (default 15)")
+    ap.add_argument("--reps", type=int, default=30, help="timed repetitions; medians are reported (default 30)")
     ap.add_argument("--shards", type=int, nargs="+", default=[1, 2], help="shard counts to run (default 1 2)")
     ap.add_argument("--skip-optimizers", action="store_true", help="skip the optimizer apply rates")
     args = ap.parse_args()
