@@ -6,11 +6,15 @@ and 2 shards, measured side by side in one run:
   - a bare raw-bytes gRPC echo of the same payload (the transport ceiling): S echo server
     processes, the same channel options as memstore, the keys as the request, the rows'
     bytes as the reply — as one message per server and split like memstore's requests;
-  - the same echo doing the two copies no store can skip: the server gathers the requested
-    rows from a table of the same size into the reply, and the client copies each reply
-    into one result array (what a lookup must do beyond the transport, in plain numpy);
-  - memstore lookups through MemStoreClient against S `memstore serve` processes;
+  - the same echo doing the two copies a store that replies with rows cannot skip: the
+    server gathers the requested rows from a table of the same size into the reply, and the
+    client copies each reply into one result array (in plain numpy);
+  - memstore lookups through MemStoreClient against S `memstore serve` processes on this
+    host: rows delivered into the client's shared memory (the default), and rows in gRPC
+    replies (ClientConfig(shared_memory=False): the path of a client on another host);
   - each optimizer's on-shard apply rate next to torch.optim.SparseAdam on the same rows.
+The calls of all lookup variants are interleaved, round after round, so the shared
+machine's noise falls on all of them alike; medians are reported.
 Targets: lookups >= 85 % of the raw-bytes ceiling; row-wise Adagrad >= 8 M rows/s; Adam
 >= 2.5x SparseAdam. Prints a table, then one JSON line.
 
@@ -43,14 +47,19 @@ ECHO_METHOD = "/bench.Echo/Echo"
 def median_s(fn, reps: int, warmup: int = 20) -> float:
     """Median seconds of fn() over reps calls, after `warmup` calls: a process's heap takes
     a few dozen multi-MiB round trips to reach its high-water mark (page faults until then)."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times))
+    return interleaved({"fn": fn}, reps, warmup)["fn"]
+
+
+def interleaved(fns: dict, reps: int, warmup: int = 20) -> dict[str, float]:
+    """Median seconds of each fn() over `reps` rounds (after `warmup`) that call every fn once, in turn."""
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for r in range(warmup + reps):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            if r >= warmup:
+                times[name].append(time.perf_counter() - t0)
+    return {name: float(np.median(t)) for name, t in times.items()}
 
 
 # ---- the transport ceiling: raw bytes through gRPC ----------------------------------------------
@@ -86,60 +95,83 @@ def echo_server(row_bytes: int, tuned: bool, table_rows: int) -> None:
     server.wait_for_termination()
 
 
-def measure_echo(num_servers: int, keys: np.ndarray, row_bytes: int, chunk_keys: int, reps: int, tuned: bool,
-                 table_rows: int = 0) -> float:
-    """Seconds per round trip; table_rows > 0: the servers gather real rows (echo_server) and
-    the client copies the replies into one result array."""
-    import grpc
+class EchoServers:
+    """S echo server processes (echo_server) and round trips of a payload through them."""
 
-    from memstore import alloc
+    def __init__(self, num_servers: int, row_bytes: int, tuned: bool, table_rows: int = 0) -> None:
+        import grpc
 
-    alloc.keep_freed_memory()  # as MemStoreClient does: replies are not page-faulted in afresh
-    procs = [subprocess.Popen([sys.executable, __file__, "--echo-server", str(row_bytes), str(int(tuned)), str(table_rows)],
-                              stdout=subprocess.PIPE, text=True) for _ in range(num_servers)]
-    try:
-        ports = [int(p.stdout.readline()) for p in procs]
+        self.procs = [subprocess.Popen([sys.executable, __file__, "--echo-server", str(row_bytes), str(int(tuned)),
+                                        str(table_rows)], stdout=subprocess.PIPE, text=True) for _ in range(num_servers)]
+        ports = [int(p.stdout.readline()) for p in self.procs]
         opts = CHANNEL_OPTIONS if tuned else CHANNEL_OPTIONS[:2]
-        channels = [grpc.insecure_channel(f"127.0.0.1:{port}", options=opts) for port in ports]
-        calls = [ch.unary_unary(ECHO_METHOD) for ch in channels]
-        per_server = len(keys) // num_servers
-        local = keys // num_servers  # random distinct rows of a table of rows / S rows, as a shard's
+        self.channels = [grpc.insecure_channel(f"127.0.0.1:{port}", options=opts) for port in ports]
+        self.calls = [ch.unary_unary(ECHO_METHOD) for ch in self.channels]
+        self.row_bytes, self.gather = row_bytes, table_rows > 0
+
+    def round_trip(self, keys: np.ndarray, chunk_keys: int):
+        """A call that sends the keys (each server its share, as a shard's local rows) in
+        requests of chunk_keys keys and waits for every reply; with gathering servers it also
+        copies the replies into one result array."""
+        n = len(self.calls)
+        per_server = len(keys) // n
+        local = keys // n  # random distinct rows of a table of rows / S rows, as a shard's
         requests = []  # (server, first key, the request's keys as bytes)
-        for server in range(num_servers):
+        for server in range(n):
             for lo in range(server * per_server, (server + 1) * per_server, chunk_keys):
                 hi = min(lo + chunk_keys, (server + 1) * per_server)
                 requests.append((server, lo, local[lo:hi].tobytes()))
 
-        def round_trip():
-            pending = [(lo, calls[server].future(r, timeout=60)) for server, lo, r in requests]
-            out = np.empty((len(keys), row_bytes), np.uint8) if table_rows else None
+        def call():
+            pending = [(lo, self.calls[server].future(r, timeout=60)) for server, lo, r in requests]
+            out = np.empty((len(keys), self.row_bytes), np.uint8) if self.gather else None
             for lo, f in pending:
                 reply = f.result()
                 if out is not None:
-                    out[lo : lo + len(reply) // row_bytes] = np.frombuffer(reply, np.uint8).reshape(-1, row_bytes)
+                    out[lo : lo + len(reply) // self.row_bytes] = np.frombuffer(reply, np.uint8).reshape(-1, self.row_bytes)
 
-        seconds = median_s(round_trip, reps)
-        for ch in channels:
+        return call
+
+    def close(self) -> None:
+        for ch in self.channels:
             ch.close()
-        return seconds
-    finally:
-        for p in procs:
+        for p in self.procs:
             p.kill()
             p.wait()
 
 
-# ---- memstore lookups -------------------------------------------------------------------------------
-def measure_lookup(num_shards: int, num_rows: int, keys: np.ndarray, dim: int, reps: int) -> tuple[float, float]:
-    """(seconds per lookup, seconds to create the table) with S local serve processes."""
+def measure_shards(num_shards: int, num_rows: int, keys: np.ndarray, dim: int, reps: int,
+                   chunk_keys: int) -> dict[str, float]:
+    """Seconds per call of every lookup variant for S shards, interleaved (module doc)."""
+    from memstore import alloc
+
+    alloc.keep_freed_memory()  # as MemStoreClient does: replies are not page-faulted in afresh
+    row_bytes = dim * 4
     spec = TableSpec("bench", num_rows=num_rows, dim=dim, optimizer=OptimizerSpec("adagrad"))
-    with LocalShards(num_shards) as shards, MemStoreClient(shards.addresses, ClientConfig(timeout_s=600)) as client:
-        t0 = time.perf_counter()
-        client.create_table(spec)
-        create_s = time.perf_counter() - t0
-        full_check = client.lookup("bench", keys[:1000])
-        assert full_check.shape == (1000, dim)
-        seconds = median_s(lambda: client.lookup("bench", keys), reps)
-    return seconds, create_s
+    servers = [EchoServers(num_shards, row_bytes, tuned=True), EchoServers(num_shards, row_bytes, tuned=False),
+               EchoServers(num_shards, row_bytes, tuned=True, table_rows=num_rows // num_shards)]
+    try:
+        with LocalShards(num_shards) as shards, \
+                MemStoreClient(shards.addresses, ClientConfig(timeout_s=600)) as delivered, \
+                MemStoreClient(shards.addresses, ClientConfig(timeout_s=600, shared_memory=False)) as replied:
+            t0 = time.perf_counter()
+            delivered.create_table(spec)
+            create_s = time.perf_counter() - t0
+            assert np.array_equal(delivered.lookup("bench", keys[:1000]), replied.lookup("bench", keys[:1000]))
+            echo, default, floor = servers
+            seconds = interleaved({
+                "echo_one_message_s": echo.round_trip(keys, len(keys)),
+                "echo_split_s": echo.round_trip(keys, chunk_keys),
+                "echo_grpc_defaults_s": default.round_trip(keys, len(keys)),
+                "echo_gather_copy_s": floor.round_trip(keys, chunk_keys),
+                "lookup_delivered_s": lambda: delivered.lookup("bench", keys),
+                "lookup_replied_s": lambda: replied.lookup("bench", keys),
+            }, reps)
+            assert all(s.delivers for s in delivered._shards), "the shards on this host did not deliver"
+    finally:
+        for s in servers:
+            s.close()
+    return seconds | {"create_table_s": create_s}
 
 
 def measure_gather(num_rows: int, keys: np.ndarray, dim: int, reps: int) -> dict[str, float]:
@@ -173,38 +205,35 @@ def main() -> None:
     results: dict = {"config": vars(args) | {"payload_bytes": payload, "chunk_keys": chunk_keys},
                      "gather": {k: {"s": v, "GB/s": gbps(v)} for k, v in gather.items()}, "shards": {}}
     for s in args.shards:
-        echo_one = measure_echo(s, keys, row_bytes, args.keys, args.reps, tuned=True)
-        echo_split = measure_echo(s, keys, row_bytes, chunk_keys, args.reps, tuned=True)
-        echo_default = measure_echo(s, keys, row_bytes, args.keys, args.reps, tuned=False)
-        echo_gather = measure_echo(s, keys, row_bytes, chunk_keys, args.reps, tuned=True, table_rows=args.rows // s)
-        ceiling = min(echo_one, echo_split)
-        lookup_s, create_s = measure_lookup(s, args.rows, keys, args.dim, args.reps)
-        results["shards"][s] = {
-            "lookup_s": lookup_s, "lookup_rows_per_s": args.keys / lookup_s, "lookup_GB/s": gbps(lookup_s),
-            "echo_one_message_s": echo_one, "echo_split_s": echo_split, "echo_grpc_defaults_s": echo_default,
-            "echo_gather_copy_s": echo_gather, "ratio_to_gather_copy": echo_gather / lookup_s,
-            "ceiling_GB/s": gbps(ceiling), "ratio_to_ceiling": ceiling / lookup_s, "create_table_s": create_s,
-        }
+        r = measure_shards(s, args.rows, keys, args.dim, args.reps, chunk_keys)
+        ceiling = min(r["echo_one_message_s"], r["echo_split_s"])
+        for path in ("delivered", "replied"):
+            sec = r[f"lookup_{path}_s"]
+            r |= {f"{path}_rows_per_s": args.keys / sec, f"{path}_GB/s": gbps(sec), f"{path}_ratio_to_ceiling": ceiling / sec}
+        r |= {"ceiling_GB/s": gbps(ceiling), "replied_ratio_to_gather_copy": r["echo_gather_copy_s"] / r["lookup_replied_s"]}
+        results["shards"][s] = r
 
     print(f"\nlookup of {args.keys:,} distinct keys x {args.dim} float32 ({payload / 2**20:.0f} MiB) "
-          f"from {args.rows:,} rows; medians of {args.reps}")
-    print(f"{'what':46} {'ms':>8} {'GB/s':>7} {'vs ceiling':>11}")
-    for name, r in results["gather"].items():
-        print(f"{'in-process gather, ' + name[:-2]:46} {r['s'] * 1e3:8.2f} {r['GB/s']:7.2f} {'(limit)':>11}")
+          f"from {args.rows:,} rows; medians of {args.reps} interleaved rounds")
+    print(f"{'what':54} {'ms':>8} {'GB/s':>7} {'vs ceiling':>11}")
+    for name, g in results["gather"].items():
+        print(f"{'in-process gather, ' + name[:-2]:54} {g['s'] * 1e3:8.2f} {g['GB/s']:7.2f} {'(limit)':>11}")
     for s, r in results["shards"].items():
         ceiling_s = payload / r["ceiling_GB/s"] / 1e9
         rows = [
             (f"{s} shard(s): raw gRPC echo, one message", r["echo_one_message_s"]),
             (f"{s} shard(s): raw gRPC echo, split at {chunk_keys} keys", r["echo_split_s"]),
             (f"{s} shard(s): raw gRPC echo, gRPC default windows", r["echo_grpc_defaults_s"]),
-            (f"{s} shard(s): raw gRPC + gather + copy (floor)", r["echo_gather_copy_s"]),
-            (f"{s} shard(s): memstore lookup", r["lookup_s"]),
+            (f"{s} shard(s): raw gRPC echo + gather + copy", r["echo_gather_copy_s"]),
+            (f"{s} shard(s): memstore lookup, rows in replies", r["lookup_replied_s"]),
+            (f"{s} shard(s): memstore lookup, rows delivered (same host)", r["lookup_delivered_s"]),
         ]
         for name, sec in rows:
-            print(f"{name:46} {sec * 1e3:8.2f} {gbps(sec):7.2f} {ceiling_s / sec:10.0%}")
-        print(f"{'':46} memstore: {r['lookup_rows_per_s'] / 1e6:.2f} M rows/s; target >= 85 % of ceiling: "
-              f"{'met' if r['ratio_to_ceiling'] >= 0.85 else 'MISSED'}; "
-              f"{r['ratio_to_gather_copy']:.0%} of the gather + copy floor")
+            print(f"{name:54} {sec * 1e3:8.2f} {gbps(sec):7.2f} {ceiling_s / sec:10.0%}")
+        for path in ("delivered", "replied"):
+            print(f"{'':54} {path}: {r[f'{path}_rows_per_s'] / 1e6:.2f} M rows/s; >= 85 % of ceiling: "
+                  f"{'met' if r[f'{path}_ratio_to_ceiling'] >= 0.85 else 'MISSED'}")
+        print(f"{'':54} replies: {r['replied_ratio_to_gather_copy']:.0%} of the echo + gather + copy")
 
     if not args.skip_optimizers:
         sys.path.insert(0, str(Path(__file__).resolve().parent))

@@ -24,18 +24,21 @@ import numpy as np
 import torch
 
 from memstore import keys as keyplan
-from memstore import wire
+from memstore import segments, wire
 from memstore.alloc import keep_freed_memory
+from memstore.lookups import LookupCall, chunks
 from memstore.errors import (
     DeadlineExceeded,
     InvalidArgument,
     MemStoreError,
+    SegmentUnreachable,
+    TableChanged,
     TableExists,
     TableNotFound,
     Unavailable,
     WrongShard,
 )
-from memstore.server import CHANNEL_OPTIONS, FRAMED, SERVICE
+from memstore.server import CHANNEL_OPTIONS, ERROR_KEY, FRAMED, SERVICE
 from memstore.spec import TableSpec, as_key_array
 from memstore.v1 import memstore_pb2 as pb
 
@@ -47,6 +50,9 @@ ERROR_OF = {
     grpc.StatusCode.UNAVAILABLE: Unavailable,
     grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceeded,
 }
+# A shard names the class it raised in trailing metadata (ERROR_KEY): it tells apart errors
+# that share a status code (FAILED_PRECONDITION: a wrong route, or an unreachable segment).
+ERROR_NAMED = {cls.__name__: cls for cls in (*ERROR_OF.values(), SegmentUnreachable, TableChanged)}
 RETRYABLE = (grpc.StatusCode.UNAVAILABLE,)
 
 
@@ -59,6 +65,10 @@ class ClientConfig:
     # Keep large freed blocks for reuse in this process (memstore.alloc): replies of several
     # MiB are otherwise page-faulted in afresh on every lookup.
     keep_freed_memory: bool = True
+    # Shards on this host write lookup rows straight into this process's memory (a memfd
+    # segment, memstore.segments) instead of sending them over the socket; shards elsewhere
+    # are found out on their first lookup and reply with the rows as usual.
+    shared_memory: bool = True
 
 
 @dataclass
@@ -84,6 +94,9 @@ class _Shard:
         self.index = index
         self.address = address
         self.channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+        # Whether lookups may ask this shard to write into this client's segments: None
+        # until tried, False once it said it cannot map them (another host).
+        self.delivers: bool | None = None
         ident = lambda b: b  # noqa: E731 -- frames are bytes both ways
         self.methods: dict[str, grpc.UnaryUnaryMultiCallable] = {}
         for m in pb.DESCRIPTOR.services_by_name["MemStore"].methods:
@@ -111,7 +124,8 @@ class MemStoreClient:
         self._client_id = uuid.uuid4().hex
         self._seq = itertools.count()  # update ids; next() is atomic under the GIL
         self._pool: ThreadPoolExecutor | None = None
-        self._pool_lock = threading.Lock()  # guards _pool creation
+        self._pool_lock = threading.Lock()  # guards _pool and _segment_pool creation
+        self._segment_pool: segments.SegmentPool | None = None
         self._directory = None  # set by connect(): where a named store's shards serve now
         self._resolve_lock = threading.Lock()  # serialises re-resolution; _shards is swapped whole
 
@@ -182,81 +196,68 @@ class MemStoreClient:
         """Rows of `keys` (any integer array or tensor), shape keys.shape + (dim,), in key order.
 
         The result is a numpy array of the table's wire dtype (float32 when that is bfloat16,
-        which numpy lacks), or a torch tensor of the wire dtype with as_tensor=True.
+        which numpy lacks), or a torch tensor of the wire dtype with as_tensor=True. Shards
+        on this host write the rows straight into it (ClientConfig.shared_memory).
         """
-        spec = self.spec(table)
-        arr = as_key_array(keys)
-        plan = keyplan.plan_keys(arr.reshape(-1), spec, self.num_shards)
-        requests, starts = [], []
-        for shard in range(self.num_shards):
-            start = int(plan.bounds[shard])
-            for chunk in self._chunks(plan.shard_keys(shard), spec.wire_row_bytes):
-                header = pb.LookupRequest(table=table, route=self._route(shard), num_keys=len(chunk))
-                requests.append((shard, wire.encode_frame(header, chunk)))
-                starts.append(start)
-                start += len(chunk)
-        rows = plan.assembler(spec.dim, spec.wire_torch_dtype)
-
-        def place(i: int, frame: bytes) -> None:  # runs as each reply arrives
-            header, payload = wire.decode_frame(frame, pb.LookupResponse)
-            rows.put(starts[i], self._reply_rows(table, spec, header, payload))
-
-        self._fan_out("Lookup", requests, on_reply=place)
-        return self._as_result(rows.result(), arr, spec, as_tensor)
+        return self._lookup({table: keys}, "Lookup", as_tensor)[table]
 
     def lookup_many(self, keys: Mapping[str, Any], *, as_tensor: bool = False) -> dict[str, np.ndarray | torch.Tensor]:
         """`lookup` of several tables at once, {table: keys} -> {table: rows}, in one request
         per shard (LookupMany) where `lookup` makes one per table and shard: a training step
         that reads every Engram head's table pays one round trip per shard."""
-        jobs = {}  # table -> (spec, keys array, assembler)
-        parts, where = [], []  # the parts of every table; where[i]: (table, first row of part i)
-        for name, k in keys.items():
-            spec = self.spec(name)
-            arr = as_key_array(k)
-            plan = keyplan.plan_keys(arr.reshape(-1), spec, self.num_shards)
-            jobs[name] = (spec, arr, plan.assembler(spec.dim, spec.wire_torch_dtype))
-            for shard in range(self.num_shards):
-                start = int(plan.bounds[shard])
-                for chunk in self._chunks(plan.shard_keys(shard), spec.wire_row_bytes):
-                    parts.append((shard, pb.LookupRequest(table=name, num_keys=len(chunk)), (chunk,)))
-                    where.append((name, start))
-                    start += len(chunk)
-        frames = self._packed(parts, pb.LookupManyRequest,
-                              lambda i: parts[i][1].num_keys * jobs[parts[i][1].table][0].wire_row_bytes)
-
-        def place(f: int, frame: bytes) -> None:  # runs as each reply arrives
-            header, payload = wire.decode_frame(frame, pb.LookupManyResponse)
-            members = frames[f][2]
-            if len(header.parts) != len(members):
-                raise MemStoreError(f"LookupMany: a shard answered {len(header.parts)} parts, asked {len(members)}")
-            at = 0
-            for i, head in zip(members, header.parts):
-                name, start = where[i]
-                spec = jobs[name][0]
-                size = head.num_keys * spec.wire_row_bytes
-                jobs[name][2].put(start, self._reply_rows(name, spec, head, payload[at:at + size], parts[i][1].num_keys))
-                at += size
-
-        self._fan_out("LookupMany", [(shard, frame) for shard, frame, _ in frames], on_reply=place)
-        return {name: self._as_result(rows.result(), arr, spec, as_tensor) for name, (spec, arr, rows) in jobs.items()}
+        return self._lookup(dict(keys), "LookupMany", as_tensor)
 
     def lookup_many_async(self, keys: Mapping[str, Any], *, as_tensor: bool = False) -> Future:
         """`lookup_many` on a background thread; the future's result is its return value."""
         return self._executor().submit(self.lookup_many, keys, as_tensor=as_tensor)
 
-    def _reply_rows(self, table: str, spec: TableSpec, header: pb.LookupResponse, payload,
-                    num_keys: int | None = None) -> torch.Tensor:
-        """The rows of one lookup reply (part), checked against what the call assumed."""
-        dtype = wire.dtype_name(header.dtype, "lookup reply")
-        if (header.dim, dtype) != (spec.dim, spec.wire_dtype):  # the table was recreated under us
-            with self._specs_lock:
-                self._specs.pop(table, None)
-            raise InvalidArgument(f"table {table!r} now has dim {header.dim} and wire dtype {dtype}; "
-                                  f"this call assumed {spec.dim} and {spec.wire_dtype}: retry")
-        if num_keys is not None and (header.num_keys != num_keys or len(payload) != num_keys * spec.wire_row_bytes):
-            raise MemStoreError(f"LookupMany of {table!r}: a shard returned {header.num_keys} rows in "
-                                f"{len(payload)} bytes; asked {num_keys}")
-        return wire.rows_from_buffer(payload, header.num_keys, header.dim, dtype)
+    def _lookup(self, keys: dict[str, Any], method: str, as_tensor: bool) -> dict[str, np.ndarray | torch.Tensor]:
+        """Lookups of {table: keys} by `method`: Lookup (a request per part) or LookupMany
+        (one shard's parts packed). A shard that cannot map this client's segment is asked
+        for rows in replies from then on, and the call runs again."""
+        jobs = {name: (self.spec(name), as_key_array(k)) for name, k in keys.items()}
+        while True:
+            delivering = self._delivering_shards()
+            try:
+                rows = self._lookup_once(jobs, method, delivering)
+            except SegmentUnreachable as e:
+                if e.shard not in delivering:
+                    raise
+                self._shards[e.shard].delivers = False
+                continue
+            return {name: self._as_result(rows[name], arr, spec, as_tensor) for name, (spec, arr) in jobs.items()}
+
+    def _lookup_once(self, jobs: dict, method: str, delivering: set[int]) -> dict[str, torch.Tensor]:
+        """One attempt of `_lookup`: {table: rows [N, dim]} (memstore.lookups.LookupCall)."""
+        call = LookupCall(jobs, self.num_shards, delivering, self.config.max_request_bytes,
+                          self._segments().lease if delivering else None)
+        if method == "Lookup":
+            for shard, head, _ in call.parts:
+                head.route.CopyFrom(self._route(shard))
+            frames = [(shard, wire.encode_frame(head, *pieces), [i]) for i, (shard, head, pieces) in enumerate(call.parts)]
+        else:
+            frames = self._packed(call.parts, pb.LookupManyRequest, call.request_bytes)
+
+        def place(f: int, frame: bytes) -> None:  # runs as each reply arrives
+            if method == "Lookup":
+                head, payload = wire.decode_frame(frame, pb.LookupResponse)
+                call.place(frames[f][2], [head], payload)
+            else:
+                many, payload = wire.decode_frame(frame, pb.LookupManyResponse)
+                call.place(frames[f][2], list(many.parts), payload)
+
+        try:
+            self._fan_out(method, [(shard, frame) for shard, frame, _ in frames], on_reply=place)
+            rows = call.rows()
+        except BaseException as e:
+            call.discard()
+            if isinstance(e, TableChanged):  # recreated under us: the next call reads its spec again
+                with self._specs_lock:
+                    self._specs.clear()
+            raise
+        for shard in delivering:
+            self._shards[shard].delivers = True
+        return rows
 
     @staticmethod
     def _as_result(rows: torch.Tensor, arr: np.ndarray, spec: TableSpec, as_tensor: bool) -> np.ndarray | torch.Tensor:
@@ -409,8 +410,7 @@ class MemStoreClient:
 
     def _chunks(self, keys: np.ndarray, row_bytes: int) -> list[np.ndarray]:
         """Splits one shard's keys so no request's rows exceed max_request_bytes."""
-        per = max(1, self.config.max_request_bytes // row_bytes)
-        return [keys[i : i + per] for i in range(0, len(keys), per)]
+        return chunks(keys, row_bytes, self.config.max_request_bytes)
 
     def _value_parts(self, plan, values: torch.Tensor, header, update_id: str | None = None,
                      read=None) -> tuple[list[tuple[int, Any, tuple]], list[np.ndarray]]:
@@ -523,11 +523,42 @@ class MemStoreClient:
                 self._shards = [s if s.address == a else _Shard(i, a) for i, (s, a) in enumerate(zip(old, self._directory.addresses()))]
 
     def _error(self, shard: int, method: str, e: grpc.RpcError) -> MemStoreError:
-        cls = ERROR_OF.get(e.code(), MemStoreError)
+        named = dict(e.trailing_metadata() or ()).get(ERROR_KEY)
+        cls = ERROR_NAMED.get(named) or ERROR_OF.get(e.code(), MemStoreError)
         if cls in (TableNotFound, WrongShard):
             with self._specs_lock:
                 self._specs.clear()  # the layout or the tables changed under us
-        return cls(f"{method} on shard {shard} ({self._shards[shard].address}): {e.details()}")
+        err = cls(f"{method} on shard {shard} ({self._shards[shard].address}): {e.details()}")
+        err.shard = shard
+        return err
+
+    # ---- shared memory ------------------------------------------------------------------
+    def _delivering_shards(self) -> set[int]:
+        """Shards that lookups ask to write into this client's segments."""
+        if not (self.config.shared_memory and segments.supported()):
+            return set()
+        return {s.index for s in self._shards if s.delivers is not False}
+
+    def _segments(self) -> segments.SegmentPool:
+        with self._pool_lock:
+            if self._segment_pool is None:
+                self._segment_pool = segments.SegmentPool()
+            pool = self._segment_pool
+        if pool.closed_tokens:  # segments closed since: the shards can unmap them
+            self._executor().submit(self._release_segments, pool.take_closed())
+        return pool
+
+    def _release_segments(self, tokens: list[bytes]) -> None:
+        """Tells the shards that mapped this client's segments that these are closed
+        (best effort: a shard also drops them once this process has exited)."""
+        shards = [s for s in self._shards if s.delivers]
+        request = pb.ReleaseSegmentsRequest(tokens=tokens)
+        calls = [s.methods["ReleaseSegments"].future(request, timeout=min(self.config.timeout_s, 5.0)) for s in shards]
+        for call in calls:
+            try:
+                call.result()
+            except grpc.RpcError:
+                pass
 
     def _executor(self) -> ThreadPoolExecutor:
         with self._pool_lock:
@@ -538,6 +569,9 @@ class MemStoreClient:
     def close(self) -> None:
         if self._pool is not None:
             self._pool.shutdown(wait=True)
+        if self._segment_pool is not None:
+            self._segment_pool.close()
+            self._release_segments(self._segment_pool.take_closed())
         for s in self._shards:
             s.channel.close()
 

@@ -125,16 +125,27 @@ class ShardEngine:
                 )
         return torch.from_numpy(local)
 
-    def lookup(self, name: str, keys: np.ndarray, alloc=None) -> torch.Tensor:
+    def lookup(self, name: str, keys: np.ndarray, alloc=None, slots: np.ndarray | None = None) -> torch.Tensor:
         """Rows of `keys` in the table's wire dtype [n, dim]. alloc(version) may supply the
-        tensor to fill (the server's reply frame), told the version the rows are read at."""
+        tensor to fill (the server's reply frame, a client's segment), told the version the
+        rows are read at; with `slots`, row slots[i] of it receives key i (ShardTable.gather)."""
+        return self.prepare_lookup(name, keys, alloc, slots)()
+
+    def prepare_lookup(self, name: str, keys: np.ndarray, alloc=None,
+                       slots: np.ndarray | None = None) -> Callable[[], torch.Tensor]:
+        """Runs every check of `lookup` now and returns the call that reads the rows (and
+        counts them as read): a request of several lookups checks all before reading any."""
         table = self.table(name)
         local = self.local_index(table, keys, unique=False)
         if alloc is None:
             alloc = lambda version: torch.empty(len(keys), table.spec.dim, dtype=table.spec.wire_torch_dtype)  # noqa: E731
-        rows = table.gather(local, alloc)
-        table.telemetry.record_lookup(local)  # per-head load (memstore.telemetry)
-        return rows
+
+        def read() -> torch.Tensor:
+            rows = table.gather(local, alloc, slots)
+            table.telemetry.record_lookup(local)  # per-head load (memstore.telemetry)
+            return rows
+
+        return read
 
     def update(
         self, name: str, keys: np.ndarray, grads: torch.Tensor, lr: float, update_id: str = "",

@@ -14,6 +14,11 @@ class InvalidArgument(MemStoreError, ValueError):
     """A request that can never succeed as sent: bad key, shape, dtype, value or payload."""
 
 
+class TableChanged(InvalidArgument):
+    """The table was recreated with another dim or dtype since the caller read its spec:
+    the caller reads the spec again and retries."""
+
+
 class TableNotFound(MemStoreError, KeyError):
     """The named table does not exist."""
 
@@ -27,6 +32,11 @@ class TableExists(MemStoreError):
 
 class WrongShard(MemStoreError):
     """The request was routed with a shard layout the server does not have."""
+
+
+class SegmentUnreachable(MemStoreError):
+    """A shard cannot map a client's shared-memory segment (another host, PID namespace or
+    user): the client sends that shard's rows in replies instead (memstore.segments)."""
 
 
 class Unavailable(MemStoreError):

@@ -22,17 +22,18 @@ from memstore.spec import TableSpec, as_key_array
 class KeyPlan:
     """A batch of N keys resolved to U distinct keys grouped by shard.
 
-    unique: int64 [U] the distinct keys, grouped by shard;
-    bounds: int64 [S + 1] shard s owns unique[bounds[s]:bounds[s+1]];
+    unique: int64 [U] the distinct keys, grouped by shard (unless the plan is not grouped);
+    bounds: int64 [S + 1] shard s owns unique[bounds[s]:bounds[s+1]], or None (not grouped);
     position: int64 [N] for each key of the batch (flattened), its index in `unique`; None
       when the batch's keys are already distinct (then U == N), and instead
     slot: int64 [U] for each distinct key, its index in the batch; None when that is 0..N-1.
     """
 
     unique: np.ndarray
-    bounds: np.ndarray
+    bounds: np.ndarray | None  # None: not grouped by shard (plan_keys(group=False))
     position: torch.Tensor | None = None
     slot: torch.Tensor | None = None
+    batch: np.ndarray | None = None  # the batch's keys, when slot is set
 
     @property
     def num_keys(self) -> int:
@@ -49,8 +50,19 @@ class KeyPlan:
             return out.index_add_(0, self.position, values.float())
         return values if self.slot is None else values.index_select(0, self.slot)
 
-    def assembler(self, dim: int, dtype: torch.dtype) -> "RowAssembler":
-        return RowAssembler(self, dim, dtype)
+    @property
+    def buffer_keys(self) -> np.ndarray:
+        """The key of each buffer row (see buffer_rows)."""
+        return self.batch if self.slot is not None else self.unique
+
+    @property
+    def buffer_rows(self) -> int:
+        """Rows of the buffer the distinct keys' rows are assembled in: the batch's own rows
+        (distinct keys go straight to their place) or the distinct rows (then expanded)."""
+        return len(self.unique) if self.position is not None else self.num_keys
+
+    def assembler(self, dim: int, dtype: torch.dtype, buffer: torch.Tensor | None = None) -> "RowAssembler":
+        return RowAssembler(self, dim, dtype, buffer)
 
 
 class RowAssembler:
@@ -62,10 +74,13 @@ class RowAssembler:
     spinning against gRPC's receive threads made 16 MiB lookups ~1.5x slower on 2 cores.
     """
 
-    def __init__(self, plan: KeyPlan, dim: int, dtype: torch.dtype) -> None:
+    def __init__(self, plan: KeyPlan, dim: int, dtype: torch.dtype, buffer: torch.Tensor | None = None) -> None:
+        """buffer: [plan.buffer_rows, dim] to assemble in (a client's shared-memory lease,
+        which shards on the client's host write into directly: row r gets buffer_keys[r]); a
+        new one if None."""
         self.plan = plan
-        n = len(plan.unique) if plan.position is not None else plan.num_keys
-        self.buffer = torch.empty(n, dim, dtype=dtype)
+        self.buffer = torch.empty(plan.buffer_rows, dim, dtype=dtype) if buffer is None else buffer
+        assert self.buffer.shape == (plan.buffer_rows, dim), f"buffer {tuple(self.buffer.shape)} for {plan.buffer_rows} rows"
         self._np = as_numpy(self.buffer)  # (n, dim) view of the same memory
         self._slot = plan.slot.numpy() if plan.slot is not None else None
         # Scatters move whole rows as single void items: numpy's fancy assignment then copies
@@ -93,8 +108,10 @@ def as_numpy(t: torch.Tensor) -> np.ndarray:
     return t.numpy() if t.dtype == torch.float32 else t.view(torch.int16).numpy()
 
 
-def plan_keys(flat_keys: np.ndarray, spec: TableSpec, num_shards: int) -> KeyPlan:
-    """Validates keys against the table and groups their distinct values by shard.
+def plan_keys(flat_keys: np.ndarray, spec: TableSpec, num_shards: int, group: bool = True) -> KeyPlan:
+    """Validates keys against the table and groups their distinct values by shard (or, with
+    group=False, leaves them in batch order: shards that read the keys from a client's
+    segment pick their own).
 
     numpy, not torch, for the sorts: torch's parallel sort slowed 200x when the cores were
     busy (OpenMP threads spinning against the trainer's); numpy's runs on the calling thread.
@@ -103,19 +120,24 @@ def plan_keys(flat_keys: np.ndarray, spec: TableSpec, num_shards: int) -> KeyPla
     # A plain sort (0.3 ms for 65k keys) tells distinct batches apart, which then skip
     # np.unique's inverse; batches with repeats pay for both sorts.
     ordered = np.sort(flat_keys)
+    one = num_shards == 1 or not group
     if not (ordered[1:] == ordered[:-1]).any():  # distinct: keep the batch's own order
-        if num_shards == 1:
-            return KeyPlan(flat_keys, np.array([0, len(flat_keys)], dtype=np.int64))
+        if one:
+            return KeyPlan(flat_keys, _one_group(len(flat_keys)) if group else None)
         order, bounds = _group_by_shard(flat_keys, num_shards)
-        return KeyPlan(flat_keys[order], bounds, slot=torch.from_numpy(order))
+        return KeyPlan(flat_keys[order], bounds, slot=torch.from_numpy(order), batch=flat_keys)
     unique, inverse = np.unique(flat_keys, return_inverse=True)
     inverse = torch.from_numpy(inverse.astype(np.int64, copy=False))
-    if num_shards == 1:
-        return KeyPlan(unique, np.array([0, len(unique)], dtype=np.int64), position=inverse)
+    if one:
+        return KeyPlan(unique, _one_group(len(unique)) if group else None, position=inverse)
     order, bounds = _group_by_shard(unique, num_shards)
     rank = np.empty_like(order)
     rank[order] = np.arange(len(order))
     return KeyPlan(unique[order], bounds, position=torch.from_numpy(rank)[inverse])
+
+
+def _one_group(n: int) -> np.ndarray:
+    return np.array([0, n], dtype=np.int64)
 
 
 def _group_by_shard(keys: np.ndarray, num_shards: int) -> tuple[np.ndarray, np.ndarray]:

@@ -63,6 +63,8 @@ class ShardMetrics(MetricsEndpoint):
                                 registry=r)
         self.bytes_out = Counter("memstore_sent_bytes", "reply bytes of data RPCs that succeeded", ["method"],
                                  registry=r)
+        self.delivered = Counter("memstore_delivered_bytes", "rows' bytes written into same-host clients' "
+                                 "shared memory instead of replies", ["method"], registry=r)
         self.rows = Counter("memstore_request_rows", "rows (keys) of data RPCs that succeeded", ["method"], registry=r)
         for m in methods:  # every series from the start, so rate() sees the first calls
             self.requests.labels(m, "OK")
@@ -78,10 +80,12 @@ class ShardMetrics(MetricsEndpoint):
     def error(self, method: str, code: str) -> None:
         self.errors.labels(method, code).inc()
 
-    def transfer(self, method: str, rows: int, bytes_in: int, bytes_out: int) -> None:
+    def transfer(self, method: str, rows: int, bytes_in: int, bytes_out: int, bytes_delivered: int = 0) -> None:
         self.rows.labels(method).inc(rows)
         self.bytes_in.labels(method).inc(bytes_in)
         self.bytes_out.labels(method).inc(bytes_out)
+        if bytes_delivered:
+            self.delivered.labels(method).inc(bytes_delivered)
 
 
 

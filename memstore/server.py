@@ -27,8 +27,10 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from memstore import wire
 from memstore.alloc import keep_freed_memory
 from memstore.engine import ShardEngine
-from memstore.errors import InvalidArgument, MemStoreError, TableExists, TableNotFound, Unavailable, WrongShard
+from memstore.errors import (InvalidArgument, MemStoreError, SegmentUnreachable, TableChanged, TableExists,
+                             TableNotFound, Unavailable, WrongShard)
 from memstore.metrics import ShardMetrics
+from memstore.segments import SegmentMap, SegmentRef
 from memstore.spec import DTYPE_BYTES, TableSpec
 from memstore.v1 import memstore_pb2 as pb
 
@@ -57,6 +59,7 @@ STATUS_OF: dict[type[MemStoreError], grpc.StatusCode] = {
     TableExists: grpc.StatusCode.ALREADY_EXISTS,
     InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
     WrongShard: grpc.StatusCode.FAILED_PRECONDITION,
+    SegmentUnreachable: grpc.StatusCode.FAILED_PRECONDITION,  # the client falls back to rows in replies
     Unavailable: grpc.StatusCode.UNAVAILABLE,  # retryable: a table swapped by a restore, a log that failed
 }
 
@@ -68,6 +71,7 @@ class MethodCounters:
     rows: int = 0
     bytes_in: int = 0
     bytes_out: int = 0
+    bytes_delivered: int = 0  # rows written into same-host clients' segments
     # (monotonic end time, seconds) of the latest calls, for rates and latency percentiles
     recent: deque = field(default_factory=lambda: deque(maxlen=RECENT_CALLS))
 
@@ -89,6 +93,7 @@ class MemStoreServicer:
         self._counters = {m.name: MethodCounters() for m in pb.DESCRIPTOR.services_by_name["MemStore"].methods}
         self._counters_lock = threading.Lock()  # guards the counters' fields
         self.metrics = ShardMetrics(engine, list(self._counters))  # Prometheus, fed by the same counting
+        self.segments = SegmentMap()  # same-host clients' shared memory, where lookups deliver rows
 
     # ---- control RPCs ----------------------------------------------------------------------
     def CreateTable(self, request: pb.CreateTableRequest, context) -> pb.TableInfo:
@@ -110,7 +115,7 @@ class MemStoreServicer:
         with self._counters_lock:
             methods = [
                 pb.MethodStats(method=name, calls=c.calls, errors=c.errors, rows=c.rows, bytes_in=c.bytes_in,
-                               bytes_out=c.bytes_out, **c.window(now, window_s))
+                               bytes_out=c.bytes_out, bytes_delivered=c.bytes_delivered, **c.window(now, window_s))
                 for name, c in self._counters.items()
             ]
         return pb.StatsResponse(
@@ -120,6 +125,8 @@ class MemStoreServicer:
             methods=methods,
             uptime_s=time.monotonic() - self.started,
             rss_bytes=_rss_bytes(),
+            mapped_segments=len(self.segments),
+            mapped_segment_bytes=self.segments.mapped_bytes,
         )
 
     def TableStats(self, request: pb.TableStatsRequest, context) -> pb.TableStatsResponse:
@@ -136,47 +143,86 @@ class MemStoreServicer:
     def Lookup(self, frame: bytes, context) -> bytes:
         header, payload = wire.decode_frame(frame, pb.LookupRequest)
         self._route(header.route)
-        keys = wire.keys_from_payload(payload, header.num_keys)
-        spec = self.engine.table(header.table).spec
+        spec, keys, slots, delivery = self._lookup_part(header, payload)
+        head = pb.LookupResponse(num_keys=len(keys), dim=spec.dim, dtype=wire.DTYPE_TO_PB[spec.wire_dtype],
+                                 delivered=delivery is not None)
         reply = []
 
-        def alloc(version: int):  # the rows are gathered straight into the reply frame
-            head = pb.LookupResponse(num_keys=len(keys), dim=spec.dim, dtype=wire.DTYPE_TO_PB[spec.wire_dtype],
-                                     version=version)
+        def alloc(version: int) -> torch.Tensor:  # the rows go straight into the reply frame or the client's segment
+            head.version = version
+            if delivery is not None:
+                return delivery
             out, rows = wire.new_frame(head, len(keys), spec.dim, spec.wire_dtype)
             reply.append(out)
             return rows
 
-        self.engine.lookup(header.table, keys, alloc)
-        self._count("Lookup", len(keys), len(frame), len(reply[0]))
-        return reply[0]
+        self.engine.lookup(header.table, keys, alloc, slots)
+        out = reply[0] if reply else wire.encode_frame(head)
+        self._count("Lookup", len(keys), len(frame), len(out), 0 if reply else len(keys) * spec.wire_row_bytes)
+        return out
 
     def LookupMany(self, frame: bytes, context) -> bytes:
         header, payload = wire.decode_frame(frame, pb.LookupManyRequest)
         self._route(header.route)
-        sizes = [p.num_keys for p in header.parts]
-        if min(sizes, default=0) < 0 or 8 * sum(sizes) != len(payload):
-            raise InvalidArgument(f"LookupMany payload is {len(payload)} bytes; its parts' {sizes} int64 keys "
-                                  f"need {8 * sum(sizes)}")
-        starts = np.cumsum([0, *sizes]) * 8
-        # Every table and key is checked before anything is read (and counted as read).
-        parts = [(p.table, self.engine.table(p.table).spec, wire.keys_from_payload(payload[lo:hi], p.num_keys))
-                 for p, lo, hi in zip(header.parts, starts[:-1], starts[1:])]
-        for name, _, keys in parts:
-            self.engine.local_index(self.engine.table(name), keys, unique=False)
-        head, rows = pb.LookupManyResponse(), []
-        for name, spec, keys in parts:
-            part = head.parts.add(num_keys=len(keys), dim=spec.dim, dtype=wire.DTYPE_TO_PB[spec.wire_dtype])
+        sizes = [0 if p.HasField("delivery") else p.num_keys * 8 for p in header.parts]
+        if min(sizes, default=0) < 0 or sum(sizes) != len(payload):
+            raise InvalidArgument(f"LookupMany payload is {len(payload)} bytes; its parts' keys "
+                                  f"need {sizes} = {sum(sizes)}")
+        starts = np.cumsum([0, *sizes])
+        head, reads, delivered = pb.LookupManyResponse(), [], 0
+        for request, lo, hi in zip(header.parts, starts[:-1], starts[1:]):  # every part checked before any is read
+            spec, keys, slots, delivery = self._lookup_part(request, payload[lo:hi])
+            part = head.parts.add(num_keys=len(keys), dim=spec.dim, dtype=wire.DTYPE_TO_PB[spec.wire_dtype],
+                                  delivered=delivery is not None)
 
-            def alloc(version: int, n=len(keys), spec=spec, part=part) -> torch.Tensor:
+            def alloc(version: int, n=len(keys), spec=spec, part=part, delivery=delivery) -> torch.Tensor:
                 part.version = version
-                return torch.empty(n, spec.dim, dtype=spec.wire_torch_dtype)
+                return delivery if delivery is not None else torch.empty(n, spec.dim, dtype=spec.wire_torch_dtype)
 
-            rows.append(self.engine.lookup(name, keys, alloc))
-        # The parts are a step's few thousand rows per table: one copy into the frame is cheap.
-        out = wire.encode_frame(head, *(wire.tensor_bytes(r) for r in rows))
-        self._count("LookupMany", sum(sizes), len(frame), len(out))
+            reads.append((self.engine.prepare_lookup(request.table, keys, alloc, slots), delivery is None))
+            delivered += 0 if delivery is None else len(keys) * spec.wire_row_bytes
+        replied = []
+        for read, in_reply in reads:
+            rows = read()
+            if in_reply:
+                replied.append(wire.tensor_bytes(rows))
+        # Replied parts are a step's few thousand rows per table: one copy into the frame is cheap.
+        out = wire.encode_frame(head, *replied)
+        self._count("LookupMany", sum(p.num_keys for p in head.parts), len(frame), len(out), delivered)
         return out
+
+    def _lookup_part(self, header: pb.LookupRequest, payload) -> tuple[TableSpec, np.ndarray, np.ndarray | None,
+                                                                          torch.Tensor | None]:
+        """One lookup (part) of a request: (spec, keys, slots, rows). rows is None when the
+        reply carries them; else `keys` are this shard's keys of the delivery's range (read
+        from the client's segment) and rows the region they go to: [n, dim] (slots None), or
+        [first + n, dim] whose row slots[i] receives key i. The keys are checked later, by
+        the engine (prepare_lookup)."""
+        spec = self.engine.table(header.table).spec
+        if not header.HasField("delivery"):
+            return spec, wire.keys_from_payload(payload, header.num_keys), None, None
+        d, n = header.delivery, header.num_keys
+        if len(payload) or n < 0:
+            raise InvalidArgument(f"a delivered lookup of {spec.name!r} has {n} keys in its segment and no payload; "
+                                  f"got {len(payload)} payload bytes")
+        if (d.dim, d.dtype) != (spec.dim, wire.DTYPE_TO_PB[spec.wire_dtype]):
+            raise TableChanged(f"table {spec.name!r} has dim {spec.dim} and wire dtype {spec.wire_dtype}; the delivery "
+                               f"made room for dim {d.dim} of {wire.PB_TO_DTYPE.get(d.dtype, d.dtype)}")
+        end = d.first + n
+        ref = SegmentRef(d.segment.pid, d.segment.fd, d.segment.size, d.segment.token)
+        if d.keys_offset < d.rows_offset + end * spec.wire_row_bytes and d.rows_offset < d.keys_offset + 8 * end:
+            raise InvalidArgument(f"delivery of {spec.name!r}: its keys and rows regions overlap")
+        # A private copy: the client's memory could change under the checks.
+        keys = self.segments.region(ref, d.keys_offset, 8 * end).view("<i8")[d.first :].copy()
+        region = self.segments.region(ref, d.rows_offset, end * spec.wire_row_bytes)
+        rows = torch.from_numpy(region).view(spec.wire_torch_dtype).view(end, spec.dim)
+        if self.engine.num_shards == 1:
+            return spec, keys, None, rows[d.first :]
+        mine = np.flatnonzero(keys % self.engine.num_shards == self.engine.shard_index)  # this shard's keys
+        return spec, keys[mine], mine + d.first, rows
+
+    def ReleaseSegments(self, request: pb.ReleaseSegmentsRequest, context) -> pb.ReleaseSegmentsResponse:
+        return pb.ReleaseSegmentsResponse(released=self.segments.release(set(request.tokens)))
 
     def Update(self, frame: bytes, context) -> bytes:
         header, payload = wire.decode_frame(frame, pb.UpdateRequest)
@@ -277,14 +323,15 @@ class MemStoreServicer:
             state_bytes=table.state_bytes,
         )
 
-    def _count(self, method: str, rows: int, bytes_in: int, bytes_out: int) -> None:
+    def _count(self, method: str, rows: int, bytes_in: int, bytes_out: int, bytes_delivered: int = 0) -> None:
         with self._counters_lock:
             c = self._counters[method]
             c.calls += 1
             c.rows += rows
             c.bytes_in += bytes_in
             c.bytes_out += bytes_out
-        self.metrics.transfer(method, rows, bytes_in, bytes_out)
+            c.bytes_delivered += bytes_delivered
+        self.metrics.transfer(method, rows, bytes_in, bytes_out, bytes_delivered)
 
     def count_error(self, method: str, code: str = "UNKNOWN") -> None:
         with self._counters_lock:
@@ -305,6 +352,8 @@ def _rss_bytes() -> int:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+# Trailing metadata key of every error reply: the memstore.errors class raised.
+ERROR_KEY = "memstore-error"
 FRAMED = ("Lookup", "LookupMany", "Update", "UpdateMany", "Assign")
 
 
@@ -321,6 +370,7 @@ def _handler(servicer: MemStoreServicer, method) -> grpc.RpcMethodHandler:
         except MemStoreError as e:
             code = next((c for t, c in STATUS_OF.items() if isinstance(e, t)), grpc.StatusCode.UNAVAILABLE)
             servicer.count_error(name, code.name)
+            context.set_trailing_metadata(((ERROR_KEY, type(e).__name__),))  # the client raises the same class
             context.abort(code, str(e))
         except Exception:
             code = grpc.StatusCode.INTERNAL

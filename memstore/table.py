@@ -101,12 +101,16 @@ class ShardTable:
     def state_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.state.values())
 
-    def gather(self, local: torch.Tensor, alloc) -> torch.Tensor:
-        """Rows `local` (int64 [n]) copied into `alloc(version)` — a [n, dim] tensor of the
-        wire dtype that the caller allocates knowing the version the rows are read at."""
+    def gather(self, local: torch.Tensor, alloc, slots: np.ndarray | None = None) -> torch.Tensor:
+        """Rows `local` (int64 [n]) copied into `alloc(version)` — a tensor of the wire dtype
+        that the caller allocates knowing the version the rows are read at: [n, dim], or,
+        with `slots` (int64 [n], checked to be rows of it), any [m, dim] whose row slots[i]
+        receives row local[i]."""
         with self.lock.read():
             out = alloc(self.version)
-            if out.dtype == self.rows.dtype:
+            if slots is not None:
+                self._scatter(local, out, slots)
+            elif out.dtype == self.rows.dtype:
                 # numpy's take runs on this handler thread; torch's index_select would wake
                 # intra-op threads that fight gRPC's for the cores (lookups 1.5x slower on 2).
                 # mode="clip": the keys were range-checked already, and numpy buffers `out` in
@@ -115,6 +119,20 @@ class ShardTable:
             else:
                 out.copy_(self.rows.index_select(0, local))
             return out
+
+    def _scatter(self, local: torch.Tensor, out: torch.Tensor, slots: np.ndarray) -> None:
+        """out[slots[i]] = rows[local[i]] (under the read lock). Same dtype: gathered in
+        blocks of ~1 MiB that stay in cache for the scatter, rows moved as single void items
+        (np.put: ~5 % faster than fancy assignment here, measured)."""
+        if out.dtype != self.rows.dtype:
+            out.index_copy_(0, torch.from_numpy(slots), self.rows.index_select(0, local).to(out.dtype))
+            return
+        row = np.dtype((np.void, self.spec.dim * self.rows.element_size()))
+        src, dst = self._rows_np.view(row).reshape(-1), as_numpy(out).view(row).reshape(-1)
+        idx = local.numpy()
+        block = max(1, (1 << 20) // row.itemsize)
+        for lo in range(0, len(idx), block):  # a few blocks per request, not a loop over rows
+            np.put(dst, slots[lo : lo + block], np.take(src, idx[lo : lo + block], mode="clip"))
 
     def apply(self, local: torch.Tensor, grads: torch.Tensor, lr: float) -> int:
         """Applies the optimizer to unique rows `local` with float32 `grads`; returns the version."""

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from memstore import InProcessStore, MemStoreClient, OptimizerSpec, TableSpec
+from memstore import ClientConfig, InProcessStore, MemStoreClient, OptimizerSpec, TableSpec
 from memstore.spec import InitSpec
 
 OPTIMIZERS = {
@@ -146,7 +146,8 @@ def test_assign_writes_rows_verbatim_and_resets_state(shards_3):
         client.drop_table("assign")
 
 
-def test_concurrent_lookups_never_see_torn_rows(shards_2):
+@pytest.mark.parametrize("shared_memory", [True, False], ids=["delivered", "replied"])
+def test_concurrent_lookups_never_see_torn_rows(shards_2, shared_memory):
     # Every update moves each row by the same amount in all columns, so a row read half
     # before and half after an update would hold two different values.
     # Wide rows make each row's write long enough for a lock-free read to catch it midway.
@@ -157,7 +158,7 @@ def test_concurrent_lookups_never_see_torn_rows(shards_2):
     stop = threading.Event()
     errors: list[str] = []
 
-    with MemStoreClient(shards_2.addresses) as client:
+    with MemStoreClient(shards_2.addresses, ClientConfig(shared_memory=shared_memory)) as client:
         client.create_table(spec)
 
         def writer():

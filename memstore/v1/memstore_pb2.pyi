@@ -120,27 +120,71 @@ class DropTableResponse(_message.Message):
     dropped: bool
     def __init__(self, dropped: _Optional[bool] = ...) -> None: ...
 
+class Segment(_message.Message):
+    __slots__ = ("pid", "fd", "size", "token")
+    PID_FIELD_NUMBER: _ClassVar[int]
+    FD_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    pid: int
+    fd: int
+    size: int
+    token: bytes
+    def __init__(self, pid: _Optional[int] = ..., fd: _Optional[int] = ..., size: _Optional[int] = ..., token: _Optional[bytes] = ...) -> None: ...
+
+class Delivery(_message.Message):
+    __slots__ = ("segment", "keys_offset", "rows_offset", "first", "dim", "dtype")
+    SEGMENT_FIELD_NUMBER: _ClassVar[int]
+    KEYS_OFFSET_FIELD_NUMBER: _ClassVar[int]
+    ROWS_OFFSET_FIELD_NUMBER: _ClassVar[int]
+    FIRST_FIELD_NUMBER: _ClassVar[int]
+    DIM_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    segment: Segment
+    keys_offset: int
+    rows_offset: int
+    first: int
+    dim: int
+    dtype: DType
+    def __init__(self, segment: _Optional[_Union[Segment, _Mapping]] = ..., keys_offset: _Optional[int] = ..., rows_offset: _Optional[int] = ..., first: _Optional[int] = ..., dim: _Optional[int] = ..., dtype: _Optional[_Union[DType, str]] = ...) -> None: ...
+
 class LookupRequest(_message.Message):
-    __slots__ = ("table", "route", "num_keys")
+    __slots__ = ("table", "route", "num_keys", "delivery")
     TABLE_FIELD_NUMBER: _ClassVar[int]
     ROUTE_FIELD_NUMBER: _ClassVar[int]
     NUM_KEYS_FIELD_NUMBER: _ClassVar[int]
+    DELIVERY_FIELD_NUMBER: _ClassVar[int]
     table: str
     route: Route
     num_keys: int
-    def __init__(self, table: _Optional[str] = ..., route: _Optional[_Union[Route, _Mapping]] = ..., num_keys: _Optional[int] = ...) -> None: ...
+    delivery: Delivery
+    def __init__(self, table: _Optional[str] = ..., route: _Optional[_Union[Route, _Mapping]] = ..., num_keys: _Optional[int] = ..., delivery: _Optional[_Union[Delivery, _Mapping]] = ...) -> None: ...
 
 class LookupResponse(_message.Message):
-    __slots__ = ("num_keys", "dim", "dtype", "version")
+    __slots__ = ("num_keys", "dim", "dtype", "version", "delivered")
     NUM_KEYS_FIELD_NUMBER: _ClassVar[int]
     DIM_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
+    DELIVERED_FIELD_NUMBER: _ClassVar[int]
     num_keys: int
     dim: int
     dtype: DType
     version: int
-    def __init__(self, num_keys: _Optional[int] = ..., dim: _Optional[int] = ..., dtype: _Optional[_Union[DType, str]] = ..., version: _Optional[int] = ...) -> None: ...
+    delivered: bool
+    def __init__(self, num_keys: _Optional[int] = ..., dim: _Optional[int] = ..., dtype: _Optional[_Union[DType, str]] = ..., version: _Optional[int] = ..., delivered: _Optional[bool] = ...) -> None: ...
+
+class ReleaseSegmentsRequest(_message.Message):
+    __slots__ = ("tokens",)
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    tokens: _containers.RepeatedScalarFieldContainer[bytes]
+    def __init__(self, tokens: _Optional[_Iterable[bytes]] = ...) -> None: ...
+
+class ReleaseSegmentsResponse(_message.Message):
+    __slots__ = ("released",)
+    RELEASED_FIELD_NUMBER: _ClassVar[int]
+    released: int
+    def __init__(self, released: _Optional[int] = ...) -> None: ...
 
 class UpdateRequest(_message.Message):
     __slots__ = ("table", "route", "num_keys", "dim", "dtype", "lr", "update_id", "group", "parts", "num_read_keys")
@@ -243,7 +287,7 @@ class StatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class MethodStats(_message.Message):
-    __slots__ = ("method", "calls", "errors", "rows", "bytes_in", "bytes_out", "rate_per_s", "p50_ms", "p99_ms", "window_s")
+    __slots__ = ("method", "calls", "errors", "rows", "bytes_in", "bytes_out", "rate_per_s", "p50_ms", "p99_ms", "window_s", "bytes_delivered")
     METHOD_FIELD_NUMBER: _ClassVar[int]
     CALLS_FIELD_NUMBER: _ClassVar[int]
     ERRORS_FIELD_NUMBER: _ClassVar[int]
@@ -254,6 +298,7 @@ class MethodStats(_message.Message):
     P50_MS_FIELD_NUMBER: _ClassVar[int]
     P99_MS_FIELD_NUMBER: _ClassVar[int]
     WINDOW_S_FIELD_NUMBER: _ClassVar[int]
+    BYTES_DELIVERED_FIELD_NUMBER: _ClassVar[int]
     method: str
     calls: int
     errors: int
@@ -264,23 +309,28 @@ class MethodStats(_message.Message):
     p50_ms: float
     p99_ms: float
     window_s: float
-    def __init__(self, method: _Optional[str] = ..., calls: _Optional[int] = ..., errors: _Optional[int] = ..., rows: _Optional[int] = ..., bytes_in: _Optional[int] = ..., bytes_out: _Optional[int] = ..., rate_per_s: _Optional[float] = ..., p50_ms: _Optional[float] = ..., p99_ms: _Optional[float] = ..., window_s: _Optional[float] = ...) -> None: ...
+    bytes_delivered: int
+    def __init__(self, method: _Optional[str] = ..., calls: _Optional[int] = ..., errors: _Optional[int] = ..., rows: _Optional[int] = ..., bytes_in: _Optional[int] = ..., bytes_out: _Optional[int] = ..., rate_per_s: _Optional[float] = ..., p50_ms: _Optional[float] = ..., p99_ms: _Optional[float] = ..., window_s: _Optional[float] = ..., bytes_delivered: _Optional[int] = ...) -> None: ...
 
 class StatsResponse(_message.Message):
-    __slots__ = ("shard_index", "num_shards", "tables", "methods", "uptime_s", "rss_bytes")
+    __slots__ = ("shard_index", "num_shards", "tables", "methods", "uptime_s", "rss_bytes", "mapped_segments", "mapped_segment_bytes")
     SHARD_INDEX_FIELD_NUMBER: _ClassVar[int]
     NUM_SHARDS_FIELD_NUMBER: _ClassVar[int]
     TABLES_FIELD_NUMBER: _ClassVar[int]
     METHODS_FIELD_NUMBER: _ClassVar[int]
     UPTIME_S_FIELD_NUMBER: _ClassVar[int]
     RSS_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MAPPED_SEGMENTS_FIELD_NUMBER: _ClassVar[int]
+    MAPPED_SEGMENT_BYTES_FIELD_NUMBER: _ClassVar[int]
     shard_index: int
     num_shards: int
     tables: _containers.RepeatedCompositeFieldContainer[TableInfo]
     methods: _containers.RepeatedCompositeFieldContainer[MethodStats]
     uptime_s: float
     rss_bytes: int
-    def __init__(self, shard_index: _Optional[int] = ..., num_shards: _Optional[int] = ..., tables: _Optional[_Iterable[_Union[TableInfo, _Mapping]]] = ..., methods: _Optional[_Iterable[_Union[MethodStats, _Mapping]]] = ..., uptime_s: _Optional[float] = ..., rss_bytes: _Optional[int] = ...) -> None: ...
+    mapped_segments: int
+    mapped_segment_bytes: int
+    def __init__(self, shard_index: _Optional[int] = ..., num_shards: _Optional[int] = ..., tables: _Optional[_Iterable[_Union[TableInfo, _Mapping]]] = ..., methods: _Optional[_Iterable[_Union[MethodStats, _Mapping]]] = ..., uptime_s: _Optional[float] = ..., rss_bytes: _Optional[int] = ..., mapped_segments: _Optional[int] = ..., mapped_segment_bytes: _Optional[int] = ...) -> None: ...
 
 class TableStatsRequest(_message.Message):
     __slots__ = ("tables",)
