@@ -4,6 +4,7 @@ Run: python -m bench.bench_optim [--num-rows 4000000 --dim 64 --batch 65536 --re
 
 Each optimizer updates `batch` unique random rows (in random order) of a `num_rows` x `dim`
 float32 table, a fresh row set per repetition; the figure is the median over `reps` steps.
+torch runs one intra-op thread, as in a shard (--threads), SparseAdam too.
 Tables sit in the memory a shard gives them (memstore.alloc.zeros: huge pages where the OS
 allows), SparseAdam's parameter too; optimizer state is each optimizer's own.
 Targets (DESIGN.md section 4, 2-core CPU): row-wise Adagrad >= 8 M rows/s; Adam >= 2.5x
@@ -132,7 +133,12 @@ def main() -> None:
     shape.add_argument("--dim", type=int, default=64, help="values per row")
     shape.add_argument("--batch", type=int, default=65_536, help="unique rows per step")
     shape.add_argument("--reps", type=int, default=10, help="timed steps per optimizer (median reported)")
+    shape.add_argument("--threads", type=int, default=1,
+                       help="torch intra-op threads (default 1, as a shard runs: memstore serve, Ray actors); "
+                            "0 keeps torch's default")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     report = measure_optimizers(args.num_rows, args.dim, args.batch, args.reps)
     print_table(report)
     print(json.dumps(report))

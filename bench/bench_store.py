@@ -239,6 +239,7 @@ def main() -> None:
         sys.path.insert(0, str(Path(__file__).resolve().parent))
         from bench_optim import measure_optimizers, print_table
 
+        torch.set_num_threads(1)  # as a shard runs them (memstore serve, Ray actors)
         opt = measure_optimizers(num_rows=args.rows, dim=args.dim, batch=args.keys, reps=10)
         print()
         print_table(opt)

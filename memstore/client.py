@@ -40,6 +40,7 @@ from memstore.errors import (
 )
 from memstore.server import CHANNEL_OPTIONS, ERROR_KEY, FRAMED, SERVICE
 from memstore.spec import TableSpec, as_key_array
+from memstore.threads import serial_torch
 from memstore.v1 import memstore_pb2 as pb
 
 ERROR_OF = {
@@ -563,7 +564,8 @@ class MemStoreClient:
     def _executor(self) -> ThreadPoolExecutor:
         with self._pool_lock:
             if self._pool is None:
-                self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="memstore-client")
+                self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="memstore-client",
+                                                initializer=serial_torch)  # beside a trainer's own threads
             return self._pool
 
     def close(self) -> None:

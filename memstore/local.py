@@ -17,6 +17,7 @@ from memstore import keys as keyplan
 from memstore.engine import ShardEngine
 from memstore.errors import InvalidArgument
 from memstore.spec import TableSpec, as_key_array
+from memstore.threads import serial_torch
 
 
 class InProcessStore:
@@ -124,7 +125,7 @@ class InProcessStore:
 
     def _executor(self) -> ThreadPoolExecutor:
         if self._pool is None:
-            self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="memstore-local")
+            self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="memstore-local", initializer=serial_torch)
         return self._pool
 
     def close(self) -> None:

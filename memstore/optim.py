@@ -20,12 +20,16 @@ bench/bench_optim.py): the batch is processed in chunks whose temporaries stay i
 index_add_ (alpha 1: other alphas take a 6x slower path) whenever the stored value is the
 float32 sum of the old row and the update; and optimizers that scatter [k, dim] state as
 well as rows sort the indices first (ascending scatters are faster; sorting pays only when
-there is more than one to make).
+there is more than one to make). Where torch runs one intra-op thread, as in a shard, a
+large update's chunks run side by side on a small thread pool instead.
 """
 
 from __future__ import annotations
 
 import math
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
@@ -76,11 +80,20 @@ class SparseOptimizer:
         per_row = self._per_row(state, idx, lr)
         decay = 1.0 - lr * self.spec.weight_decay
         chunk = _chunk_rows(rows)
-        for lo in range(0, n, chunk):
-            hi = min(lo + chunk, n)
-            ix = idx[lo:hi]
-            delta = self._delta(state, ix, grads[lo:hi], lr, [t[lo:hi] for t in per_row])
+
+        def apply(lo: int) -> None:  # chunks touch disjoint rows (idx is unique): any order gives the same bits
+            ix = idx[lo : lo + chunk]
+            delta = self._delta(state, ix, grads[lo : lo + chunk], lr, [t[lo : lo + chunk] for t in per_row])
             _write_rows(rows, ix, delta, decay)
+
+        starts = range(0, n, chunk)
+        pool = _chunk_pool() if len(starts) > 1 and rows.device.type == "cpu" else None
+        if pool is None:
+            for lo in starts:
+                apply(lo)
+        else:
+            for done in [pool.submit(apply, lo) for lo in starts]:
+                done.result()
 
     def _per_row(self, state: dict[str, torch.Tensor], idx: torch.Tensor, lr: float) -> list[torch.Tensor]:
         """Per-row [n] quantities computed once for the whole (sorted) batch."""
@@ -197,6 +210,25 @@ def _sorted_by_row(idx: torch.Tensor, grads: torch.Tensor) -> tuple[torch.Tensor
         return idx, grads  # already sorted, as np.unique's keys are; the check costs ~1 %
     idx, order = torch.sort(idx)
     return idx, grads.index_select(0, order)
+
+
+_pool: ThreadPoolExecutor | None = None
+_pool_lock = threading.Lock()  # guards _pool's creation
+
+
+def _chunk_pool() -> ThreadPoolExecutor | None:
+    """Threads that apply a large update's chunks side by side, where torch runs one intra-op
+    thread (shard processes: memstore serve, Ray actors): coarse parallelism that does not
+    stall when the machine is busy, as OpenMP's per-op teams do. None when torch has threads
+    of its own or there is one core."""
+    global _pool
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if torch.get_num_threads() != 1 or cores < 2:
+        return None
+    with _pool_lock:
+        if _pool is None:
+            _pool = ThreadPoolExecutor(max_workers=cores, thread_name_prefix="memstore-optim")
+        return _pool
 
 
 def _chunk_rows(rows: torch.Tensor) -> int:

@@ -11,6 +11,7 @@ a few rows so that chunk boundaries and uneven last chunks are exercised.
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 import torch
@@ -265,6 +266,33 @@ def test_result_does_not_depend_on_row_order_or_chunking(name, monkeypatch):
     for rows, state in results[1:]:
         assert torch.equal(rows, results[0][0])
         assert all(torch.equal(state[k], results[0][1][k]) for k in state)
+
+
+@pytest.mark.parametrize("name", ["sgd_momentum", "adagrad", "adam_wd"])
+def test_chunks_side_by_side_equal_chunks_in_turn(name, monkeypatch):
+    # A shard runs one torch thread, and then a large update's chunks run on a thread pool
+    # (optim._chunk_pool): the same bits as applying them one after another.
+    spec = SPECS[name]
+    gen = torch.Generator().manual_seed(6)
+    rows0 = torch.randn(NUM_ROWS, DIM, generator=gen)
+    steps = random_steps(gen, NUM_ROWS, DIM, STEPS)
+    monkeypatch.setattr(optim, "CPU_CHUNK_ELEMENTS", 5 * DIM)  # many chunks per step
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            assert (optim._chunk_pool() is not None) == (n == 1 and len(os.sched_getaffinity(0)) > 1)
+            opt, rows = make_optimizer(spec), rows0.clone()
+            state = opt.init_state(NUM_ROWS, DIM)
+            for idx, grads, lr in steps:
+                opt.step(rows, state, idx, grads, lr)
+            results.append((rows, state))
+    finally:
+        torch.set_num_threads(threads)
+    (rows_a, state_a), (rows_b, state_b) = results
+    assert torch.equal(rows_a, rows_b)
+    assert all(torch.equal(state_a[k], state_b[k]) for k in state_a)
 
 
 def test_init_state_layout():

@@ -53,6 +53,7 @@ from urllib.parse import quote
 import numpy as np
 import torch
 
+from memstore.threads import serial_torch
 from trainer.data import DataConfig, TokenData, load_data, tokenizer_digest
 from trainer.engram import EngramConfig, EngramRows, create_tables
 from trainer.hashing import NgramHashMapping
@@ -181,7 +182,9 @@ class Run:
     rows: dict[int, EngramRows]  # per Engram layer; empty for the baseline
     mapping: NgramHashMapping | None
     specs: list  # the store tables (TableSpec)
-    pusher: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(1, thread_name_prefix="engram-push"))
+    # Row gradients go to the store from here while the dense step runs on torch's threads.
+    pusher: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(
+        1, thread_name_prefix="engram-push", initializer=serial_torch))
     prefetch: RowPrefetcher | None = None  # None for the baseline
     push_wait_s: float = 0.0  # seconds blocked on the store's acknowledgement of pushes
     parallel: DataParallel | None = None  # this worker's place among data-parallel workers
