@@ -145,8 +145,16 @@ class SegmentPool:
             segment = Segment(capacity)
             self.created += 1
         data = segment.region(nbytes)
-        weakref.finalize(data, self._returned.append, segment)
+        weakref.finalize(data, self._give_back, segment)
         return Lease(segment, data)
+
+    def _give_back(self, segment: Segment) -> None:
+        """A lease's results are gone (a finalizer: no lock may be taken here)."""
+        if self._closed:  # nobody leases again: close it now
+            segment.close()
+            self.closed_tokens.append(segment.token)
+        else:
+            self._returned.append(segment)
 
     def _drain(self) -> None:
         """Files returned segments (under _lock): reusable ones as free, the rest closed."""

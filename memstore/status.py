@@ -33,9 +33,11 @@ def shard_status(shard: dict, timeout_s: float = 2.0) -> dict:
         "rows": sum(t.local_rows for t in stats.tables),
         "bytes_held": sum(t.row_bytes + t.state_bytes for t in stats.tables),
         "rss_bytes": stats.rss_bytes,
+        "mapped_segment_bytes": stats.mapped_segment_bytes,  # same-host clients' memory, not the shard's
         "uptime_s": stats.uptime_s,
-        "lookups_per_s": methods["Lookup"].rate_per_s,
-        "updates_per_s": methods["Update"].rate_per_s,
+        # A trainer reads and writes all of a step's tables in one LookupMany / UpdateMany.
+        "lookups_per_s": methods["Lookup"].rate_per_s + methods["LookupMany"].rate_per_s,
+        "updates_per_s": methods["Update"].rate_per_s + methods["UpdateMany"].rate_per_s,
         "latency_ms": {name: {"p50": m.p50_ms, "p99": m.p99_ms} for name, m in methods.items() if m.calls},
         "errors": sum(m.errors for m in stats.methods),
     }

@@ -22,13 +22,15 @@ def _mib(n) -> str:
 
 def render(doc: dict) -> str:
     lines = [f"{'shard':>5}  {'address':<22} {'state':<12} {'tables':>6} {'rows':>12} {'held MiB':>9} "
-             f"{'RSS MiB':>8} {'lookup/s':>9} {'update/s':>9} {'lookup p50/p99 ms':>18} {'log MiB':>8}"]
+             f"{'RSS MiB':>8} {'shm MiB':>8} {'lookup/s':>9} {'update/s':>9} {'lookup p50/p99 ms':>18} {'log MiB':>8}"]
     for s in doc["shards"]:
-        lat = s.get("latency_ms", {}).get("Lookup", {})
+        lat = s.get("latency_ms", {})
+        lat = lat.get("LookupMany") or lat.get("Lookup")  # a trainer's lookups are LookupMany
         p = f"{lat['p50']:.1f}/{lat['p99']:.1f}" if lat else "-"
         lines.append(f"{s['shard_index']:>5}  {s['address']:<22} {s['state']:<12} {s.get('tables', '-'):>6} "
                      f"{s.get('rows', 0):>12,} {_mib(s.get('bytes_held')):>9} {_mib(s.get('rss_bytes')):>8} "
-                     f"{s.get('lookups_per_s', 0):>9.1f} {s.get('updates_per_s', 0):>9.1f} {p:>18} {_mib(s['log_bytes']):>8}")
+                     f"{_mib(s.get('mapped_segment_bytes')):>8} {s.get('lookups_per_s', 0):>9.1f} "
+                     f"{s.get('updates_per_s', 0):>9.1f} {p:>18} {_mib(s['log_bytes']):>8}")
     sm, ck = doc["summary"], doc["last_checkpoint"]
     age = f"{ck['age_s']:.0f} s ago" if ck["age_s"] is not None else "none yet"
     lines.append(f"store {doc['store']!r}: {sm['serving']}/{doc['num_shards']} serving, {len(doc['tables'])} tables, "
