@@ -88,6 +88,22 @@ def _info_from_pb(m: pb.TableInfo) -> ShardTableInfo:
     )
 
 
+@dataclass
+class _Retries:
+    """How long a call may still retry, and its next backoff pause."""
+
+    deadline: float  # time.monotonic()
+    pause: float
+
+
+class _RetryCall(Exception):
+    """Raised by _fan_out(whole=True): the call must start over (its requests are not resent)."""
+
+    def __init__(self, retries: _Retries) -> None:
+        super().__init__("retry the whole call")
+        self.retries = retries
+
+
 class _Shard:
     """The channel and method callables of one shard."""
 
@@ -217,18 +233,27 @@ class MemStoreClient:
         (one shard's parts packed). A shard that cannot map this client's segment is asked
         for rows in replies from then on, and the call runs again."""
         jobs = {name: (self.spec(name), as_key_array(k)) for name, k in keys.items()}
+        retries = None
         while True:
             delivering = self._delivering_shards()
             try:
-                rows = self._lookup_once(jobs, method, delivering)
-            except SegmentUnreachable as e:
-                if e.shard not in delivering:
+                rows = self._lookup_once(jobs, method, delivering, retries)
+            except _RetryCall as e:  # a shard was unavailable: start over, with a fresh lease
+                retries = e.retries
+                continue
+            except (SegmentUnreachable, InvalidArgument) as e:
+                # A shard that cannot map our segments, or one from before shared memory that
+                # reads the delivered request as keys missing from its payload (its error names
+                # no class): rows in replies from it from now on.
+                shard = getattr(e, "shard", None)  # None: raised here, not by a shard
+                if shard not in delivering or not (isinstance(e, SegmentUnreachable) or e.unnamed):
                     raise
-                self._shards[e.shard].delivers = False
+                self._shards[shard].delivers = False
                 continue
             return {name: self._as_result(rows[name], arr, spec, as_tensor) for name, (spec, arr) in jobs.items()}
 
-    def _lookup_once(self, jobs: dict, method: str, delivering: set[int]) -> dict[str, torch.Tensor]:
+    def _lookup_once(self, jobs: dict, method: str, delivering: set[int],
+                     retries: _Retries | None) -> dict[str, torch.Tensor]:
         """One attempt of `_lookup`: {table: rows [N, dim]} (memstore.lookups.LookupCall)."""
         call = LookupCall(jobs, self.num_shards, delivering, self.config.max_request_bytes,
                           self._segments().lease if delivering else None)
@@ -248,7 +273,8 @@ class MemStoreClient:
                 call.place(frames[f][2], list(many.parts), payload)
 
         try:
-            self._fan_out(method, [(shard, frame) for shard, frame, _ in frames], on_reply=place)
+            self._fan_out(method, [(shard, frame) for shard, frame, _ in frames], on_reply=place,
+                          whole=call.lease is not None, retries=retries)
             rows = call.rows()
         except BaseException as e:
             call.discard()
@@ -256,9 +282,9 @@ class MemStoreClient:
                 with self._specs_lock:
                     self._specs.clear()
             raise
-        for shard in delivering:
+        for shard in call.delivering:
             self._shards[shard].delivers = True
-        return rows
+        return call.detach(rows, self._segment_pool)
 
     @staticmethod
     def _as_result(rows: torch.Tensor, arr: np.ndarray, spec: TableSpec, as_tensor: bool) -> np.ndarray | torch.Tensor:
@@ -476,24 +502,28 @@ class MemStoreClient:
                     size += n
         return frames
 
-    def _fan_out(self, method: str, requests: list[tuple[int, Any]], on_reply=None) -> list[Any]:
+    def _fan_out(self, method: str, requests: list[tuple[int, Any]], on_reply=None, *, whole: bool = False,
+                 retries: _Retries | None = None) -> list[Any]:
         """Sends every (shard, request) at once; retries those that find their shard
         unavailable, with jittered exponential backoff, until config.retry_s has passed.
 
         Returns the replies in request order, or, with on_reply, calls on_reply(i, reply) as
-        each arrives (so decoding overlaps the transfers still running) and returns []."""
+        each arrives (so decoding overlaps the transfers still running) and returns [].
+        whole=True: instead of resending, wait out the backoff and raise _RetryCall, so the
+        caller starts the whole call afresh (a delivered lookup: a handler still running for
+        the failed request could write into the old lease later). `retries` carries an
+        earlier attempt's deadline and backoff."""
         cfg = self.config
-        deadline = time.monotonic() + cfg.retry_s
+        retries = retries or _Retries(time.monotonic() + cfg.retry_s, cfg.backoff_s[0])
         pending = {i: self._shards[s].methods[method].future(req, timeout=cfg.timeout_s) for i, (s, req) in enumerate(requests)}
         results: list[Any] = [None] * len(requests)
-        pause = cfg.backoff_s[0]
         while pending:
             retry = []
             for i, fut in pending.items():
                 try:
                     reply = fut.result()
                 except grpc.RpcError as e:
-                    if e.code() in RETRYABLE and time.monotonic() < deadline:
+                    if e.code() in RETRYABLE and time.monotonic() < retries.deadline:
                         retry.append(i)
                     else:
                         raise self._error(requests[i][0], method, e) from None
@@ -504,9 +534,11 @@ class MemStoreClient:
                         on_reply(i, reply)
             if not retry:
                 break
-            time.sleep(pause * (0.5 + random.random()))
+            time.sleep(retries.pause * (0.5 + random.random()))
             self._re_resolve()
-            pause = min(pause * 2, cfg.backoff_s[1])
+            retries.pause = min(retries.pause * 2, cfg.backoff_s[1])
+            if whole:
+                raise _RetryCall(retries)
             pending = {i: self._shards[requests[i][0]].methods[method].future(requests[i][1], timeout=cfg.timeout_s) for i in retry}
         return results if on_reply is None else []
 
@@ -531,6 +563,7 @@ class MemStoreClient:
                 self._specs.clear()  # the layout or the tables changed under us
         err = cls(f"{method} on shard {shard} ({self._shards[shard].address}): {e.details()}")
         err.shard = shard
+        err.unnamed = named is None  # a shard from before errors named their class
         return err
 
     # ---- shared memory ------------------------------------------------------------------
@@ -552,7 +585,7 @@ class MemStoreClient:
     def _release_segments(self, tokens: list[bytes]) -> None:
         """Tells the shards that mapped this client's segments that these are closed
         (best effort: a shard also drops them once this process has exited)."""
-        shards = [s for s in self._shards if s.delivers]
+        shards = [s for s in self._shards if s.delivers is not False]  # untried ones may have mapped some
         request = pb.ReleaseSegmentsRequest(tokens=tokens)
         calls = [s.methods["ReleaseSegments"].future(request, timeout=min(self.config.timeout_s, 5.0)) for s in shards]
         for call in calls:

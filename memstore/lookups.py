@@ -48,13 +48,23 @@ class LookupCall:
                  max_request_bytes: int, lease: Callable[[int], segments.Lease] | None) -> None:
         self.jobs = jobs
         self.num_shards = num_shards
-        replying = [s for s in range(num_shards) if s not in delivering]
         # Delivering shards pick their own keys: only replying ones need the keys grouped.
-        self.plans = {name: keyplan.plan_keys(arr.reshape(-1), spec, num_shards, group=bool(replying))
+        self.plans = {name: keyplan.plan_keys(arr.reshape(-1), spec, num_shards, group=len(delivering) < num_shards)
                       for name, (spec, arr) in jobs.items()}
         sizes = {name: (segments.align(8 * p.buffer_rows), segments.align(p.buffer_rows * jobs[name][0].wire_row_bytes))
                  for name, p in self.plans.items()}
-        self.lease = lease(sum(map(sum, sizes.values()))) if delivering else None
+        self.lease = None
+        if delivering and sum(map(sum, sizes.values())) <= segments.MAX_LEASE_BYTES:
+            try:
+                self.lease = lease(sum(map(sum, sizes.values())))
+            except OSError:  # no memfd to be had now (descriptors, memory): replies this time
+                pass
+        if self.lease is None and delivering:
+            delivering = set()
+            self.plans = {name: keyplan.plan_keys(arr.reshape(-1), spec, num_shards)
+                          for name, (spec, arr) in jobs.items()}
+        self.delivering = delivering
+        replying = [s for s in range(num_shards) if s not in delivering]
         self.assemblers: dict[str, keyplan.RowAssembler] = {}
         self.parts: list[tuple[int, pb.LookupRequest, tuple]] = []
         self.where: list[tuple[str, int | None]] = []
@@ -141,6 +151,14 @@ class LookupCall:
         if short:
             raise MemStoreError(f"lookup: the shards returned (rows, asked) {short}")
         return {name: a.result() for name, a in self.assemblers.items()}
+
+    def detach(self, rows: dict[str, torch.Tensor], pool: segments.SegmentPool | None) -> dict[str, torch.Tensor]:
+        """The call's results: its lease's own memory, or copies when the lease is small
+        (cheaper than holding a whole segment) or many are held (each is a descriptor)."""
+        if self.lease is None or (len(self.lease.data) >= segments.COPY_OUT_BYTES
+                                  and len(pool.leased) <= segments.MAX_LEASED):
+            return rows
+        return {name: t.clone() if self.plans[name].position is None else t for name, t in rows.items()}
 
     def discard(self) -> None:
         """After a failure: the lease is never reused (a shard may still be writing into it)."""

@@ -11,25 +11,31 @@ and the shard reads them under its reader-writer lock as for any lookup, so deli
 are whole rows at one version, exactly as in a reply.
 
 A segment is reachable by a shard when it can open `/proc/<pid>/fd/<fd>` (same host, same
-PID namespace, same user), the link names a memstore memfd, and the segment's header holds
-the request's token (16 random bytes; it also keys the shard's cache of mappings). Anything
-else is `SegmentUnreachable`, and the client falls back to rows in replies for that shard.
+PID namespace, same user), what it opened is a memstore memfd sealed against resizing (so a
+gather cannot fault on a shrunk file) of at most the shard's budget, and its header holds the
+request's token (16 random bytes; it also keys the shard's cache of mappings). Anything else
+is `SegmentUnreachable`, and the client falls back to rows in replies for that shard.
 
 Layout: HEADER_BYTES of header (MAGIC, then the token), then data.
 
 Client side, `SegmentPool` leases segments, one per lookup call: the call's results are
 numpy/torch views of the lease's region, and the segment goes back to the pool only when the
 last of them is garbage (a `weakref.finalize` on the region array, which every derived view
-and tensor keeps alive). A segment a failed call may still have shards writing into is
-discarded, never reused. Shard side, `SegmentMap` maps segments on first use, bounds-checks
-every region, and drops mappings that their client released, that belong to a dead process,
-or that exceed its byte budget (least recently used first; a later request maps it again).
+and tensor keeps alive). Never reused: a segment that a failed or retried call may still have
+shards writing into (a retry starts the whole call on a fresh lease), and one whose results
+were alive when the process forked (parent and child share them). Small results, and results
+past MAX_LEASED live leases, are copied out instead (memstore.lookups), so that holding many
+results does not hold many segments. Shard side, `SegmentMap` maps segments on first use,
+bounds-checks every region, and drops mappings that their client released, that belong to a
+dead process, or that exceed its byte budget (least recently used first; a later request
+maps it again).
 
 Plain Python + numpy (os, mmap); no gRPC.
 """
 
 from __future__ import annotations
 
+import fcntl
 import mmap
 import os
 import secrets
@@ -51,12 +57,16 @@ ALIGN = 64  # regions within a segment start on cache lines
 FREE_PER_CAPACITY = 4  # free segments a pool keeps per capacity; more are closed
 SHARD_MAP_BYTES = 4 << 30  # mapped client segments a shard keeps before dropping the oldest
 
-_MAP_POPULATE = getattr(mmap, "MAP_POPULATE", 0)  # pages faulted in once, at creation
+_MAP_POPULATE = getattr(mmap, "MAP_POPULATE", 0)  # a client's pages are faulted in once, at creation
+_SEALS = getattr(fcntl, "F_SEAL_SHRINK", 0) | getattr(fcntl, "F_SEAL_GROW", 0)  # a segment's size is fixed
+MAX_LEASE_BYTES = 1 << 30  # a larger call's rows come in replies (a shard maps at most SHARD_MAP_BYTES)
+COPY_OUT_BYTES = 256 << 10  # a smaller call's results are copied out and its segment reused at once
+MAX_LEASED = 32  # past this many live leases, results are copied out too (a segment is an fd)
 
 
 def supported() -> bool:
-    """Whether this platform has memfds and /proc (Linux)."""
-    return hasattr(os, "memfd_create") and os.path.isdir("/proc/self/fd")
+    """Whether this platform has sealable memfds and /proc (Linux)."""
+    return hasattr(os, "memfd_create") and hasattr(fcntl, "F_ADD_SEALS") and os.path.isdir("/proc/self/fd")
 
 
 def align(n: int) -> int:
@@ -77,22 +87,26 @@ class SegmentRef:
 
 
 class Segment:
-    """One memfd of this process, mapped read-write; `capacity` data bytes after the header."""
+    """One memfd of this process, mapped read-write; `capacity` data bytes after the header.
+    Sealed against shrinking and growing, so a shard that maps it can trust its size."""
 
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
         self.token = secrets.token_bytes(TOKEN_BYTES)
         size = HEADER_BYTES + capacity
-        self.fd = os.memfd_create(MEMFD_NAME, os.MFD_CLOEXEC)
+        self.fd = os.memfd_create(MEMFD_NAME, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         try:
             os.ftruncate(self.fd, size)
+            fcntl.fcntl(self.fd, fcntl.F_ADD_SEALS, _SEALS | fcntl.F_SEAL_SEAL)
             self.mm = mmap.mmap(self.fd, size, flags=mmap.MAP_SHARED | _MAP_POPULATE)
         except OSError:
             os.close(self.fd)
             raise
         self.mm[: len(MAGIC) + TOKEN_BYTES] = MAGIC + self.token
         self.ref = SegmentRef(os.getpid(), self.fd, size, self.token)
-        self.discarded = False  # set when a failed call may still be writing into it
+        # Set when a shard may still write into it (a failed call), or a forked child may
+        # hold results in it: then it is closed, never leased again.
+        self.discarded = False
 
     def region(self, nbytes: int) -> np.ndarray:
         """A new uint8 array over the first nbytes of data (base: the mapping)."""
@@ -131,9 +145,11 @@ class SegmentPool:
         # Segments whose results died. Finalizers may run inside any allocation, even one
         # made while _lock is held, so they only append here (atomic) and lease() drains it.
         self._returned: deque[Segment] = deque()
+        self.leased: set[Segment] = set()  # segments whose results may be alive (add/discard are atomic)
         self._closed = False
         self.created = 0  # segments made so far (tests and stats)
         self.closed_tokens: list[bytes] = []  # of segments closed and not yet reported (take_closed)
+        _POOLS.add(self)
 
     def lease(self, nbytes: int) -> Lease:
         capacity = max(MIN_CAPACITY, 1 << max(0, nbytes - 1).bit_length())
@@ -145,16 +161,17 @@ class SegmentPool:
             segment = Segment(capacity)
             self.created += 1
         data = segment.region(nbytes)
-        weakref.finalize(data, self._give_back, segment)
+        self.leased.add(segment)
+        weakref.finalize(data, self._give_back, segment).atexit = False
         return Lease(segment, data)
 
     def _give_back(self, segment: Segment) -> None:
         """A lease's results are gone (a finalizer: no lock may be taken here)."""
-        if self._closed:  # nobody leases again: close it now
-            segment.close()
-            self.closed_tokens.append(segment.token)
-        else:
-            self._returned.append(segment)
+        self.leased.discard(segment)
+        self._returned.append(segment)
+        if self._closed:  # nobody leases again: close what came back now
+            while self._returned:
+                self._close(self._returned.popleft())
 
     def _drain(self) -> None:
         """Files returned segments (under _lock): reusable ones as free, the rest closed."""
@@ -186,6 +203,35 @@ class SegmentPool:
                 for segment in free:
                     self._close(segment)
             self._free.clear()
+
+    def _forked(self) -> None:
+        """In a forked child: the segments are the parent's; lease fresh ones from now on."""
+        self._lock = threading.Lock()
+        for segment in [*self.leased, *self._returned, *(s for free in self._free.values() for s in free)]:
+            segment.discarded = True
+        self._free.clear()
+        self._returned.clear()
+        self.closed_tokens = []
+
+
+# A fork copies every pool: results alive then are shared (MAP_SHARED) between parent and
+# child, so neither may lease their segments again; the child starts with no segments.
+_POOLS: "weakref.WeakSet[SegmentPool]" = weakref.WeakSet()
+
+
+def _before_fork() -> None:
+    for pool in list(_POOLS):
+        for segment in list(pool.leased):
+            segment.discarded = True
+
+
+def _after_fork_in_child() -> None:
+    for pool in list(_POOLS):
+        pool._forked()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(before=_before_fork, after_in_child=_after_fork_in_child)
 
 
 # ---------------------------------------------------------------- shard side
@@ -252,20 +298,25 @@ class SegmentMap:
             self._evict()
         return m
 
-    @staticmethod
-    def _map(ref: SegmentRef) -> _Mapping:
+    def _map(self, ref: SegmentRef) -> _Mapping:
         if len(ref.token) != TOKEN_BYTES:
             raise InvalidArgument(f"segment token is {len(ref.token)} bytes, not {TOKEN_BYTES}")
         path = f"/proc/{ref.pid}/fd/{ref.fd}"
+        if ref.size > self.budget_bytes:
+            raise SegmentUnreachable(f"segment {path} of {ref.size} bytes exceeds this shard's "
+                                     f"budget for mapped segments ({self.budget_bytes} bytes)")
         try:
-            target = os.readlink(path)
-            if not target.startswith(f"/memfd:{MEMFD_NAME}"):
-                raise SegmentUnreachable(f"{path} is {target!r}, not a memstore segment")
             fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
-            try:
+            try:  # what was opened, not what the path named a moment before
+                target = os.readlink(f"/proc/self/fd/{fd}")
+                if not target.startswith(f"/memfd:{MEMFD_NAME}"):
+                    raise SegmentUnreachable(f"{path} is {target!r}, not a memstore segment")
+                # Sealed against shrinking, the mapping cannot turn into a SIGBUS under a gather.
+                if fcntl.fcntl(fd, fcntl.F_GET_SEALS) & _SEALS != _SEALS:
+                    raise SegmentUnreachable(f"{path} is not sealed against resizing")
                 if os.fstat(fd).st_size != ref.size:
                     raise SegmentUnreachable(f"{path} is {os.fstat(fd).st_size} bytes, the request says {ref.size}")
-                mm = mmap.mmap(fd, ref.size, flags=mmap.MAP_SHARED | _MAP_POPULATE)
+                mm = mmap.mmap(fd, ref.size, flags=mmap.MAP_SHARED)
             finally:
                 os.close(fd)
         except OSError as e:

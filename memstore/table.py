@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from memstore import alloc
+from memstore.errors import TableChanged
 from memstore.keys import as_numpy
 from memstore.optim import make_optimizer
 from memstore.partition import fill_initial_rows, local_rows
@@ -108,6 +109,10 @@ class ShardTable:
         receives row local[i]."""
         with self.lock.read():
             out = alloc(self.version)
+            if out.shape[-1] != self.spec.dim or out.dtype != self.spec.wire_torch_dtype:
+                # Sized from a spec read before the table was recreated (another dim or dtype).
+                raise TableChanged(f"table {self.spec.name!r} has dim {self.spec.dim} of {self.spec.wire_dtype}; "
+                                   f"the request made room for dim {out.shape[-1]} of {out.dtype}")
             if slots is not None:
                 self._scatter(local, out, slots)
             elif out.dtype == self.rows.dtype:

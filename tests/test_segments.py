@@ -99,7 +99,7 @@ def test_some_shards_deliver_and_others_reply(shards_3):
 
 
 def test_results_keep_their_segment_until_they_are_gone(shards_2):
-    spec = TableSpec("d.life", num_rows=5000, dim=32)
+    spec = TableSpec("d.life", num_rows=5000, dim=128)  # 1,000 rows: 512 KiB, kept in the segment
     rng = np.random.default_rng(6)
     with MemStoreClient(shards_2.addresses) as client:
         client.create_table(spec)
@@ -121,6 +121,70 @@ def test_results_keep_their_segment_until_they_are_gone(shards_2):
             client.lookup(spec.name, rng.choice(5000, 1000, replace=False))
         assert pool.created == before, "freed results' segments are not reused"
         client.drop_table(spec.name)
+
+
+def test_small_results_and_many_live_ones_are_copied_out(shards_2):
+    spec = TableSpec("d.copy", num_rows=50_000, dim=64)
+    with MemStoreClient(shards_2.addresses) as client:
+        client.create_table(spec)
+        pool = client._segments()
+        small = client.lookup(spec.name, np.arange(100))  # 25 KiB: a copy, the segment free again
+        assert not pool.leased
+        kept = [client.lookup(spec.name, np.arange(i, i + 1024)) for i in range(segments.MAX_LEASED + 8)]  # 256 KiB each
+        assert len(pool.leased) <= segments.MAX_LEASED + 1, "live results hold at most MAX_LEASED segments"
+        ref = client.lookup(spec.name, np.arange(50_000))
+        for i, rows in enumerate(kept):
+            np.testing.assert_array_equal(rows, ref[i : i + 1024])
+        np.testing.assert_array_equal(small, ref[:100])
+        client.drop_table(spec.name)
+
+
+def test_a_forked_child_keeps_its_results(shards_1):
+    spec = TableSpec("d.fork", num_rows=20_000, dim=64)
+    with MemStoreClient(shards_1.addresses) as client:
+        client.create_table(spec)
+        rows = client.lookup(spec.name, np.arange(4096))  # 1 MiB: in a segment
+        expected = rows.copy()
+        read, write = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: once the parent has looked up more, its inherited rows are unchanged
+            os.read(read, 1)
+            os._exit(0 if np.array_equal(rows, expected) else 1)
+        del rows
+        gc.collect()
+        for i in range(1, 6):  # the parent's next calls must not reuse the segment the child still reads
+            client.lookup(spec.name, np.arange(i * 2000, i * 2000 + 4096))
+        os.write(write, b"x")
+        _, status = os.waitpid(pid, 0)
+        os.close(read)
+        os.close(write)
+        assert os.waitstatus_to_exitcode(status) == 0, "the parent reused a segment a forked child held"
+        client.drop_table(spec.name)
+
+
+def test_a_shard_from_before_shared_memory_is_asked_for_replies(monkeypatch):
+    import memstore.server
+    from memstore.engine import ShardEngine
+    from memstore.server import MemStoreServicer, ShardServer
+
+    answer = MemStoreServicer.Lookup
+
+    def old_lookup(self, frame, context):  # as a shard before deliveries: the keys' payload is missing
+        header, _ = wire.decode_frame(frame, pb.LookupRequest)
+        if header.HasField("delivery"):
+            raise InvalidArgument(f"key payload is 0 bytes; {header.num_keys} int64 keys need more")
+        return answer(self, frame, context)
+
+    monkeypatch.setattr(MemStoreServicer, "Lookup", old_lookup)
+    monkeypatch.setattr(memstore.server, "ERROR_KEY", "not-memstore-error")  # nor did it name error classes
+    server = ShardServer(ShardEngine()).start()
+    try:
+        with MemStoreClient([server.address]) as client, MemStoreClient([server.address], REPLIES) as replies:
+            client.create_table(TableSpec("d.old", num_rows=300, dim=4))
+            np.testing.assert_array_equal(client.lookup("d.old", np.arange(300)), replies.lookup("d.old", np.arange(300)))
+            assert client._shards[0].delivers is False
+    finally:
+        server.stop(0)
 
 
 def test_a_failed_call_never_reuses_its_segment(shards_2):
@@ -172,6 +236,22 @@ def test_unmappable_segments_fall_back_to_replies(shards_2, monkeypatch):
 
 
 # ---- the shard's side: mapping, checks, release ---------------------------------------------
+def test_a_gather_sized_for_another_dim_writes_nothing():
+    # A table recreated between a request's checks and its read: the region was sized from
+    # the old spec, so the read refuses it under the table's lock before writing a byte.
+    from memstore.engine import ShardEngine
+
+    engine = ShardEngine()
+    table = engine.create_table(TableSpec("d.resized", num_rows=50, dim=8))
+    out = torch.zeros(3, 4)
+    with pytest.raises(TableChanged, match="made room for dim 4"):
+        table.gather(torch.tensor([1, 2, 3]), lambda version: out, np.array([0, 1, 2]))
+    with pytest.raises(TableChanged):
+        table.gather(torch.tensor([1, 2, 3]), lambda version: torch.zeros(3, 8, dtype=torch.float16))
+    assert not out.any()
+
+
+
 def test_segment_map_rejects_what_it_cannot_or_must_not_map(tmp_path):
     mine = segments.Segment(1 << 20)
     seg_map = segments.SegmentMap()
@@ -194,6 +274,14 @@ def test_segment_map_rejects_what_it_cannot_or_must_not_map(tmp_path):
     with pytest.raises(SegmentUnreachable, match="not a memstore segment"):
         seg_map.region(segments.SegmentRef(ref.pid, other, ref.size, ref.token), segments.HEADER_BYTES, 8)
     os.close(other)
+    unsealed = os.memfd_create(segments.MEMFD_NAME)  # the right name and token, but resizable
+    os.ftruncate(unsealed, ref.size)
+    os.pwrite(unsealed, segments.MAGIC + ref.token, 0)
+    with pytest.raises(SegmentUnreachable, match="not sealed"):
+        seg_map.region(segments.SegmentRef(ref.pid, unsealed, ref.size, ref.token), segments.HEADER_BYTES, 8)
+    os.close(unsealed)
+    with pytest.raises(SegmentUnreachable, match="exceeds this shard's budget"):
+        segments.SegmentMap(budget_bytes=ref.size - 1).region(ref, segments.HEADER_BYTES, 8)
     for offset, n in [(0, 8), (segments.HEADER_BYTES - 8, 16), (ref.size - 8, 16)]:
         with pytest.raises(InvalidArgument, match="outside segment data"):
             seg_map.region(ref, offset, n)
