@@ -53,10 +53,10 @@ class LookupCall:
                       for name, (spec, arr) in jobs.items()}
         sizes = {name: (segments.align(8 * p.buffer_rows), segments.align(p.buffer_rows * jobs[name][0].wire_row_bytes))
                  for name, p in self.plans.items()}
-        self.lease = None
-        if delivering and sum(map(sum, sizes.values())) <= segments.MAX_LEASE_BYTES:
+        nbytes, self.lease = sum(map(sum, sizes.values())), None
+        if delivering and nbytes <= segments.MAX_LEASE_BYTES:
             try:
-                self.lease = lease(sum(map(sum, sizes.values())))
+                self.lease = lease(nbytes)
             except OSError:  # no memfd to be had now (descriptors, memory): replies this time
                 pass
         if self.lease is None and delivering:
