@@ -26,6 +26,7 @@ large update's chunks run side by side on a small thread pool instead.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import threading
@@ -222,13 +223,18 @@ def _chunk_pool() -> ThreadPoolExecutor | None:
     stall when the machine is busy, as OpenMP's per-op teams do. None when torch has threads
     of its own or there is one core."""
     global _pool
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    if torch.get_num_threads() != 1 or cores < 2:
+    if torch.get_num_threads() != 1 or _cores() < 2:
         return None
     with _pool_lock:
         if _pool is None:
-            _pool = ThreadPoolExecutor(max_workers=cores, thread_name_prefix="memstore-optim")
+            _pool = ThreadPoolExecutor(max_workers=_cores(), thread_name_prefix="memstore-optim")
         return _pool
+
+
+@functools.cache
+def _cores() -> int:
+    """Cores this process may run on (read once, not on every update)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def _chunk_rows(rows: torch.Tensor) -> int:

@@ -50,7 +50,6 @@ def serial_torch() -> bool:
     """Makes the calling thread's torch ops single-threaded; returns whether they now are."""
     torch.get_num_threads()  # torch's lazy per-thread init runs now, not after our setting
     omp = _openmp()
-    if omp is None:
-        return torch.get_num_threads() == 1
-    omp.omp_set_num_threads(1)
+    if omp is not None:
+        omp.omp_set_num_threads(1)
     return torch.get_num_threads() == 1

@@ -248,6 +248,21 @@ def test_rowwise_adagrad_with_one_value_per_row_equals_torch_adagrad():
     close(ours, theirs, atol=TORCH_ATOL, rtol=TORCH_RTOL, what="row-wise adagrad vs torch Adagrad, dim 1")
 
 
+def trained(spec: OptimizerSpec, rows0: torch.Tensor, steps, order=None) -> tuple[torch.Tensor, dict]:
+    """(rows, state) after applying `steps` to a copy of rows0; order(n) permutes each step's rows."""
+    opt, rows = make_optimizer(spec), rows0.clone()
+    state = opt.init_state(*rows0.shape)
+    for idx, grads, lr in steps:
+        perm = order(len(idx)) if order else torch.arange(len(idx))
+        opt.step(rows, state, idx[perm], grads[perm], lr)
+    return rows, state
+
+
+def assert_identical(a: tuple[torch.Tensor, dict], b: tuple[torch.Tensor, dict]) -> None:
+    assert torch.equal(a[0], b[0])
+    assert all(torch.equal(a[1][k], b[1][k]) for k in a[1])
+
+
 @pytest.mark.parametrize("name", ["sgd_momentum", "adagrad", "adam_wd"])
 def test_result_does_not_depend_on_row_order_or_chunking(name, monkeypatch):
     spec = SPECS[name]
@@ -257,15 +272,10 @@ def test_result_does_not_depend_on_row_order_or_chunking(name, monkeypatch):
     results = []
     for chunk_elements, shuffle in ((7 * DIM, False), (7 * DIM, True), (1 << 18, True)):
         monkeypatch.setattr(optim, "CPU_CHUNK_ELEMENTS", chunk_elements)
-        opt, rows = make_optimizer(spec), rows0.clone()
-        state = opt.init_state(NUM_ROWS, DIM)
-        for idx, grads, lr in steps:
-            order = torch.randperm(len(idx), generator=gen) if shuffle else torch.arange(len(idx))
-            opt.step(rows, state, idx[order], grads[order], lr)
-        results.append((rows, state))
-    for rows, state in results[1:]:
-        assert torch.equal(rows, results[0][0])
-        assert all(torch.equal(state[k], results[0][1][k]) for k in state)
+        order = (lambda n: torch.randperm(n, generator=gen)) if shuffle else None
+        results.append(trained(spec, rows0, steps, order))
+    for result in results[1:]:
+        assert_identical(result, results[0])
 
 
 @pytest.mark.parametrize("name", ["sgd_momentum", "adagrad", "adam_wd"])
@@ -283,16 +293,10 @@ def test_chunks_side_by_side_equal_chunks_in_turn(name, monkeypatch):
         for n in (1, 2):
             torch.set_num_threads(n)
             assert (optim._chunk_pool() is not None) == (n == 1 and len(os.sched_getaffinity(0)) > 1)
-            opt, rows = make_optimizer(spec), rows0.clone()
-            state = opt.init_state(NUM_ROWS, DIM)
-            for idx, grads, lr in steps:
-                opt.step(rows, state, idx, grads, lr)
-            results.append((rows, state))
+            results.append(trained(spec, rows0, steps))
     finally:
         torch.set_num_threads(threads)
-    (rows_a, state_a), (rows_b, state_b) = results
-    assert torch.equal(rows_a, rows_b)
-    assert all(torch.equal(state_a[k], state_b[k]) for k in state_a)
+    assert_identical(*results)
 
 
 def test_init_state_layout():
