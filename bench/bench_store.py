@@ -39,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from memstore import ClientConfig, MemStoreClient, OptimizerSpec, TableSpec  # noqa: E402
 from memstore.launch import LocalShards  # noqa: E402
+from memstore.lookups import chunks  # noqa: E402
 from memstore.server import CHANNEL_OPTIONS  # noqa: E402
 
 ECHO_METHOD = "/bench.Echo/Echo"
@@ -111,16 +112,18 @@ class EchoServers:
 
     def round_trip(self, keys: np.ndarray, chunk_keys: int):
         """A call that sends the keys (each server its share, as a shard's local rows) in
-        requests of chunk_keys keys and waits for every reply; with gathering servers it also
-        copies the replies into one result array."""
+        requests of at most chunk_keys keys, split evenly as memstore splits them, and waits
+        for every reply; with gathering servers it also copies the replies into one result
+        array."""
         n = len(self.calls)
         per_server = len(keys) // n
         local = keys // n  # random distinct rows of a table of rows / S rows, as a shard's
         requests = []  # (server, first key, the request's keys as bytes)
         for server in range(n):
-            for lo in range(server * per_server, (server + 1) * per_server, chunk_keys):
-                hi = min(lo + chunk_keys, (server + 1) * per_server)
-                requests.append((server, lo, local[lo:hi].tobytes()))
+            lo = server * per_server
+            for chunk in chunks(local[lo : lo + per_server], self.row_bytes, chunk_keys * self.row_bytes):
+                requests.append((server, lo, chunk.tobytes()))
+                lo += len(chunk)
 
         def call():
             pending = [(lo, self.calls[server].future(r, timeout=60)) for server, lo, r in requests]

@@ -11,6 +11,7 @@ codes come back as the typed exceptions of `memstore.errors`.
 from __future__ import annotations
 
 import itertools
+import queue
 import random
 import threading
 import time
@@ -62,7 +63,7 @@ class ClientConfig:
     timeout_s: float = 60.0  # deadline of one RPC
     retry_s: float = 30.0  # how long a call keeps retrying an unavailable shard
     backoff_s: tuple[float, float] = (0.05, 2.0)  # first and largest pause between retries
-    max_request_bytes: int = 8 << 20  # payload of one data request (rows or grads), split above
+    max_request_bytes: int = 12 << 20  # most payload of one data request (rows or grads); more is split evenly
     # Keep large freed blocks for reuse in this process (memstore.alloc): replies of several
     # MiB are otherwise page-faulted in afresh on every lookup.
     keep_freed_memory: bool = True
@@ -80,6 +81,16 @@ class ShardTableInfo:
     version: int
     row_bytes: int
     state_bytes: int
+
+
+def _as_completed(futures: dict[int, grpc.Future]):
+    """(i, future) of each of `futures` as it completes (each has a deadline, so all do)."""
+    done: queue.SimpleQueue = queue.SimpleQueue()
+    for i, fut in futures.items():
+        fut.add_done_callback(lambda _, i=i: done.put(i))
+    for _ in futures:
+        i = done.get()
+        yield i, futures[i]
 
 
 def _info_from_pb(m: pb.TableInfo) -> ShardTableInfo:
@@ -508,7 +519,8 @@ class MemStoreClient:
         unavailable, with jittered exponential backoff, until config.retry_s has passed.
 
         Returns the replies in request order, or, with on_reply, calls on_reply(i, reply) as
-        each arrives (so decoding overlaps the transfers still running) and returns [].
+        each arrives, in the order they arrive (so placing rows overlaps the transfers still
+        running) and returns [].
         whole=True: instead of resending, wait out the backoff and raise _RetryCall, so the
         caller starts the whole call afresh (a delivered lookup: a handler still running for
         the failed request could write into the old lease later). `retries` carries an
@@ -519,7 +531,7 @@ class MemStoreClient:
         results: list[Any] = [None] * len(requests)
         while pending:
             retry = []
-            for i, fut in pending.items():
+            for i, fut in _as_completed(pending):
                 try:
                     reply = fut.result()
                 except grpc.RpcError as e:

@@ -17,6 +17,8 @@ import torch
 from memstore import wal
 from memstore.cut import WriteGate
 from memstore.errors import InvalidArgument, TableExists, TableNotFound, Unavailable, WrongShard
+from memstore.keys import check_key_range
+from memstore.partition import place_keys
 from memstore.spec import TableSpec
 from memstore.table import REMEMBERED_UPDATE_IDS, ShardTable
 
@@ -99,21 +101,19 @@ class ShardEngine:
     # ---- data path ----------------------------------------------------------------------
     def local_index(self, table: ShardTable, keys: np.ndarray, unique: bool) -> torch.Tensor:
         """Validates global keys for this shard and returns their local rows (int64 tensor)."""
-        n = table.spec.num_rows
-        bad = (keys < 0) | (keys >= n)
-        if bad.any():
-            first = int(keys[np.flatnonzero(bad)[0]])
-            raise InvalidArgument(f"key {first} is out of range [0, {n}) for table {table.spec.name!r}")
-        if self.num_shards > 1:
-            stray = keys % self.num_shards != self.shard_index
+        check_key_range(keys, table.spec)
+        # A new array either way: keys often view a request's immutable bytes.
+        if self.num_shards == 1:
+            local = keys.copy()
+        else:
+            shard, local = place_keys(keys, self.num_shards)
+            stray = shard != self.shard_index
             if stray.any():
                 first = int(keys[np.flatnonzero(stray)[0]])
                 raise WrongShard(
                     f"key {first} of table {table.spec.name!r} belongs to shard "
                     f"{first % self.num_shards}, not shard {self.shard_index} of {self.num_shards}"
                 )
-        # A new array either way: keys often view a request's immutable bytes.
-        local = keys // self.num_shards if self.num_shards > 1 else keys.copy()
         if unique and len(local) > 1:
             ordered = np.sort(local)
             dup = np.flatnonzero(ordered[1:] == ordered[:-1])

@@ -84,8 +84,9 @@ class RowAssembler:
         self._np = as_numpy(self.buffer)  # (n, dim) view of the same memory
         self._slot = plan.slot.numpy() if plan.slot is not None else None
         # Scatters move whole rows as single void items: numpy's fancy assignment then copies
-        # one item per row instead of iterating over its dim values (0.25 vs 0.33 ms for
-        # 32,768 rows of 256 bytes, measured).
+        # one item per row instead of iterating over its dim values. Two shards' replies of
+        # 32,768 rows of 256 bytes each: 1.6-2.0 ms, against 3.6 ms as float rows and 2.4-3.4
+        # ms through np.put (measured).
         self._row = np.dtype((np.void, dim * self.buffer.element_size()))
 
     def put(self, start: int, rows: torch.Tensor) -> None:
@@ -146,15 +147,19 @@ def _group_by_shard(keys: np.ndarray, num_shards: int) -> tuple[np.ndarray, np.n
     # numpy's stable sort of 16-bit values is a radix sort: 0.16 ms instead of 0.65 ms for
     # 65,536 keys (measured), and it keeps the keys' order within a shard all the same.
     order = np.argsort(shard.astype(np.uint16) if num_shards <= 1 << 16 else shard, kind="stable")
+    # A pass per shard counts a few shards' keys faster than bincount (9 vs 125 us for 2).
+    counts = [np.count_nonzero(shard == s) for s in range(num_shards)] if num_shards <= 8 \
+        else np.bincount(shard, minlength=num_shards)
     bounds = np.zeros(num_shards + 1, dtype=np.int64)
-    np.cumsum(np.bincount(shard, minlength=num_shards), out=bounds[1:])
+    np.cumsum(counts, out=bounds[1:])
     return order, bounds
 
 
 def check_key_range(flat_keys: np.ndarray, spec: TableSpec) -> None:
-    bad = (flat_keys < 0) | (flat_keys >= spec.num_rows)
-    if bad.any():
-        first = int(flat_keys[np.flatnonzero(bad)[0]])
+    """Rejects a batch holding a key outside the table, naming the first (two reductions
+    when all are in range, a third of the cost of a mask)."""
+    if len(flat_keys) and (flat_keys.min() < 0 or flat_keys.max() >= spec.num_rows):
+        first = int(flat_keys[np.flatnonzero((flat_keys < 0) | (flat_keys >= spec.num_rows))[0]])
         raise InvalidArgument(f"key {first} is out of range [0, {spec.num_rows}) for table {spec.name!r}")
 
 

@@ -30,6 +30,7 @@ from memstore.engine import ShardEngine
 from memstore.errors import (InvalidArgument, MemStoreError, SegmentUnreachable, TableChanged, TableExists,
                              TableNotFound, Unavailable, WrongShard)
 from memstore.metrics import ShardMetrics
+from memstore.partition import shard_of
 from memstore.segments import SegmentMap, SegmentRef
 from memstore.spec import DTYPE_BYTES, TableSpec
 from memstore.v1 import memstore_pb2 as pb
@@ -218,7 +219,7 @@ class MemStoreServicer:
         rows = torch.from_numpy(region).view(spec.wire_torch_dtype).view(end, spec.dim)
         if self.engine.num_shards == 1:
             return spec, keys, None, rows[d.first :]
-        mine = np.flatnonzero(keys % self.engine.num_shards == self.engine.shard_index)  # this shard's keys
+        mine = np.flatnonzero(shard_of(keys, self.engine.num_shards) == self.engine.shard_index)  # this shard's keys
         return spec, keys[mine], mine + d.first, rows
 
     def ReleaseSegments(self, request: pb.ReleaseSegmentsRequest, context) -> pb.ReleaseSegmentsResponse:

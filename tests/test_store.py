@@ -101,7 +101,7 @@ def test_lookup_shapes_and_key_types(shards_2):
 
 def test_large_batches_are_split_below_message_limits(shards_2):
     # 40,000 keys x 256 float32 = 40 MiB of rows: far above gRPC's 4 MiB default and above
-    # one request's 8 MiB cap, so the client must split both lookups and updates.
+    # one request's 12 MiB cap, so the client must split both lookups and updates.
     spec = TableSpec("big", num_rows=50_000, dim=256, init=InitSpec("zeros"), optimizer=OptimizerSpec("sgd"))
     keys = np.random.default_rng(0).permutation(50_000)[:40_000]
     grads = np.ones((len(keys), 256), dtype=np.float32)
