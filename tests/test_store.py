@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from memstore import ClientConfig, InProcessStore, MemStoreClient, OptimizerSpec, TableSpec
+from memstore.lookups import chunks
 from memstore.spec import InitSpec
 
 OPTIMIZERS = {
@@ -115,6 +116,32 @@ def test_large_batches_are_split_below_message_limits(shards_2):
         assert sum(i.local_rows for i in info) == 50_000
         assert all(i.version >= 2 for i in info)  # at least two chunks per shard
         client.drop_table("big")
+
+
+def test_a_shards_part_goes_in_the_fewest_near_equal_requests(shards_2):
+    # Rows of 16 bytes, at most 100 rows a request. Shard 0 owns 201 of the keys, shard 1
+    # owns 100: three requests of 67 rows to shard 0 (not 100, 100 and a straggler of 1),
+    # one of 100 to shard 1, for lookups and updates alike.
+    assert [len(c) for c in chunks(np.arange(201), 16, 100 * 16)] == [67, 67, 67]
+    assert [len(c) for c in chunks(np.arange(202), 16, 100 * 16)] == [67, 67, 68]
+    assert [len(c) for c in chunks(np.arange(100), 16, 100 * 16)] == [100]
+    assert chunks(np.arange(0), 16, 100 * 16) == []
+    spec = TableSpec("split", num_rows=1000, dim=4, init=InitSpec("zeros"), optimizer=OptimizerSpec("sgd"))
+    keys = np.concatenate([np.arange(0, 402, 2), np.arange(1, 200, 2)])
+    config = ClientConfig(max_request_bytes=100 * 16, shared_memory=False)
+
+    def calls(client, method):  # (calls, rows) per shard
+        return [next((m.calls, m.rows) for m in s.methods if m.method == method) for s in client.stats()]
+
+    with MemStoreClient(shards_2.addresses, config) as client:
+        client.create_table(spec)
+        before = calls(client, "Lookup"), calls(client, "Update")
+        client.update("split", keys, np.ones((len(keys), 4), np.float32), lr=1.0)
+        assert (client.lookup("split", keys) == -1.0).all()
+        for method, was in zip(("Lookup", "Update"), before):
+            got = [(c - c0, r - r0) for (c, r), (c0, r0) in zip(calls(client, method), was)]
+            assert got == [(3, 201), (1, 100)], method
+        client.drop_table("split")
 
 
 def test_duplicate_gradients_are_summed(shards_2):
