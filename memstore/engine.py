@@ -17,7 +17,7 @@ import torch
 from memstore import wal
 from memstore.cut import WriteGate
 from memstore.errors import InvalidArgument, TableExists, TableNotFound, Unavailable, WrongShard
-from memstore.keys import check_key_range
+from memstore.keys import check_key_range, first_non_finite_row
 from memstore.partition import place_keys
 from memstore.spec import TableSpec
 from memstore.table import REMEMBERED_UPDATE_IDS, ShardTable
@@ -204,8 +204,8 @@ class ShardEngine:
                 f"{what}s for table {table.spec.name!r} must have shape ({len(keys)}, {dim}), "
                 f"got {tuple(values.shape)}"
             )
-        if len(keys) and not bool(torch.isfinite(values).all()):
-            row = int(torch.nonzero(~torch.isfinite(values).all(dim=1))[0, 0])
+        row = first_non_finite_row(values)
+        if row is not None:
             raise InvalidArgument(
                 f"{what} of key {int(keys[row])} for table {table.spec.name!r} holds NaN or Inf"
             )

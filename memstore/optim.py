@@ -20,8 +20,10 @@ bench/bench_optim.py): the batch is processed in chunks whose temporaries stay i
 index_add_ (alpha 1: other alphas take a 6x slower path) whenever the stored value is the
 float32 sum of the old row and the update; and optimizers that scatter [k, dim] state as
 well as rows sort the indices first (ascending scatters are faster; sorting pays only when
-there is more than one to make). Where torch runs one intra-op thread, as in a shard, a
-large update's chunks run side by side on a small thread pool instead.
+there is more than one to make). [k, dim] state and rows are scattered by numpy's put
+(put_rows), which moves a row as one block where index_copy_ iterates per row: a training
+step's small updates are mostly that fixed cost. Where torch runs one intra-op thread, as in
+a shard, a large update's chunks run side by side on a small thread pool instead.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
 import torch
 
 from memstore import alloc
@@ -123,9 +126,9 @@ class SparseSGD(SparseOptimizer):
     def _delta(self, state, ix, g, lr, per_row):
         if not self.state_names:
             return g * -lr
-        buf = state["momentum_buffer"].index_select(0, ix)  # (k, dim)
+        buf = take_rows(state["momentum_buffer"], ix)  # (k, dim)
         buf.mul_(self.spec.momentum).add_(g)
-        state["momentum_buffer"].index_copy_(0, ix, buf)
+        put_rows(state["momentum_buffer"], ix, buf)
         return buf.mul_(-lr)
 
 
@@ -138,9 +141,9 @@ class SparseRowWiseAdagrad(SparseOptimizer):
         return {"momentum1": alloc.zeros((num_rows,), torch.float32)}
 
     def _delta(self, state, ix, g, lr, per_row):
-        acc = state["momentum1"].index_select(0, ix)  # (k,)
+        acc = take_rows(state["momentum1"], ix)  # (k,)
         acc.add_(g.square().mean(1))
-        state["momentum1"].index_copy_(0, ix, acc)
+        put_rows(state["momentum1"], ix, acc)
         scale = acc.sqrt_().add_(self.spec.eps).reciprocal_().mul_(-lr)  # -lr / (sqrt(acc) + eps)
         return g * scale.unsqueeze(1)
 
@@ -157,8 +160,8 @@ class SparseAdam(SparseOptimizer):
         return state
 
     def _per_row(self, state, idx, lr):
-        step = state["step"].index_select(0, idx).add_(1)  # (n,)
-        state["step"].index_copy_(0, idx, step)
+        step = take_rows(state["step"], idx).add_(1)  # (n,)
+        put_rows(state["step"], idx, step)
         # Bias corrections in float64, then rounded once, as torch Adam's Python floats are.
         step = step.to(torch.float64)
         neg_step_size = (-lr / (1.0 - torch.pow(self.spec.beta1, step))).to(torch.float32)
@@ -167,12 +170,12 @@ class SparseAdam(SparseOptimizer):
 
     def _delta(self, state, ix, g, lr, per_row):
         neg_step_size, bias_correction2_sqrt = (t.unsqueeze(1) for t in per_row)  # (k, 1)
-        m = state["exp_avg"].index_select(0, ix)  # (k, dim)
-        v = state["exp_avg_sq"].index_select(0, ix)
+        m = take_rows(state["exp_avg"], ix)  # (k, dim)
+        v = take_rows(state["exp_avg_sq"], ix)
         m.lerp_(g, 1.0 - self.spec.beta1)
         v.mul_(self.spec.beta2).addcmul_(g, g, value=1.0 - self.spec.beta2)
-        state["exp_avg"].index_copy_(0, ix, m)
-        state["exp_avg_sq"].index_copy_(0, ix, v)
+        put_rows(state["exp_avg"], ix, m)
+        put_rows(state["exp_avg_sq"], ix, v)
         # The moments are stored; reuse their buffers. Same operation order as torch Adam's
         # addcdiv_(m, denom, value=-step_size), which computes (-step_size * m) / denom.
         denom = v.sqrt_().div_(bias_correction2_sqrt).add_(self.spec.eps)
@@ -249,8 +252,31 @@ def _write_rows(rows: torch.Tensor, ix: torch.Tensor, delta: torch.Tensor, decay
     if rows.dtype == torch.float32 and decay == 1.0:
         rows.index_add_(0, ix, delta)  # same float32 sum, without gathering the rows first
         return
-    p = rows.index_select(0, ix).to(torch.float32)  # (k, dim)
+    p = take_rows(rows, ix).to(torch.float32)  # (k, dim)
     if decay != 1.0:
         p.mul_(decay)
     p.add_(delta)
-    rows.index_copy_(0, ix, p.to(rows.dtype))
+    put_rows(rows, ix, p.to(rows.dtype))
+
+
+def take_rows(t: torch.Tensor, ix: torch.Tensor) -> torch.Tensor:
+    """t[ix] along dim 0, in new memory (index_select: numpy's take is no faster for a
+    step's rows, and holds the GIL, so chunks on the thread pool would take turns)."""
+    return t.index_select(0, ix)
+
+
+def put_rows(t: torch.Tensor, ix: torch.Tensor, values: torch.Tensor) -> None:
+    """t[ix] = values along dim 0, for distinct ix. On CPU through numpy's put, which moves
+    each row as one block (and releases the GIL) where index_copy_ runs an iterator per row:
+    a training step's 1,500 rows x 32 of one table took 6.6 us instead of 37 us (measured)."""
+    if t.device.type != "cpu" or t.dim() == 1:  # one value a row: torch's index kernel is as quick
+        t.index_copy_(0, ix, values)
+        return
+    dst, src = _as_numpy(t), _as_numpy(values.contiguous())
+    row = np.dtype((np.void, dst.itemsize * dst[0].size))  # whole rows as single items
+    np.put(dst.view(row).reshape(-1), ix.numpy(), src.view(row).reshape(-1))
+
+
+def _as_numpy(t: torch.Tensor) -> np.ndarray:
+    """A numpy view of a CPU tensor; 16-bit floats as int16 (numpy lacks bfloat16)."""
+    return t.view(torch.int16).numpy() if t.dtype in (torch.bfloat16, torch.float16) else t.numpy()

@@ -13,6 +13,7 @@ import time
 import grpc
 import numpy as np
 import pytest
+import torch
 
 from memstore import (
     ClientConfig,
@@ -24,6 +25,7 @@ from memstore import (
     TableSpec,
 )
 from memstore import wire
+from memstore.keys import first_non_finite_row
 from memstore.server import CHANNEL_OPTIONS, SERVICE
 from memstore.v1 import memstore_pb2 as pb
 
@@ -147,6 +149,20 @@ def test_retried_update_id_applies_once(store, shards_2):
     second, _ = wire.decode_frame(raw(shards_2.addresses[0], "Update", frame), pb.UpdateResponse)
     assert not first.duplicate and second.duplicate and second.version == first.version
     np.testing.assert_array_equal(all_rows(store), after_first)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+def test_the_first_non_finite_row_is_found_in_every_dtype(dtype):
+    # 16-bit floats are checked on their bits (numpy lacks bfloat16): the largest finite
+    # values, and subnormals, pass; NaN, Inf and -Inf are found, the first row named.
+    big = torch.finfo(dtype).max
+    t = torch.tensor([[big, -big, torch.finfo(dtype).tiny / 2], [0.0, -0.0, 1.0]], dtype=dtype).repeat(3, 1)
+    assert first_non_finite_row(t) is None and first_non_finite_row(t[:0]) is None
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        u = t.clone()
+        u[4, 1], u[5, 2] = bad, bad
+        assert first_non_finite_row(u) == 4, bad
+        assert first_non_finite_row(u.t().contiguous().t()) == 4, "strided"
 
 
 # ---- client: typed errors, validated before fan-out ----------------------------------------
