@@ -638,10 +638,10 @@ class MemStoreClient:
         if self._segment_pool is not None:
             self._segment_pool.close()
             self._release_segments(self._segment_pool.take_closed())
+        for s in self._shards:
+            s.channel.close()  # first: calls still in flight (another thread's) end now, cancelled
         if self._rpc_pool is not None:
             self._rpc_pool.shutdown(wait=True)
-        for s in self._shards:
-            s.channel.close()
 
     def __enter__(self) -> "MemStoreClient":
         return self

@@ -18,6 +18,7 @@ import torch
 from memstore import (
     ClientConfig,
     InvalidArgument,
+    MemStoreError,
     MemStoreClient,
     OptimizerSpec,
     TableExists,
@@ -231,3 +232,44 @@ def test_client_retries_until_a_shard_comes_up():
         wait_serving(procs[0])
         procs[0].terminate()
         procs[0].wait(10)
+
+
+def test_close_ends_calls_still_in_flight(monkeypatch):
+    """close() cancels another thread's calls still waiting on a shard (the fan-out's calls
+    run on the client's threads): it returns at once, and the lookup fails, named."""
+    from memstore.engine import ShardEngine
+    from memstore.server import MemStoreServicer, ShardServer
+
+    answered, release = threading.Event(), threading.Event()
+    lookup = MemStoreServicer.Lookup
+
+    def held_lookup(self, frame, context):
+        answered.set()
+        release.wait(30)
+        return lookup(self, frame, context)
+
+    monkeypatch.setattr(MemStoreServicer, "Lookup", held_lookup)
+    servers = [ShardServer(ShardEngine(i, 2)).start() for i in range(2)]
+    try:
+        client = MemStoreClient([s.address for s in servers], ClientConfig(shared_memory=False, timeout_s=30))
+        client.create_table(TableSpec("held", num_rows=100, dim=4))
+        failed = []
+
+        def read() -> None:
+            try:
+                client.lookup("held", np.arange(10))
+            except MemStoreError as e:
+                failed.append(e)
+
+        reader = threading.Thread(target=read)
+        reader.start()
+        assert answered.wait(10), "the lookup never reached a shard"
+        t0 = time.monotonic()
+        client.close()
+        reader.join(10)
+        assert time.monotonic() - t0 < 5 and not reader.is_alive()
+        assert len(failed) == 1 and "Lookup" in str(failed[0]), failed
+    finally:
+        release.set()
+        for s in servers:
+            s.stop(0)
