@@ -39,6 +39,7 @@ import torch
 
 from memstore import alloc
 from memstore.errors import InvalidArgument
+from memstore.keys import as_numpy
 from memstore.spec import OptimizerSpec
 
 ROW_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -126,7 +127,7 @@ class SparseSGD(SparseOptimizer):
     def _delta(self, state, ix, g, lr, per_row):
         if not self.state_names:
             return g * -lr
-        buf = take_rows(state["momentum_buffer"], ix)  # (k, dim)
+        buf = state["momentum_buffer"].index_select(0, ix)  # (k, dim)
         buf.mul_(self.spec.momentum).add_(g)
         put_rows(state["momentum_buffer"], ix, buf)
         return buf.mul_(-lr)
@@ -141,7 +142,7 @@ class SparseRowWiseAdagrad(SparseOptimizer):
         return {"momentum1": alloc.zeros((num_rows,), torch.float32)}
 
     def _delta(self, state, ix, g, lr, per_row):
-        acc = take_rows(state["momentum1"], ix)  # (k,)
+        acc = state["momentum1"].index_select(0, ix)  # (k,)
         acc.add_(g.square().mean(1))
         put_rows(state["momentum1"], ix, acc)
         scale = acc.sqrt_().add_(self.spec.eps).reciprocal_().mul_(-lr)  # -lr / (sqrt(acc) + eps)
@@ -160,7 +161,7 @@ class SparseAdam(SparseOptimizer):
         return state
 
     def _per_row(self, state, idx, lr):
-        step = take_rows(state["step"], idx).add_(1)  # (n,)
+        step = state["step"].index_select(0, idx).add_(1)  # (n,)
         put_rows(state["step"], idx, step)
         # Bias corrections in float64, then rounded once, as torch Adam's Python floats are.
         step = step.to(torch.float64)
@@ -170,8 +171,8 @@ class SparseAdam(SparseOptimizer):
 
     def _delta(self, state, ix, g, lr, per_row):
         neg_step_size, bias_correction2_sqrt = (t.unsqueeze(1) for t in per_row)  # (k, 1)
-        m = take_rows(state["exp_avg"], ix)  # (k, dim)
-        v = take_rows(state["exp_avg_sq"], ix)
+        m = state["exp_avg"].index_select(0, ix)  # (k, dim)
+        v = state["exp_avg_sq"].index_select(0, ix)
         m.lerp_(g, 1.0 - self.spec.beta1)
         v.mul_(self.spec.beta2).addcmul_(g, g, value=1.0 - self.spec.beta2)
         put_rows(state["exp_avg"], ix, m)
@@ -252,31 +253,22 @@ def _write_rows(rows: torch.Tensor, ix: torch.Tensor, delta: torch.Tensor, decay
     if rows.dtype == torch.float32 and decay == 1.0:
         rows.index_add_(0, ix, delta)  # same float32 sum, without gathering the rows first
         return
-    p = take_rows(rows, ix).to(torch.float32)  # (k, dim)
+    p = rows.index_select(0, ix).to(torch.float32)  # (k, dim)
     if decay != 1.0:
         p.mul_(decay)
     p.add_(delta)
     put_rows(rows, ix, p.to(rows.dtype))
 
 
-def take_rows(t: torch.Tensor, ix: torch.Tensor) -> torch.Tensor:
-    """t[ix] along dim 0, in new memory (index_select: numpy's take is no faster for a
-    step's rows, and holds the GIL, so chunks on the thread pool would take turns)."""
-    return t.index_select(0, ix)
-
-
 def put_rows(t: torch.Tensor, ix: torch.Tensor, values: torch.Tensor) -> None:
     """t[ix] = values along dim 0, for distinct ix. On CPU through numpy's put, which moves
     each row as one block (and releases the GIL) where index_copy_ runs an iterator per row:
-    a training step's 1,500 rows x 32 of one table took 6.6 us instead of 37 us (measured)."""
+    a training step's 1,500 rows x 32 of one table took 6.6 us instead of 37 us (measured).
+    Gathers stay index_select: numpy's take is no faster for a step's rows, and it holds the
+    GIL, so chunks on the thread pool would take turns."""
     if t.device.type != "cpu" or t.dim() == 1:  # one value a row: torch's index kernel is as quick
         t.index_copy_(0, ix, values)
         return
-    dst, src = _as_numpy(t), _as_numpy(values.contiguous())
+    dst, src = as_numpy(t), as_numpy(values.contiguous())
     row = np.dtype((np.void, dst.itemsize * dst[0].size))  # whole rows as single items
     np.put(dst.view(row).reshape(-1), ix.numpy(), src.view(row).reshape(-1))
-
-
-def _as_numpy(t: torch.Tensor) -> np.ndarray:
-    """A numpy view of a CPU tensor; 16-bit floats as int16 (numpy lacks bfloat16)."""
-    return t.view(torch.int16).numpy() if t.dtype in (torch.bfloat16, torch.float16) else t.numpy()
