@@ -258,6 +258,13 @@ def trained(spec: OptimizerSpec, rows0: torch.Tensor, steps, order=None) -> tupl
     return rows, state
 
 
+def random_problem(name: str, seed: int):
+    """(spec, generator, initial rows, steps) for the bit-identity tests below."""
+    gen = torch.Generator().manual_seed(seed)
+    rows0 = torch.randn(NUM_ROWS, DIM, generator=gen)
+    return SPECS[name], gen, rows0, random_steps(gen, NUM_ROWS, DIM, STEPS)
+
+
 def assert_identical(a: tuple[torch.Tensor, dict], b: tuple[torch.Tensor, dict]) -> None:
     assert torch.equal(a[0], b[0])
     assert all(torch.equal(a[1][k], b[1][k]) for k in a[1])
@@ -265,10 +272,7 @@ def assert_identical(a: tuple[torch.Tensor, dict], b: tuple[torch.Tensor, dict])
 
 @pytest.mark.parametrize("name", ["sgd_momentum", "adagrad", "adam_wd"])
 def test_result_does_not_depend_on_row_order_or_chunking(name, monkeypatch):
-    spec = SPECS[name]
-    gen = torch.Generator().manual_seed(5)
-    rows0 = torch.randn(NUM_ROWS, DIM, generator=gen)
-    steps = random_steps(gen, NUM_ROWS, DIM, STEPS)
+    spec, gen, rows0, steps = random_problem(name, seed=5)
     results = []
     for chunk_elements, shuffle in ((7 * DIM, False), (7 * DIM, True), (1 << 18, True)):
         monkeypatch.setattr(optim, "CPU_CHUNK_ELEMENTS", chunk_elements)
@@ -282,10 +286,7 @@ def test_result_does_not_depend_on_row_order_or_chunking(name, monkeypatch):
 def test_chunks_side_by_side_equal_chunks_in_turn(name, monkeypatch):
     # A shard runs one torch thread, and then a large update's chunks run on a thread pool
     # (optim._chunk_pool): the same bits as applying them one after another.
-    spec = SPECS[name]
-    gen = torch.Generator().manual_seed(6)
-    rows0 = torch.randn(NUM_ROWS, DIM, generator=gen)
-    steps = random_steps(gen, NUM_ROWS, DIM, STEPS)
+    spec, _, rows0, steps = random_problem(name, seed=6)
     monkeypatch.setattr(optim, "CPU_CHUNK_ELEMENTS", 5 * DIM)  # many chunks per step
     threads = torch.get_num_threads()
     results = []
