@@ -66,8 +66,11 @@ def ensure_ray(address: str | None = None, *, start_local: bool = False) -> str 
                 raise Unavailable(f"cannot reach Ray at {target}: {e}") from None
     elif not start_local:
         raise Unavailable("no Ray is running on this machine (give --address or set RAY_ADDRESS)")
+    # Ray waits 30 s for a new head's GCS to publish its port; a host busy with other work
+    # can take longer (seen in CI), and the wait costs nothing when the GCS is quick.
+    env = {"RAY_gcs_server_port_wait_time_s": "120", **os.environ}
     subprocess.run([ray_executable(), "start", "--head", "--disable-usage-stats"], check=True,
-                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     ray.init(address="auto", namespace=NAMESPACE, log_to_driver=False, logging_level="WARNING")
     return ray.get_runtime_context().gcs_address
 
