@@ -13,7 +13,12 @@ File: the 8-byte magic `MSWAL001`, then one frame per record:
 
 A crash mid-write leaves a torn last frame: its length runs past the end of the file or its
 crc32 does not match. `replay` stops there and ignores the rest; opening the log again for
-writing truncates the file to its last whole frame, so new records never follow garbage.
+writing truncates the file to its last whole frame, so new records never follow garbage. A
+bad frame with a whole frame right after it is damage, not a torn write (with sync "always"
+only the last frame can be unwritten): replay raises WalError naming the offset, and nothing
+is truncated, rather than drop the acknowledged records that follow. (With "group" or "none"
+a machine crash may leave several frames unwritten and write back a later one before an
+earlier one; that too stops recovery, for the operator to decide.)
 
 Generations: one file per checkpoint, `wal-<checkpoint version>.log` (`wal_path`). A shard
 rotates to the next file while its checkpoint freeze is held (memstore.checkpoint), so every
@@ -350,24 +355,42 @@ def _frames(path: Path | str) -> Iterator[tuple[int, dict]]:
             raise WalError(f"{path} is not a memstore write-ahead log (magic {magic!r})")
         offset, size = len(MAGIC), os.fstat(f.fileno()).st_size
         while True:
-            head = f.read(_FRAME.size)
-            if len(head) < _FRAME.size:
+            frame = _read_frame(f, offset, size)
+            if frame is None:
                 break
-            length, crc = _FRAME.unpack(head)
-            if offset + _FRAME.size + length > size:  # runs past the end: torn (or a bad length)
-                break
-            payload = f.read(length)
-            if len(payload) != length or zlib.crc32(payload) != crc:
-                break
-            try:
-                record = msgpack.unpackb(payload)
-            except (ValueError, TypeError, msgpack.exceptions.UnpackException):
-                break
-            offset += _FRAME.size + length
+            offset, record = frame
             yield offset, record
         rest = size - offset
         if rest:
-            log.warning("%s: ignoring %d bytes after offset %d (a torn or corrupt record)", path, rest, offset)
+            f.seek(offset)
+            end = offset + _FRAME.size + _FRAME.unpack(f.read(_FRAME.size))[0] if rest >= _FRAME.size else size
+            if end < size and _read_frame(f, end, size) is not None:
+                raise WalError(
+                    f"{path}: the record at offset {offset} is damaged and whole records follow it: "
+                    f"not a torn last write, so recovery stops rather than drop what follows. "
+                    f"To give up the {rest} bytes from that record on, truncate the file to {offset} "
+                    f"bytes (`truncate -s {offset} {path}`); or restore a checkpoint")
+            log.warning("%s: ignoring %d bytes after offset %d (a torn last record)", path, rest, offset)
+
+
+def _read_frame(f, offset: int, size: int) -> tuple[int, dict] | None:
+    """(end offset, record) of the whole frame at `offset` of open log `f` (of `size`
+    bytes), or None where there is none: cut short, a crc32 mismatch, or not msgpack."""
+    f.seek(offset)
+    head = f.read(_FRAME.size)
+    if len(head) < _FRAME.size:
+        return None
+    length, crc = _FRAME.unpack(head)
+    if offset + _FRAME.size + length > size:  # runs past the end: torn (or a bad length)
+        return None
+    payload = f.read(length)
+    if len(payload) != length or zlib.crc32(payload) != crc:
+        return None
+    try:
+        record = msgpack.unpackb(payload)
+    except (ValueError, TypeError, msgpack.exceptions.UnpackException):
+        return None
+    return offset + _FRAME.size + length, record
 
 
 def replay(path: Path | str) -> Iterator[dict]:

@@ -114,17 +114,39 @@ def test_torn_tail_is_ignored_and_cut_on_reopen(tmp_path):
     with wal.WriteAheadLog(path, sync="always") as log:
         log.append(records[0])
     assert list(wal.replay(path)) == [as_plain(r) for r in records + records[:1]]
-    # A flipped bit in the middle ends the replay there (the rest cannot be trusted).
-    data = bytearray(path.read_bytes())
-    data[len(whole) // 2] ^= 1
-    path.write_bytes(bytes(data))
-    assert 0 < len(list(wal.replay(path))) < 6
+    # A machine crash can leave the file longer, zero-filled where the data never landed.
+    longer = path.read_bytes()
+    path.write_bytes(longer + bytes(40))
+    assert len(list(wal.replay(path))) == 6
+    path.write_bytes(longer)
     # A file torn while its magic was written holds nothing; another file is refused.
     path.write_bytes(wal.MAGIC[:3])
     assert list(wal.replay(path)) == []
     path.write_bytes(b"NOTAWAL!" + whole[8:])
     with pytest.raises(wal.WalError, match="not a memstore write-ahead log"):
         list(wal.replay(path))
+
+
+def test_a_damaged_record_with_records_after_it_stops_replay_and_truncates_nothing(tmp_path):
+    rng = np.random.default_rng(2)
+    records = [sample_record(rng) for _ in range(5)]
+    path = tmp_path / "wal-0.log"
+    with wal.WriteAheadLog(path, sync="none") as log:
+        for r in records:
+            log.append(r)
+    ends = [end for end, _ in wal._frames(path)]
+    data = bytearray(path.read_bytes())
+    data[ends[1] + 20] ^= 1  # a flipped bit in the third record's payload
+    path.write_bytes(bytes(data))
+    with pytest.raises(wal.WalError, match=f"offset {ends[1]} is damaged and whole records follow"):
+        list(wal.replay(path))
+    # Opening it to append (a restarting shard) refuses too, and cuts nothing away.
+    with pytest.raises(wal.WalError, match="damaged"):
+        wal.WriteAheadLog(path, sync="always")
+    assert path.read_bytes() == bytes(data)
+    # The way out the message names: truncate at the damaged record, keeping what precedes it.
+    os.truncate(path, ends[1])
+    assert list(wal.replay(path)) == [as_plain(r) for r in records[:2]]
 
 
 def test_group_commit_from_eight_threads(tmp_path):
