@@ -384,12 +384,13 @@ class MemStoreClient:
         if not (np.isfinite(lr) and lr >= 0.0):
             raise InvalidArgument(f"learning rate must be finite and >= 0, got {lr}")
         spec = self.spec(table)
-        flat = as_key_array(keys).reshape(-1)
-        grads = keyplan.as_value_tensor(grads, len(flat), spec, "gradient")
+        arr = as_key_array(keys)
+        flat = arr.reshape(-1)
+        grads = keyplan.as_value_tensor(grads, arr.shape, spec, "gradient")
         if watch is not None:
             keyplan.check_key_range(watch, spec)  # a bad watched key is bad input too
         plan = keyplan.plan_keys(flat, spec, self.num_shards)
-        summed = plan.to_unique_order(grads).to(spec.wire_torch_dtype)  # (U, dim), repeats summed
+        summed = keyplan.to_wire(plan, grads, spec.wire_torch_dtype, spec, "gradient")  # (U, dim), repeats summed
         header = pb.UpdateRequest(table=table, dim=spec.dim, dtype=wire.DTYPE_TO_PB[spec.wire_dtype], lr=lr)
         # Each part reads back the watched keys it updates (sorted: intersect1d), so every
         # watched key that changed comes back exactly once, from the part that changed it.
@@ -422,11 +423,12 @@ class MemStoreClient:
         """Writes rows verbatim (cast to the storage dtype); repeated keys are an error. The
         assigned rows' optimizer state is reset unless keep_optimizer_state. Returns rows written."""
         spec = self.spec(table)
-        flat = as_key_array(keys).reshape(-1)
-        values = keyplan.as_value_tensor(rows, len(flat), spec, "row")
+        arr = as_key_array(keys)
+        flat = arr.reshape(-1)
+        values = keyplan.as_value_tensor(rows, arr.shape, spec, "row")
         plan = keyplan.plan_keys(flat, spec, self.num_shards)
         keyplan.check_no_duplicates(plan, spec, "assign")
-        ordered = plan.to_unique_order(values).to(spec.torch_dtype)  # (U, dim)
+        ordered = keyplan.to_wire(plan, values, spec.torch_dtype, spec, "row")  # (U, dim)
         header = pb.AssignRequest(table=table, dim=spec.dim, dtype=wire.DTYPE_TO_PB[spec.dtype],
                                   keep_optimizer_state=keep_optimizer_state)
         self._fan_out("Assign", self._frames(self._value_parts(plan, ordered, header)[0]))

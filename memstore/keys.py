@@ -163,22 +163,45 @@ def check_key_range(flat_keys: np.ndarray, spec: TableSpec) -> None:
         raise InvalidArgument(f"key {first} is out of range [0, {spec.num_rows}) for table {spec.name!r}")
 
 
-def as_value_tensor(values, n: int, spec: TableSpec, what: str) -> torch.Tensor:
-    """Gradients or rows for n keys as a float tensor [n, dim]; checks shape and finiteness."""
-    t = values if isinstance(values, torch.Tensor) else torch.from_numpy(np.asarray(values))
+def as_value_tensor(values, key_shape: tuple[int, ...], spec: TableSpec, what: str) -> torch.Tensor:
+    """Gradients or rows for keys of shape key_shape as a float tensor [n, dim]: of shape
+    key_shape + (dim,), or already flattened to (n, dim); checks shape and finiteness."""
+    if isinstance(values, torch.Tensor):
+        t = values
+    else:
+        arr = np.asarray(values)
+        if not arr.dtype.isnative or any(stride < 0 for stride in arr.strides):  # torch takes neither
+            arr = np.ascontiguousarray(arr, dtype=arr.dtype.newbyteorder("="))
+        t = torch.from_numpy(arr)
     if not t.is_floating_point():
         raise InvalidArgument(f"{what}s for table {spec.name!r} must be floating point, got {t.dtype}")
     t = t.detach().cpu()
-    if t.numel() != n * spec.dim or (t.dim() > 0 and t.shape[-1] != spec.dim):
+    n = int(np.prod(key_shape, dtype=np.int64))
+    if tuple(t.shape) not in (tuple(key_shape) + (spec.dim,), (n, spec.dim)):
         raise InvalidArgument(
             f"{what}s for table {spec.name!r} must have shape keys.shape + ({spec.dim},) "
-            f"= {n} x {spec.dim} values, got {tuple(t.shape)}"
+            f"= {tuple(key_shape) + (spec.dim,)} (or flattened, {(n, spec.dim)}), got {tuple(t.shape)}"
         )
     t = t.reshape(n, spec.dim)
     row = first_non_finite_row(t)
     if row is not None:
         raise InvalidArgument(f"{what} #{row} for table {spec.name!r} holds NaN or Inf")
     return t
+
+
+def to_wire(plan: KeyPlan, values: torch.Tensor, dtype: torch.dtype, spec: TableSpec, what: str) -> torch.Tensor:
+    """values [N, dim] (from as_value_tensor) as a call sends them: [U, dim] in the plan's
+    order, repeats summed, cast to `dtype`. Summing or narrowing can overflow finite values
+    to Inf (two 3e38 gradients of one key; 1e5 for a float16 table): that is rejected here,
+    before anything is sent, since the shards would reject only their own part of it."""
+    out = plan.to_unique_order(values).to(dtype)
+    if plan.position is not None or out.dtype != values.dtype:
+        row = first_non_finite_row(out)
+        if row is not None:
+            summed = "summed over its repeats and " if plan.position is not None else ""
+            raise InvalidArgument(f"the {what} of key {int(plan.unique[row])} for table {spec.name!r} is not finite "
+                                  f"once {summed}cast to {str(dtype).removeprefix('torch.')}")
+    return out
 
 
 # Exponent bits of the 16-bit floats (numpy lacks bfloat16): all set means Inf or NaN.

@@ -103,24 +103,27 @@ class InProcessStore:
         if not (np.isfinite(lr) and lr >= 0.0):
             raise InvalidArgument(f"learning rate must be finite and >= 0, got {lr}")
         spec = self.spec(table)
-        flat = as_key_array(keys).reshape(-1)
-        grads = keyplan.as_value_tensor(grads, len(flat), spec, "gradient")
+        arr = as_key_array(keys)
+        flat = arr.reshape(-1)
+        grads = keyplan.as_value_tensor(grads, arr.shape, spec, "gradient")
         if watch is not None:
             keyplan.check_key_range(watch, spec)  # a bad watched key is bad input too
         plan = keyplan.plan_keys(flat, spec, 1)
         # The same rounding as on the wire, so both stores apply identical gradients.
-        summed = plan.to_unique_order(grads).to(spec.wire_torch_dtype)
+        summed = keyplan.to_wire(plan, grads, spec.wire_torch_dtype, spec, "gradient")
         fresh = None if watch is None else np.intersect1d(plan.unique, watch)
         apply = self.engine.prepare_update(table, plan.unique, summed, lr, update_id or "", read_keys=fresh)
         return lambda: (len(plan.unique), fresh, apply()[2])
 
     def assign(self, table: str, keys: Any, rows: Any, *, keep_optimizer_state: bool = False) -> int:
         spec = self.spec(table)
-        flat = as_key_array(keys).reshape(-1)
-        values = keyplan.as_value_tensor(rows, len(flat), spec, "row")
+        arr = as_key_array(keys)
+        flat = arr.reshape(-1)
+        values = keyplan.as_value_tensor(rows, arr.shape, spec, "row")
         plan = keyplan.plan_keys(flat, spec, 1)
         keyplan.check_no_duplicates(plan, spec, "assign")
-        self.engine.assign(table, plan.unique, plan.to_unique_order(values).to(spec.torch_dtype), keep_optimizer_state)
+        self.engine.assign(table, plan.unique, keyplan.to_wire(plan, values, spec.torch_dtype, spec, "row"),
+                           keep_optimizer_state)
         return len(plan.unique)
 
     def _executor(self) -> ThreadPoolExecutor:

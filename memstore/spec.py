@@ -160,7 +160,7 @@ def as_key_array(keys: Any) -> np.ndarray:
     if isinstance(keys, torch.Tensor):
         if keys.is_floating_point() or keys.is_complex() or keys.dtype == torch.bool:
             raise InvalidArgument(f"keys must be integers, got a tensor of {keys.dtype}")
-        keys = keys.detach().to("cpu", torch.int64).numpy()
+        keys = keys.detach().cpu().numpy()  # as it is: a uint64 key of 2**63 or more is checked below
     arr = np.asarray(keys)
     if arr.dtype.kind not in "iu":
         if arr.size == 0:

@@ -17,6 +17,7 @@ import torch
 
 from memstore import (
     ClientConfig,
+    InProcessStore,
     InvalidArgument,
     MemStoreError,
     MemStoreClient,
@@ -189,6 +190,71 @@ def test_client_rejects_bad_updates_before_any_shard_changes(store):
     with pytest.raises(TableNotFound, match="'missing'"):
         store.lookup("missing", [0])
     np.testing.assert_array_equal(all_rows(store), before)
+
+
+HALF = TableSpec("guarded16", num_rows=1000, dim=4, dtype="float16", optimizer=OptimizerSpec("sgd"))
+
+
+@pytest.mark.parametrize("backend", ["sharded", "in_process"])
+def test_values_that_overflow_once_summed_or_cast_are_rejected_on_every_shard(shards_2, backend):
+    """Finite input whose summed or narrowed form is Inf: each shard would reject only its own
+    part, so the client must reject the whole call first (the in-process store alike)."""
+    store = MemStoreClient(shards_2.addresses) if backend == "sharded" else InProcessStore()
+    with store:
+        for spec in (SPEC, HALF):
+            store.create_table(spec)
+        before = {s.name: store.lookup(s.name, np.arange(1000)) for s in (SPEC, HALF)}
+        keys = np.array([0, 1, 2, 3])  # both shards' keys
+        big = np.ones((4, 4), np.float32)
+        big[1, 0] = 1e5  # beyond float16's 65,504
+        with pytest.raises(InvalidArgument, match="key 1 .* not finite once cast to float16"):
+            store.update(HALF.name, keys, big, lr=0.1)
+        with pytest.raises(InvalidArgument, match="key 1 .* not finite once cast to float16"):
+            store.assign(HALF.name, keys, big)
+        twice = np.full((2, 4), 3e38, np.float32)  # two finite float32 gradients of key 1 sum to Inf
+        with pytest.raises(InvalidArgument, match="key 1 .* summed over its repeats"):
+            store.update(SPEC.name, [1, 1, 0, 2], np.concatenate([twice, np.ones((2, 4), np.float32)]), lr=0.1)
+        huge = np.ones((4, 4), np.float64)
+        huge[2, 3] = 1e300  # finite in float64, Inf in float32
+        with pytest.raises(InvalidArgument, match="key 2 .* cast to float32"):
+            store.update(SPEC.name, keys, huge, lr=0.1)
+        # One table's overflow rejects the whole multi-table call.
+        with pytest.raises(InvalidArgument, match="not finite"):
+            store.update_many({SPEC.name: (keys, np.ones((4, 4), np.float32)), HALF.name: (keys, big)}, lr=0.1)
+        for s in (SPEC, HALF):
+            np.testing.assert_array_equal(store.lookup(s.name, np.arange(1000)), before[s.name], err_msg=s.name)
+        if backend == "sharded":
+            store.drop_table(HALF.name)
+
+
+def test_gradient_layouts(shards_2):
+    """Gradients must be keys.shape + (dim,) or flattened to (n, dim); any numpy layout of
+    those (reversed, big-endian) is taken as its values."""
+    spec = TableSpec("layouts", num_rows=100, dim=4, optimizer=OptimizerSpec("adam"))
+    keys = np.array([[10, 11, 12], [13, 14, 15]])
+    rng = np.random.default_rng(4)
+    grads = rng.standard_normal((6, 4)).astype(np.float32)
+    with MemStoreClient(shards_2.addresses) as store, InProcessStore() as ref:
+        store.create_table(spec)
+        ref.create_table(spec)
+        with pytest.raises(InvalidArgument, match=r"shape keys.shape \+ \(4,\) = \(2, 3, 4\)"):
+            store.update(spec.name, keys, np.ones((3, 2, 4), np.float32), lr=0.1)  # batch dims transposed
+        with pytest.raises(InvalidArgument, match="shape"):
+            store.update(spec.name, [10], np.ones(4, np.float32), lr=0.1)
+        for layout in (grads.reshape(2, 3, 4), grads, grads[::-1][::-1], grads.astype(">f4")):
+            store.update(spec.name, keys, layout, lr=0.1)
+            ref.update(spec.name, keys, grads.reshape(2, 3, 4), lr=0.1)
+        reversed_keys = keys.reshape(-1)[::-1]
+        store.update(spec.name, reversed_keys, grads[::-1], lr=0.1)  # negative strides
+        ref.update(spec.name, reversed_keys, grads[::-1].copy(), lr=0.1)
+        np.testing.assert_array_equal(store.lookup(spec.name, np.arange(100)), ref.lookup(spec.name, np.arange(100)))
+        store.drop_table(spec.name)
+
+
+def test_uint64_keys_beyond_int64_name_the_key(store):
+    for keys in (np.array([3, 2**63 + 5], np.uint64), torch.tensor([3, 2**63 + 5], dtype=torch.uint64)):
+        with pytest.raises(InvalidArgument, match=str(2**63 + 5)):
+            store.lookup(SPEC.name, keys)
 
 
 def test_recreating_with_a_different_spec(store):
