@@ -254,6 +254,7 @@ class _Coordinator:
         # Where a restarted shard recovers from: a checkpoint (or none) and the first log
         # generation to replay after it; guarded by _lock.
         self.recovery = {"checkpoint": None, "wal_since": 0, "version": 0, "created": None}
+        self._generation = 0  # the last cut version handed out (_next_generation)
         self._actors = []
         self._lock = threading.Lock()  # guards tables, shards, epoch and recovery (threaded actor)
         self._cut_lock = threading.Lock()  # one checkpoint or restore at a time
@@ -341,7 +342,7 @@ class _Coordinator:
             own_root = root is None
             root = root or os.path.join(self.data_dir, "checkpoints")
             existing = [v for v, _ in ckpt._numbered_checkpoints(Path(root))] if os.path.isdir(root) else []
-            version = max([self.recovery["version"], *existing]) + 1
+            version = self._next_generation(*existing)
             t0 = time.monotonic()
             staging = None
             try:
@@ -381,7 +382,7 @@ class _Coordinator:
             raise CheckpointError(f"no complete checkpoint in {directory}", directory)
         manifest = ckpt.read_manifest(path)
         with self._cut_lock:
-            version = self.recovery["version"] + 1
+            version = self._next_generation()
             t0 = time.monotonic()
             ray.get([a.prepare_restore.remote(str(path)) for a in self._actors])  # loads outside the cut
             take_cut([_ShardCut(a) for a in self._actors],
@@ -393,6 +394,14 @@ class _Coordinator:
             ray.get([a.prune_log.remote(version) for a in self._actors])  # only once recovery points past them
             return {"path": str(path), "tables": len(manifest["tables"]), "from_shards": manifest["store"]["num_shards"],
                     "seconds": time.monotonic() - t0}
+
+    def _next_generation(self, *taken: int) -> int:
+        """The version of a new cut (checkpoint or restore): above every one handed out, and so
+        a log generation no shard has used. A cut that failed after some shards rotated their
+        logs leaves its generation's files behind, with writes the next cut must not replay on
+        top of its own copy."""
+        self._generation = max(self._generation, self.recovery["version"], *taken) + 1
+        return self._generation
 
     def log_bytes(self, timeout_s: float = 5.0) -> list[int | None]:
         """Each shard's write-ahead log bytes since the recovery point (None: no answer)."""

@@ -25,7 +25,9 @@ rotates to the next file while its checkpoint freeze is held (memstore.checkpoin
 write acknowledged after the cut is in that file or a later one. Recovery from checkpoint V
 replays every file of generation >= V in order (`replay_dir`): a checkpoint that failed to
 commit leaves its records split across two files, and both are replayed. Once checkpoint V is
-committed, `prune_wal(dir, V)` deletes the older files.
+committed, `prune_wal(dir, V)` deletes the older files. A generation is never reused: every
+cut, failed or not, gets a version above all handed out before (cluster/actors), and
+`rotate` refuses a file that holds records.
 
 How the engine uses it: append the write's record (with the version it will produce), apply
 it, then acknowledge — all under the table's ids lock, so a retry reported as a duplicate is
@@ -267,7 +269,11 @@ class WriteAheadLog:
             self._sync_locked(self._written)
 
     def rotate(self, path: Path | str) -> None:
-        """Makes the current file durable, closes it and continues in `path` (a new generation)."""
+        """Makes the current file durable, closes it and continues in `path` (a new generation:
+        a file holding records is refused, since replay from its checkpoint would apply them)."""
+        path = Path(path)
+        if path.exists() and path.stat().st_size > len(MAGIC):
+            raise WalError(f"{path} already holds records: a log generation is never continued after a rotation")
         with self._lock:
             self._check_usable()
             while self._syncing:
@@ -499,7 +505,16 @@ def replay_into(engine: "ShardEngine", records: Iterable[dict], *, window: int =
 def _apply(engine: "ShardEngine", rec: dict, stats: ReplayStats) -> None:
     kind, name = rec["kind"], rec["table"]
     if kind == "create":
-        engine.create_table(TableSpec.from_dict(rec["spec"]))
+        spec = TableSpec.from_dict(rec["spec"])
+        existing = next((t for t in engine.tables() if t.spec.name == name), None)
+        if existing is not None and existing.spec != spec:
+            # Recovery creates the layout's tables first, with their latest spec; a table
+            # dropped and created again since the checkpoint is rebuilt from the log's history.
+            if existing.version:
+                raise WalError(f"the log creates table {name!r} with {spec}, but it exists with {existing.spec} "
+                               f"and {existing.version} writes: the log does not continue this checkpoint")
+            engine.drop_table(name)
+        engine.create_table(spec)
         stats.tables += 1
         return
     if kind == "drop":

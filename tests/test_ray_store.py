@@ -163,6 +163,44 @@ def test_checkpoint_restore_and_reshard(engram_store, tmp_path):
         store.shutdown("resharded")
 
 
+def test_recovery_after_a_failed_checkpoint_a_restore_and_a_re_created_table(engram_store, tmp_path):
+    """A checkpoint that fails after its cut has rotated the shards' logs, then a restore:
+    the restore's log generation must be a new one, or a restarted shard would replay the
+    writes made before the restore on top of the restored rows. And a table dropped and
+    created again with another spec since the checkpoint recovers with the new spec."""
+    regen = TableSpec("regen", num_rows=2_003, dim=8, optimizer=OptimizerSpec("adagrad"))
+    with MemStoreClient.connect("engram", config=ClientConfig(retry_s=120)) as client, InProcessStore() as ref:
+        client.create_table(regen)
+        stream_updates(client, None, "regen", 3, seed=11)
+        good = store.checkpoint("engram", str(tmp_path / "good"))
+        at_checkpoint = client.lookup("regen", np.arange(regen.num_rows))
+        not_a_dir = tmp_path / "file"
+        not_a_dir.write_text("")
+        with pytest.raises(Exception):  # fails writing, after the cut rotated every shard's log
+            store.checkpoint("engram", str(not_a_dir))
+        stream_updates(client, None, "regen", 3, seed=12)  # acknowledged, then undone by the restore
+        store.restore("engram", good["path"])
+        np.testing.assert_array_equal(client.lookup("regen", np.arange(regen.num_rows)), at_checkpoint)
+
+        old = TableSpec("recreated", num_rows=1_001, dim=4, optimizer=OptimizerSpec("adam"))
+        new = TableSpec("recreated", num_rows=1_001, dim=8, optimizer=OptimizerSpec("sgd"))
+        client.create_table(old)
+        stream_updates(client, None, "recreated", 2, seed=13)
+        client.drop_table("recreated")
+        client.create_table(new)
+        ref.create_table(new)
+        stream_updates(client, ref, "recreated", 2, seed=14)
+
+        victim = store.layout("engram")["shards"][1]
+        os.kill(victim["pid"], signal.SIGKILL)
+        wait_for_new_pid("engram", 1, victim["pid"])
+        np.testing.assert_array_equal(client.lookup("regen", np.arange(regen.num_rows)), at_checkpoint)
+        assert client.spec("recreated").dim == 8
+        assert_same_table(client, ref, "recreated")
+        client.drop_table("regen")
+        client.drop_table("recreated")
+
+
 def test_removing_a_memory_node_loses_no_acknowledged_update(cluster, engram_store):
     c, _ = cluster
     spec = TableSpec("node-loss", num_rows=4_001, dim=8, optimizer=OptimizerSpec("adam"))
