@@ -391,7 +391,8 @@ class MemStoreClient:
             keyplan.check_key_range(watch, spec)  # a bad watched key is bad input too
         plan = keyplan.plan_keys(flat, spec, self.num_shards)
         summed = keyplan.to_wire(plan, grads, spec.wire_torch_dtype, spec, "gradient")  # (U, dim), repeats summed
-        header = pb.UpdateRequest(table=table, dim=spec.dim, dtype=wire.DTYPE_TO_PB[spec.wire_dtype], lr=lr)
+        header = pb.UpdateRequest(table=table, dim=spec.dim, dtype=wire.DTYPE_TO_PB[spec.wire_dtype], lr=lr,
+                                  num_rows=spec.num_rows)
         # Each part reads back the watched keys it updates (sorted: intersect1d), so every
         # watched key that changed comes back exactly once, from the part that changed it.
         read = None if watch is None else (lambda chunk: np.intersect1d(chunk, watch))
@@ -430,7 +431,7 @@ class MemStoreClient:
         keyplan.check_no_duplicates(plan, spec, "assign")
         ordered = keyplan.to_wire(plan, values, spec.torch_dtype, spec, "row")  # (U, dim)
         header = pb.AssignRequest(table=table, dim=spec.dim, dtype=wire.DTYPE_TO_PB[spec.dtype],
-                                  keep_optimizer_state=keep_optimizer_state)
+                                  keep_optimizer_state=keep_optimizer_state, num_rows=spec.num_rows)
         self._fan_out("Assign", self._frames(self._value_parts(plan, ordered, header)[0]))
         return len(plan.unique)
 
@@ -581,7 +582,7 @@ class MemStoreClient:
     def _error(self, shard: int, method: str, e: grpc.RpcError) -> MemStoreError:
         named = dict(e.trailing_metadata() or ()).get(ERROR_KEY)
         cls = ERROR_NAMED.get(named) or ERROR_OF.get(e.code(), MemStoreError)
-        if cls in (TableNotFound, WrongShard):
+        if cls in (TableNotFound, WrongShard, TableChanged):
             with self._specs_lock:
                 self._specs.clear()  # the layout or the tables changed under us
         err = cls(f"{method} on shard {shard} ({self._shards[shard].address}): {e.details()}")

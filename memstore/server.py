@@ -276,6 +276,7 @@ class MemStoreServicer:
         if read_bytes > len(payload):
             raise InvalidArgument(f"update payload is {len(payload)} bytes, too short for its {header.num_read_keys} read keys")
         cut = len(payload) - read_bytes
+        self._check_size(header, spec)
         keys, grads = self._values(header, payload[:cut], spec.wire_dtype, "gradient")
         read_keys = wire.keys_from_payload(payload[cut:], header.num_read_keys) if header.num_read_keys else None
         apply = self.engine.prepare_update(header.table, keys, grads, header.lr, header.update_id, header.group,
@@ -292,6 +293,7 @@ class MemStoreServicer:
     def Assign(self, frame: bytes, context) -> bytes:
         header, payload = wire.decode_frame(frame, pb.AssignRequest)
         self._route(header.route)
+        self._check_size(header, self.engine.table(header.table).spec)
         keys, rows = self._values(header, payload, None, "row")
         version, dup = self.engine.assign(
             header.table, keys, rows, header.keep_optimizer_state, header.update_id, header.group, header.parts
@@ -303,6 +305,13 @@ class MemStoreServicer:
     # ---- helpers -----------------------------------------------------------------------------
     def _route(self, route: pb.Route) -> None:
         self.engine.check_route(route.shard_index, route.num_shards)
+
+    @staticmethod
+    def _check_size(header, spec: TableSpec) -> None:
+        """A write checked by its client against another size of the table: TableChanged."""
+        if header.num_rows and header.num_rows != spec.num_rows:
+            raise TableChanged(f"table {spec.name!r} has {spec.num_rows:,} rows; this write's keys were checked "
+                               f"against {header.num_rows:,}: the table was created again, read its spec anew")
 
     @staticmethod
     def _values(header, payload, want_dtype: str | None, what: str):

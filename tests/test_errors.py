@@ -22,6 +22,7 @@ from memstore import (
     MemStoreError,
     MemStoreClient,
     OptimizerSpec,
+    TableChanged,
     TableExists,
     TableNotFound,
     TableSpec,
@@ -255,6 +256,32 @@ def test_uint64_keys_beyond_int64_name_the_key(store):
     for keys in (np.array([3, 2**63 + 5], np.uint64), torch.tensor([3, 2**63 + 5], dtype=torch.uint64)):
         with pytest.raises(InvalidArgument, match=str(2**63 + 5)):
             store.lookup(SPEC.name, keys)
+
+
+def test_a_write_checked_against_a_table_since_re_created_applies_nowhere(shards_2):
+    """Another client drops the table and creates it smaller: this client's cached spec still
+    passes key 61, valid only for the old size. Every shard refuses the write (TableChanged),
+    and the next call, on the spec read anew, names the key."""
+    old, new = (TableSpec("shrunk", num_rows=n, dim=4, optimizer=OptimizerSpec("sgd")) for n in (100, 50))
+    keys, grads = np.array([10, 61]), np.ones((2, 4), np.float32)  # one key on each shard
+    writes = {"update": lambda c: c.update("shrunk", keys, grads, lr=1.0),
+              "update_many": lambda c: c.update_many({"shrunk": (keys, grads)}, lr=1.0),
+              "assign": lambda c: c.assign("shrunk", keys, grads)}
+    with MemStoreClient(shards_2.addresses) as other:
+        for what, write in writes.items():
+            other.drop_table("shrunk")
+            other.create_table(old)
+            with MemStoreClient(shards_2.addresses) as stale:
+                stale.lookup("shrunk", [0])  # caches the spec
+                other.drop_table("shrunk")
+                other.create_table(new)
+                before = other.lookup("shrunk", np.arange(50))
+                with pytest.raises(TableChanged, match="has 50 rows; this write's keys were checked against 100"):
+                    write(stale)
+                with pytest.raises(InvalidArgument, match=r"key 61 is out of range \[0, 50\)"):
+                    write(stale)  # the spec was read again
+                np.testing.assert_array_equal(other.lookup("shrunk", np.arange(50)), before, err_msg=what)
+        other.drop_table("shrunk")
 
 
 def test_recreating_with_a_different_spec(store):

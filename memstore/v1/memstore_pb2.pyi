@@ -187,7 +187,7 @@ class ReleaseSegmentsResponse(_message.Message):
     def __init__(self, released: _Optional[int] = ...) -> None: ...
 
 class UpdateRequest(_message.Message):
-    __slots__ = ("table", "route", "num_keys", "dim", "dtype", "lr", "update_id", "group", "parts", "num_read_keys")
+    __slots__ = ("table", "route", "num_keys", "dim", "dtype", "lr", "update_id", "group", "parts", "num_read_keys", "num_rows")
     TABLE_FIELD_NUMBER: _ClassVar[int]
     ROUTE_FIELD_NUMBER: _ClassVar[int]
     NUM_KEYS_FIELD_NUMBER: _ClassVar[int]
@@ -198,6 +198,7 @@ class UpdateRequest(_message.Message):
     GROUP_FIELD_NUMBER: _ClassVar[int]
     PARTS_FIELD_NUMBER: _ClassVar[int]
     NUM_READ_KEYS_FIELD_NUMBER: _ClassVar[int]
+    NUM_ROWS_FIELD_NUMBER: _ClassVar[int]
     table: str
     route: Route
     num_keys: int
@@ -208,7 +209,8 @@ class UpdateRequest(_message.Message):
     group: str
     parts: int
     num_read_keys: int
-    def __init__(self, table: _Optional[str] = ..., route: _Optional[_Union[Route, _Mapping]] = ..., num_keys: _Optional[int] = ..., dim: _Optional[int] = ..., dtype: _Optional[_Union[DType, str]] = ..., lr: _Optional[float] = ..., update_id: _Optional[str] = ..., group: _Optional[str] = ..., parts: _Optional[int] = ..., num_read_keys: _Optional[int] = ...) -> None: ...
+    num_rows: int
+    def __init__(self, table: _Optional[str] = ..., route: _Optional[_Union[Route, _Mapping]] = ..., num_keys: _Optional[int] = ..., dim: _Optional[int] = ..., dtype: _Optional[_Union[DType, str]] = ..., lr: _Optional[float] = ..., update_id: _Optional[str] = ..., group: _Optional[str] = ..., parts: _Optional[int] = ..., num_read_keys: _Optional[int] = ..., num_rows: _Optional[int] = ...) -> None: ...
 
 class UpdateResponse(_message.Message):
     __slots__ = ("version", "duplicate", "num_rows", "dim", "dtype")
@@ -253,7 +255,7 @@ class UpdateManyResponse(_message.Message):
     def __init__(self, parts: _Optional[_Iterable[_Union[UpdateResponse, _Mapping]]] = ...) -> None: ...
 
 class AssignRequest(_message.Message):
-    __slots__ = ("table", "route", "num_keys", "dim", "dtype", "keep_optimizer_state", "update_id", "group", "parts")
+    __slots__ = ("table", "route", "num_keys", "dim", "dtype", "keep_optimizer_state", "update_id", "group", "parts", "num_rows")
     TABLE_FIELD_NUMBER: _ClassVar[int]
     ROUTE_FIELD_NUMBER: _ClassVar[int]
     NUM_KEYS_FIELD_NUMBER: _ClassVar[int]
@@ -263,6 +265,7 @@ class AssignRequest(_message.Message):
     UPDATE_ID_FIELD_NUMBER: _ClassVar[int]
     GROUP_FIELD_NUMBER: _ClassVar[int]
     PARTS_FIELD_NUMBER: _ClassVar[int]
+    NUM_ROWS_FIELD_NUMBER: _ClassVar[int]
     table: str
     route: Route
     num_keys: int
@@ -272,7 +275,8 @@ class AssignRequest(_message.Message):
     update_id: str
     group: str
     parts: int
-    def __init__(self, table: _Optional[str] = ..., route: _Optional[_Union[Route, _Mapping]] = ..., num_keys: _Optional[int] = ..., dim: _Optional[int] = ..., dtype: _Optional[_Union[DType, str]] = ..., keep_optimizer_state: _Optional[bool] = ..., update_id: _Optional[str] = ..., group: _Optional[str] = ..., parts: _Optional[int] = ...) -> None: ...
+    num_rows: int
+    def __init__(self, table: _Optional[str] = ..., route: _Optional[_Union[Route, _Mapping]] = ..., num_keys: _Optional[int] = ..., dim: _Optional[int] = ..., dtype: _Optional[_Union[DType, str]] = ..., keep_optimizer_state: _Optional[bool] = ..., update_id: _Optional[str] = ..., group: _Optional[str] = ..., parts: _Optional[int] = ..., num_rows: _Optional[int] = ...) -> None: ...
 
 class AssignResponse(_message.Message):
     __slots__ = ("version", "duplicate")
