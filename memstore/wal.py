@@ -375,7 +375,8 @@ def _frames(path: Path | str) -> Iterator[tuple[int, dict]]:
                     f"{path}: the record at offset {offset} is damaged and whole records follow it: "
                     f"not a torn last write, so recovery stops rather than drop what follows. "
                     f"To give up the {rest} bytes from that record on, truncate the file to {offset} "
-                    f"bytes (`truncate -s {offset} {path}`); or restore a checkpoint")
+                    f"bytes (`truncate -s {offset} {path}`); or bring the store up on a fresh data dir and "
+                    f"restore a checkpoint")
             log.warning("%s: ignoring %d bytes after offset %d (a torn last record)", path, rest, offset)
 
 
