@@ -55,6 +55,11 @@ ERROR_OF = {
 # that share a status code (FAILED_PRECONDITION: a wrong route, or an unreachable segment).
 ERROR_NAMED = {cls.__name__: cls for cls in (*ERROR_OF.values(), SegmentUnreachable, TableChanged)}
 RETRYABLE = (grpc.StatusCode.UNAVAILABLE,)
+# A shard that could not map a segment is asked for replies, then for deliveries again after
+# this backoff (seconds: first, most): a shard on another host costs one failed try an hour.
+DELIVERY_RETRY_S = (60.0, 3600.0)
+# ReleaseSegments' own deadline: it is tiny, and a short call timeout_s used to lose tokens.
+RELEASE_TIMEOUT_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -107,13 +112,24 @@ class _RetryCall(Exception):
 class _Shard:
     """The channel and method callables of one shard."""
 
+    def cannot_deliver(self) -> None:
+        """The shard could not map this client's segment: replies from it for a while (one
+        minute, doubling up to an hour while it keeps failing), then delivery is tried again."""
+        self.delivers = False
+        self._delivery_backoff_s = min(max(2 * self._delivery_backoff_s, DELIVERY_RETRY_S[0]), DELIVERY_RETRY_S[1])
+        self.retry_delivery_at = time.monotonic() + self._delivery_backoff_s
+
     def __init__(self, index: int, address: str) -> None:
         self.index = index
         self.address = address
         self.channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
         # Whether lookups may ask this shard to write into this client's segments: None
-        # until tried, False once it said it cannot map them (another host).
+        # until tried, False once it said it cannot map them (another host, or for a moment
+        # out of descriptors): then asked again after a backoff (cannot_deliver).
         self.delivers: bool | None = None
+        self.retry_delivery_at = 0.0
+        self._delivery_backoff_s = 0.0
+        self.unreleased: list[bytes] = []  # segment tokens a ReleaseSegments to it failed to carry
         ident = lambda b: b  # noqa: E731 -- frames are bytes both ways
         self.methods: dict[str, grpc.UnaryUnaryMultiCallable] = {}
         for m in pb.DESCRIPTOR.services_by_name["MemStore"].methods:
@@ -146,6 +162,7 @@ class MemStoreClient:
         self._segment_pool: segments.SegmentPool | None = None
         self._directory = None  # set by connect(): where a named store's shards serve now
         self._resolve_lock = threading.Lock()  # serialises re-resolution; _shards is swapped whole
+        self._release_lock = threading.Lock()  # one ReleaseSegments fan-out at a time (shards' unreleased)
 
     @classmethod
     def connect(cls, name: str, *, address: str | None = None, config: ClientConfig | None = None) -> "MemStoreClient":
@@ -249,7 +266,7 @@ class MemStoreClient:
                 shard = getattr(e, "shard", None)  # None: raised here, not by a shard
                 if shard not in delivering or not (isinstance(e, SegmentUnreachable) or e.unnamed):
                     raise
-                self._shards[shard].delivers = False
+                self._shards[shard].cannot_deliver()
                 continue
             return {name: self._as_result(rows[name], arr, spec, as_tensor) for name, (spec, arr) in jobs.items()}
 
@@ -595,7 +612,8 @@ class MemStoreClient:
         """Shards that lookups ask to write into this client's segments."""
         if not (self.config.shared_memory and segments.supported()):
             return set()
-        return {s.index for s in self._shards if s.delivers is not False}
+        now = time.monotonic()
+        return {s.index for s in self._shards if s.delivers is not False or now >= s.retry_delivery_at}
 
     def _segments(self) -> segments.SegmentPool:
         with self._pool_lock:
@@ -607,16 +625,25 @@ class MemStoreClient:
         return pool
 
     def _release_segments(self, tokens: list[bytes]) -> None:
-        """Tells the shards that mapped this client's segments that these are closed
-        (best effort: a shard also drops them once this process has exited)."""
-        shards = [s for s in self._shards if s.delivers is not False]  # untried ones may have mapped some
-        request = pb.ReleaseSegmentsRequest(tokens=tokens)
-        calls = self._send("ReleaseSegments", {s.index: (s.index, request) for s in shards}, min(self.config.timeout_s, 5.0))
-        for call in calls:
-            try:
-                call.result()
-            except grpc.RpcError:
-                pass
+        """Tells every shard that these segments of this client are closed, so those that
+        mapped one unmap it (best effort: a shard also drops them once this process has
+        exited). Every shard, not only delivering ones: one that stopped delivering may have
+        mapped some before. A shard the request fails to reach gets its tokens again with the
+        next release."""
+        with self._release_lock:
+            asked = {s.index: (s, [*s.unreleased, *tokens]) for s in self._shards}
+            if not any(t for _, t in asked.values()):
+                return
+            calls = self._send("ReleaseSegments", {i: (i, pb.ReleaseSegmentsRequest(tokens=t))
+                                                   for i, (_, t) in asked.items() if t}, RELEASE_TIMEOUT_S)
+            for call, i in calls.items():
+                shard, sent = asked[i]
+                try:
+                    call.result()
+                    shard.unreleased = []
+                except grpc.RpcError as e:
+                    # A shard from before ReleaseSegments has nothing to release.
+                    shard.unreleased = [] if e.code() == grpc.StatusCode.UNIMPLEMENTED else sent
 
     def _executor(self) -> ThreadPoolExecutor:
         with self._pool_lock:
@@ -639,7 +666,9 @@ class MemStoreClient:
             self._pool.shutdown(wait=True)
         if self._segment_pool is not None:
             self._segment_pool.close()
-            self._release_segments(self._segment_pool.take_closed())
+            # Leased ones too: their results live on in this process, but every call that
+            # had a shard write into them has returned.
+            self._release_segments(self._segment_pool.take_closed() + self._segment_pool.leased_tokens())
         for s in self._shards:
             s.channel.close()  # first: calls still in flight (another thread's) end now, cancelled
         if self._rpc_pool is not None:

@@ -163,6 +163,9 @@ class LookupCall:
         return {name: t.clone() if self.plans[name].position is None else t for name, t in rows.items()}
 
     def discard(self) -> None:
-        """After a failure: the lease is never reused (a shard may still be writing into it)."""
+        """After a failure: the lease is never reused (a shard may still be writing into it),
+        and this call lets go of it now. The failure's traceback holds the call in a reference
+        cycle until the garbage collector runs, and the segment (up to 1 GiB, populated) with it."""
         if self.lease is not None:
             self.lease.discard()
+        self.lease, self.assemblers = None, {}

@@ -194,6 +194,10 @@ class SegmentPool:
             tokens, self.closed_tokens = self.closed_tokens, []
         return tokens
 
+    def leased_tokens(self) -> list[bytes]:
+        """The tokens of the segments whose results may still be alive."""
+        return [segment.token for segment in list(self.leased)]
+
     def close(self) -> None:
         """Closes the free segments; leased ones close when their results are gone."""
         with self._lock:
