@@ -249,7 +249,7 @@ class MemStoreClient:
     def _lookup(self, keys: dict[str, Any], method: str, as_tensor: bool) -> dict[str, np.ndarray | torch.Tensor]:
         """Lookups of {table: keys} by `method`: Lookup (a request per part) or LookupMany
         (one shard's parts packed). A shard that cannot map this client's segment is asked
-        for rows in replies from then on, and the call runs again."""
+        for rows in replies for a while (_Shard.cannot_deliver), and the call runs again."""
         jobs = {name: (self.spec(name), as_key_array(k)) for name, k in keys.items()}
         retries = None
         while True:
@@ -262,7 +262,7 @@ class MemStoreClient:
             except (SegmentUnreachable, InvalidArgument) as e:
                 # A shard that cannot map our segments, or one from before shared memory that
                 # reads the delivered request as keys missing from its payload (its error names
-                # no class): rows in replies from it from now on.
+                # no class): rows in replies from it for a while.
                 shard = getattr(e, "shard", None)  # None: raised here, not by a shard
                 if shard not in delivering or not (isinstance(e, SegmentUnreachable) or e.unnamed):
                     raise
