@@ -179,7 +179,7 @@ class ShardEngine:
         grads32 = grads.float()
         return lambda: self._write(
             table, update_id, group, parts, lambda: table.apply(local, grads32, lr),
-            lambda version: wal.update_record(name, keys, grads, lr, update_id, version), read,
+            lambda version: wal.update_record(name, keys, grads, lr, update_id, version, group, parts), read,
         )
 
     def assign(
@@ -192,7 +192,7 @@ class ShardEngine:
         local = self.local_index(table, keys, unique=True)
         version, dup, _ = self._write(
             table, update_id, group, parts, lambda: table.assign(local, values, keep_state),
-            lambda version: wal.assign_record(name, keys, values, keep_state, update_id, version),
+            lambda version: wal.assign_record(name, keys, values, keep_state, update_id, version, group, parts),
         )
         return version, dup
 

@@ -7,6 +7,7 @@ File: the 8-byte magic `MSWAL001`, then one frame per record:
     table       table name
     update_id   the write's id ("" for none: such a record is applied again on every replay)
     version     optional: the table version the write produced on the shard that logged it
+    group       optional, with parts: the client call the write is a part of (memstore.cut)
     update:     lr (float), dtype (of values), dim, keys (int64 LE bytes), values (bytes)
     assign:     keep_state (bool), dtype, dim, keys, values
     create:     spec (TableSpec.to_dict());  drop: nothing more
@@ -100,10 +101,11 @@ def _bytes_of(a: np.ndarray | torch.Tensor) -> memoryview:
 
 
 def update_record(
-    table: str, keys: np.ndarray, grads: torch.Tensor, lr: float, update_id: str = "", version: int | None = None
+    table: str, keys: np.ndarray, grads: torch.Tensor, lr: float, update_id: str = "", version: int | None = None,
+    group: str = "", parts: int = 0,
 ) -> dict:
-    """The record of `ShardEngine.update(table, keys, grads, lr, update_id)`; views, no copies."""
-    return _rows_record("update", table, keys, grads, update_id, version, lr=float(lr))
+    """The record of `ShardEngine.update(table, keys, grads, lr, update_id, group, parts)`; views, no copies."""
+    return _rows_record("update", table, keys, grads, update_id, version, group, parts, lr=float(lr))
 
 
 def assign_record(
@@ -113,12 +115,15 @@ def assign_record(
     keep_state: bool,
     update_id: str = "",
     version: int | None = None,
+    group: str = "",
+    parts: int = 0,
 ) -> dict:
-    """The record of `ShardEngine.assign(table, keys, values, keep_state, update_id)`."""
-    return _rows_record("assign", table, keys, values, update_id, version, keep_state=bool(keep_state))
+    """The record of `ShardEngine.assign(table, keys, values, keep_state, update_id, group, parts)`."""
+    return _rows_record("assign", table, keys, values, update_id, version, group, parts, keep_state=bool(keep_state))
 
 
-def _rows_record(kind: str, table: str, keys, values: torch.Tensor, update_id: str, version: int | None, **extra) -> dict:
+def _rows_record(kind: str, table: str, keys, values: torch.Tensor, update_id: str, version: int | None,
+                 group: str = "", parts: int = 0, **extra) -> dict:
     rec = {
         "kind": kind, "table": table, "update_id": update_id, **extra,
         "dtype": _dtype_name(values.dtype), "dim": int(values.shape[1]),
@@ -126,6 +131,8 @@ def _rows_record(kind: str, table: str, keys, values: torch.Tensor, update_id: s
     }  # fmt: skip
     if version is not None:
         rec["version"] = int(version)
+    if group:
+        rec["group"], rec["parts"] = group, int(parts)
     return rec
 
 
@@ -430,10 +437,18 @@ def wal_files(directory: Path | str) -> list[tuple[int, Path]]:
 
 
 def replay_dir(directory: Path | str, since: int = 0) -> Iterator[dict]:
-    """The records of every log of generation >= `since`, in generation order."""
-    for gen, path in wal_files(directory):
-        if gen >= since:
-            yield from replay(path)
+    """The records of every log of generation >= `since`, in generation order. Only the
+    newest generation's records keep their call's group: a cut forgets the groups it saw,
+    and every cut starts a generation, so those are the groups the other shards' gates
+    still count, and the replaying shard's gate must count them too (else the next cut
+    waits for parts this shard applied before it restarted)."""
+    files = [(gen, path) for gen, path in wal_files(directory) if gen >= since]
+    for gen, path in files:
+        newest = gen == files[-1][0]
+        for rec in replay(path):
+            if not newest:
+                rec.pop("group", None)
+            yield rec
 
 
 def prune_wal(directory: Path | str, before: int) -> list[Path]:
@@ -540,10 +555,12 @@ def _apply(engine: "ShardEngine", rec: dict, stats: ReplayStats) -> None:
                 stats.skipped += 1
                 return
             keys, values = keys[mine], values[torch.from_numpy(mine)]
+    # Through the write gate with the call's group, so the gate counts its part as applied.
+    group, parts = rec.get("group", ""), rec.get("parts", 0)
     if kind == "update":
-        _, dup, _ = engine.update(name, keys, values, rec["lr"], rec.get("update_id", ""))
+        _, dup, _ = engine.update(name, keys, values, rec["lr"], rec.get("update_id", ""), group, parts)
     else:
-        _, dup = engine.assign(name, keys, values, rec["keep_state"], rec.get("update_id", ""))
+        _, dup = engine.assign(name, keys, values, rec["keep_state"], rec.get("update_id", ""), group, parts)
     if dup:
         stats.duplicates += 1
     else:

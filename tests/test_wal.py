@@ -311,3 +311,34 @@ def test_generations(tmp_path):
     assert [r["table"] for r in wal.replay_dir(tmp_path, since=3)] == ["g3", "g10"]
     wal.prune_wal(tmp_path, 10)
     assert [g for g, _ in wal.wal_files(tmp_path)] == [10]
+
+
+def test_a_restarted_shard_counts_the_call_parts_it_applied_before_it_died(tmp_path):
+    """Shard 1 dies after applying its part of a two-part call; restarted, it replays its
+    log. The next cut must see that call complete on both shards, as it is, and not wait for
+    a part that will never come (it waited out its deadline with every write held)."""
+    from memstore.cut import take_cut
+
+    spec = TableSpec("t", num_rows=100, dim=4, optimizer=OptimizerSpec("sgd"))
+    grads = torch.ones(2, 4)
+    a, b = ShardEngine(0, 2), ShardEngine(1, 2)
+    log = wal.WriteAheadLog(wal.wal_path(tmp_path, 0), sync="none")
+    b.journal = log.append
+    for engine in (a, b):
+        engine.create_table(spec)
+
+    def call(group: str) -> None:  # one client call: a part on each shard
+        a.update("t", np.array([0, 2]), grads, 0.1, f"{group}/0", group, 2)
+        b.update("t", np.array([1, 3]), grads, 0.1, f"{group}/1", group, 2)
+
+    call("before-the-cut")
+    _, completed, abandoned = take_cut([a.gate, b.gate], lambda: log.rotate(wal.wal_path(tmp_path, 1)))
+    assert (completed, abandoned) == ([], [])  # the cut forgets the groups it saw
+    call("after-the-cut")
+    log.close()
+
+    restarted = ShardEngine(1, 2)
+    wal.replay_into(restarted, wal.replay_dir(tmp_path))
+    assert torch.equal(restarted.table("t").rows, b.table("t").rows)
+    _, completed, abandoned = take_cut([a.gate, restarted.gate], lambda: None, deadline_s=0.5)
+    assert (completed, abandoned) == ([], []), "the restarted shard's gate lost (or invented) a part"
