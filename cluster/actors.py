@@ -290,6 +290,12 @@ class _Coordinator:
                 "recovery": dict(self.recovery),
             }
 
+    def adopt_local_ray(self, gcs_address: str) -> None:
+        """This store's `down` stops the local Ray `memstore up` started for another store,
+        which went down first (the last store down stops it)."""
+        with self._lock:
+            self.started_local_ray = self.started_local_ray or gcs_address
+
     def shard_restarted(self, shard_index: int, info: dict) -> int:
         with self._lock:
             if shard_index < len(self.shards):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import shutil
 import socket
 import signal
@@ -56,7 +57,9 @@ def ensure_ray(address: str | None = None, *, start_local: bool = False) -> str 
         return None
     target = address or os.environ.get("RAY_ADDRESS") or "auto"
     # A Ray stopped without `ray stop` leaves its address file behind, and ray.init would
-    # wait a long time on it: look first.
+    # wait a long time on it, as on any address nothing listens at: look first.
+    if target != "auto" and not _answers(target):
+        raise Unavailable(f"cannot reach Ray at {target}: nothing accepts a connection there")
     if target != "auto" or _local_ray_answers():
         try:
             ray.init(address=target, namespace=NAMESPACE, log_to_driver=False, logging_level="WARNING")
@@ -167,10 +170,21 @@ def _local_ray_answers(timeout_s: float = 1.0) -> bool:
     connection: a Ray stopped without `ray stop` leaves the file behind."""
     try:
         with open(CURRENT_CLUSTER_FILE) as f:
-            host, port = f.read().strip().rsplit(":", 1)
-        with socket.create_connection((host, int(port)), timeout=timeout_s):
+            return _answers(f.read().strip(), timeout_s)
+    except OSError:
+        return False
+
+
+def _answers(address: str, timeout_s: float = 5.0) -> bool:
+    """Whether HOST:PORT (or ray://HOST:PORT) accepts a TCP connection. An address of another
+    form (e.g. "local") is left for ray.init to judge: True."""
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        return True
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s):
             return True
-    except (OSError, ValueError):
+    except OSError:
         return False
 
 
@@ -202,12 +216,7 @@ def deploy(name: str, num_shards: int, specs: list[TableSpec], *, data_dir: str 
     here is removed at shutdown; one given is kept); wal_sync
     is the log's durability: "always" (fsync per write), "group" (shared fsyncs) or "none".
     started_local_ray: the GCS address of a local Ray started for this store, for `down`."""
-    if not 1 <= num_shards <= 4096:
-        raise InvalidArgument(f"a store needs 1..4096 shards, got {num_shards}")
-    if wal_sync not in ("always", "group", "none"):
-        raise InvalidArgument(f"wal sync must be always, group or none, got {wal_sync!r}")
-    for spec in specs:
-        spec.validate()
+    check_deploy(num_shards, specs, wal_sync)
     try:
         existing = find(name)
     except StoreNotFound:
@@ -225,7 +234,39 @@ def deploy(name: str, num_shards: int, specs: list[TableSpec], *, data_dir: str 
                  max_concurrency=16, max_restarts=0, resources={HEAD_NODE_RESOURCE: 0.001})
         .remote(name, num_shards, data_dir or default_data_dir(name), wal_sync, started_local_ray, data_dir is None)
     )
-    return ray.get(coordinator.start.remote([s.to_dict() for s in specs], memory_resource()))
+    try:
+        return ray.get(coordinator.start.remote([s.to_dict() for s in specs], memory_resource()))
+    except ray.exceptions.RayError as e:
+        # No half-made store left behind: a later `up` of the name would find it and call it up.
+        with contextlib.suppress(ray.exceptions.RayError):
+            ray.get(coordinator.shutdown.remote(), timeout=60)
+        ray.kill(coordinator, no_restart=True)
+        raise Unavailable(f"store {name!r} did not come up: {_root_cause(e)}") from None
+
+
+def check_deploy(num_shards: int, specs: list[TableSpec], wal_sync: str = "always") -> None:
+    """deploy's argument checks, which callers run before they start anything (a local Ray)."""
+    if not 1 <= num_shards <= 4096:
+        raise InvalidArgument(f"a store needs 1..4096 shards, got {num_shards}")
+    if wal_sync not in ("always", "group", "none"):
+        raise InvalidArgument(f"wal sync must be always, group or none, got {wal_sync!r}")
+    for spec in specs:
+        spec.validate()
+
+
+def _root_cause(e: BaseException) -> str:
+    """The first line of the innermost error of a Ray failure (an actor's creation task, a
+    task's exception), without Ray's traceback and colour codes."""
+    while getattr(e, "cause", None) is not None and e.cause is not e:
+        e = e.cause
+    text = str(e)
+    marker = "raised in its creation task"
+    if marker in text:  # ActorDiedError: the creation task's exception is only in its text
+        lines = [ln.strip() for ln in re.sub(r"\x1b\[[0-9;]*m", "", text).splitlines() if ln.strip()]
+        errors = [ln for ln in lines if re.match(r"^[A-Za-z_.]*(Error|Exception)\b", ln)]
+        if errors:
+            return errors[-1]
+    return re.sub(r"\x1b\[[0-9;]*m", "", text).strip().splitlines()[0] if text.strip() else type(e).__name__
 
 
 def layout(name: str) -> dict:
@@ -239,11 +280,17 @@ def shard_states(name: str) -> list[str]:
 
 def shutdown(name: str) -> str | None:
     """Takes store `name` down: its shards, then its coordinator. Returns the GCS address of
-    the local Ray that was started for it, if any (the caller may stop that Ray)."""
+    the local Ray that `memstore up` started, once no store is left on it (the caller stops
+    it then); while other stores remain, one of them inherits that duty."""
     coordinator = find(name)
     started = ray.get(coordinator.layout.remote())["started_local_ray"]
     ray.get(coordinator.shutdown.remote())
     ray.kill(coordinator, no_restart=True)
+    if started:
+        others = list_stores()
+        if others:
+            ray.get(find(others[0]["store"]).adopt_local_ray.remote(started))
+            return None
     return started
 
 

@@ -145,14 +145,21 @@ class TableSpec:
             raise InvalidArgument(f"table spec has unknown fields {sorted(unknown)}; known: {sorted(known)}")
         if "name" not in d or "num_rows" not in d or "dim" not in d:
             raise InvalidArgument(f"table spec needs name, num_rows and dim, got {sorted(d)}")
+        for field, kind in (("optimizer", OptimizerSpec), ("init", InitSpec)):
+            value = d.get(field)
+            if value is not None and not isinstance(value, (dict, kind)):
+                raise InvalidArgument(f"table spec {d.get('name')!r}: {field} must be a table of "
+                                      f"{kind.__name__} fields (e.g. {{kind = ...}}), got {value!r}")
         try:
             if isinstance(d.get("optimizer"), dict):
                 d["optimizer"] = OptimizerSpec(**d["optimizer"])
             if isinstance(d.get("init"), dict):
                 d["init"] = InitSpec(**d["init"])
-        except TypeError as e:
+            return cls(**d).validate()
+        except InvalidArgument:
+            raise
+        except (TypeError, ValueError, AttributeError) as e:
             raise InvalidArgument(f"table spec {d.get('name')!r}: {e}") from None
-        return cls(**d).validate()
 
 
 def as_key_array(keys: Any) -> np.ndarray:

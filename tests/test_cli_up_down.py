@@ -72,3 +72,37 @@ def test_bad_config_is_one_clear_line(tmp_path):
     config.write_text('[[tables]]\nname = "x"\nnum_rows = 10\ndim = 4\ncolour = "red"\n')
     r = memstore("up", "--name", "bad", "--shards", "1", "--config", str(config))
     assert r.returncode != 0 and "unknown fields ['colour']" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_bad_arguments_start_nothing_and_the_last_down_stops_the_ray(tmp_path):
+    from cluster.store import _local_ray_answers
+
+    assert not _local_ray_answers(), "a local Ray is already running"
+    zero = memstore("up", "--name", "zero", "--shards", "0")
+    assert zero.returncode == 64 and "1..4096 shards, got 0" in zero.stderr
+    assert not _local_ray_answers(), "a rejected `up` started a local Ray"
+    for args, message in ((("health", "x", "--timeout", "-1"), "--timeout must be > 0"),
+                          (("status", "x", "--watch", "inf"), "--watch must be > 0 seconds and finite")):
+        r = memstore(*args)
+        assert r.returncode == 64 and message in r.stderr, r.stderr
+    nobody = memstore("health", "x", "--address", "127.0.0.1:1", timeout=60)
+    assert nobody.returncode == 2 and "cannot reach Ray at 127.0.0.1:1" in nobody.stderr, nobody.stderr
+
+    first = memstore("up", "--name", "first", "--shards", "1")  # starts the local Ray
+    try:
+        assert first.returncode == 0, first.stderr
+        not_a_dir = tmp_path / "file"
+        not_a_dir.write_text("")
+        broken = memstore("up", "--name", "broken", "--shards", "1", "--data-dir", str(not_a_dir))
+        assert broken.returncode == 2 and len(broken.stderr.strip().splitlines()) == 1, broken.stderr
+        assert "store 'broken' did not come up" in broken.stderr and "\x1b[" not in broken.stderr
+        assert "broken" not in memstore("ls").stdout, "a failed `up` left a half-made store"
+        second = memstore("up", "--name", "second", "--shards", "1")  # joins it
+        assert second.returncode == 0, second.stderr
+        down = memstore("down", "first")
+        assert down.returncode == 0 and "stopped the local Ray" not in down.stdout
+        assert _local_ray_answers(), "`second` still runs on it"
+    finally:
+        last = memstore("down", "second")
+    assert last.returncode == 0 and "stopped the local Ray" in last.stdout, last.stdout + last.stderr
+    assert not _local_ray_answers()

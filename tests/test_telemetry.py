@@ -162,9 +162,10 @@ def test_stats_cli_reports_a_table_some_shards_lack_as_degraded(shards_2, crafte
                                 response_deserializer=pb.TableInfo.FromString)
         create(pb.CreateTableRequest(spec=wire.spec_to_pb(spec), route=pb.Route(shard_index=0, num_shards=2)), timeout=10)
     try:
-        code = main(["stats", "--shards", ",".join(shards_2.addresses)])
-        out = capsys.readouterr().out
-        assert code == 1 and "table 'half' is on 1 of 2 shards only" in out, out
+        for only in ([], ["--table", "half"]):  # named, too: the shard without it is no error
+            code = main(["stats", "--shards", ",".join(shards_2.addresses), *only])
+            out = capsys.readouterr().out
+            assert code == 1 and "table 'half' is on 1 of 2 shards only" in out, (only, out)
     finally:
         with MemStoreClient(shards_2.addresses) as client:
             client.drop_table("half")

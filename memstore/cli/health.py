@@ -7,6 +7,7 @@ shard not serving or not answering), 2 store not found or Ray unreachable.
 from __future__ import annotations
 
 import argparse
+import math
 
 DEGRADED = 1
 
@@ -35,6 +36,8 @@ def check(address: str, timeout: float) -> str:
 def run(args: argparse.Namespace) -> int:
     from cluster import store
 
+    if not 0 < args.timeout < math.inf:
+        raise ValueError(f"--timeout must be > 0 seconds and finite, got {args.timeout}")
     store.ensure_ray(args.address)
     layout = store.layout(args.name)
     states = [check(s["address"], args.timeout) for s in layout["shards"]]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 
@@ -30,13 +31,23 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def collect(addresses: list[str], tables: list[str], timeout_s: float) -> list[dict]:
     """Asks every shard at once and combines its snapshots per table."""
-    from memstore.errors import InvalidArgument
+    from memstore.errors import InvalidArgument, TableNotFound
     from memstore.status import table_telemetry
     from memstore.telemetry import combine
 
+    tables = list(dict.fromkeys(tables))  # a table named twice is still counted once
+
+    def ask(address: str):
+        try:
+            return table_telemetry(address, tables, timeout_s)
+        except TableNotFound:  # the shard lacks a named table: its snapshots of those it has
+            if not tables:
+                raise
+            index, count, snapshots = table_telemetry(address, [], timeout_s)
+            return index, count, [s for s in snapshots if s.table in tables]
+
     with ThreadPoolExecutor(max_workers=min(len(addresses), 32)) as pool:
-        tables = list(dict.fromkeys(tables))  # a table named twice is still counted once
-        replies = list(pool.map(lambda a: table_telemetry(a, tables, timeout_s), addresses))
+        replies = list(pool.map(ask, addresses))
     num_shards = {s for _, s, _ in replies}
     indices = sorted(i for i, _, _ in replies)
     if len(num_shards) != 1 or indices != list(range(next(iter(num_shards)))):
@@ -46,6 +57,9 @@ def collect(addresses: list[str], tables: list[str], timeout_s: float) -> list[d
     for _, _, snapshots in replies:
         for snap in snapshots:
             by_table[snap.table].append(snap)
+    nowhere = [t for t in tables if t not in by_table]
+    if nowhere:
+        raise TableNotFound(f"table {nowhere[0]!r} does not exist on any of the {len(addresses)} shards")
     return [combine(parts) for _, parts in sorted(by_table.items())]
 
 
@@ -64,8 +78,8 @@ def render(tables: list[dict], hot_keys: bool) -> str:
 def run(args: argparse.Namespace) -> int:
     if (args.name is None) == (args.shards is None):
         raise ValueError("give a store NAME or --shards HOST:PORT,... (not both)")
-    if not args.timeout > 0:
-        raise ValueError(f"--timeout must be > 0 seconds, got {args.timeout}")
+    if not 0 < args.timeout < math.inf:
+        raise ValueError(f"--timeout must be > 0 seconds and finite, got {args.timeout}")
     if args.shards is not None:
         addresses = [a.strip() for a in args.shards.split(",") if a.strip()]
         if not addresses:

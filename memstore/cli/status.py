@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 
@@ -43,8 +44,8 @@ def render(doc: dict) -> str:
 def run(args: argparse.Namespace) -> int:
     from cluster import store
 
-    if args.watch is not None and not args.watch > 0:
-        raise ValueError(f"--watch must be > 0 seconds, got {args.watch}")
+    if args.watch is not None and not 0 < args.watch < math.inf:
+        raise ValueError(f"--watch must be > 0 seconds and finite, got {args.watch}")
     store.ensure_ray(args.address)
     while True:
         doc = store.status(args.name)

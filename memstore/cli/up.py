@@ -31,13 +31,20 @@ def load_config(path: Path) -> list:
     unknown = set(doc) - {"tables"}
     if unknown:
         raise InvalidArgument(f"store config {path} has unknown sections {sorted(unknown)}; expected [[tables]]")
-    return [TableSpec.from_dict(t) for t in doc.get("tables", [])]
+    tables = doc.get("tables", [])
+    if not isinstance(tables, list) or not all(isinstance(t, dict) for t in tables):
+        raise InvalidArgument(f"store config {path}: `tables` must be [[tables]] entries, got {tables!r}")
+    try:
+        return [TableSpec.from_dict(t) for t in tables]
+    except InvalidArgument as e:
+        raise InvalidArgument(f"store config {path}: {e}") from None
 
 
 def run(args: argparse.Namespace) -> int:
     from cluster import store
 
     specs = load_config(args.config) if args.config else []
+    store.check_deploy(args.shards, specs, args.wal_sync)  # before a local Ray is started for nothing
     started = store.ensure_ray(args.address, start_local=True)
     layout = store.deploy(args.name, args.shards, specs, data_dir=args.data_dir, wal_sync=args.wal_sync,
                           started_local_ray=started)
