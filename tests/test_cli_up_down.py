@@ -106,3 +106,13 @@ def test_bad_arguments_start_nothing_and_the_last_down_stops_the_ray(tmp_path):
         last = memstore("down", "second")
     assert last.returncode == 0 and "stopped the local Ray" in last.stdout, last.stdout + last.stderr
     assert not _local_ray_answers()
+
+
+def test_config_of_the_wrong_types_is_one_clear_line(tmp_path):
+    config = tmp_path / "bad.toml"
+    for body, message in (('[[tables]]\nname = "x"\nnum_rows = 10\ndim = 4\noptimizer = "adam"\n',
+                           "optimizer must be a table of OptimizerSpec fields"),
+                          ("tables = 5\n", "`tables` must be [[tables]] entries")):
+        config.write_text(body)
+        r = memstore("up", "--name", "bad", "--shards", "1", "--config", str(config))
+        assert r.returncode == 64 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
