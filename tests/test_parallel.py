@@ -23,6 +23,8 @@ from memstore.launch import LocalShards
 from tests.test_train import all_rows, assert_same_state, corpus, dense_state, max_diff, tiny_config  # noqa: F401
 from trainer.train import train
 
+from conftest import start_ray_head  # tests/ is on sys.path under pytest
+
 STEPS = 5
 BATCH = 4
 
@@ -42,7 +44,8 @@ def reference(corpus, tmp_path_factory):  # noqa: F811
 
 @pytest.fixture(scope="module")
 def ray_cluster():
-    ray.init(address="local", num_cpus=3, namespace="memstore", log_to_driver=False, include_dashboard=False)
+    start_ray_head(lambda: ray.init(address="local", num_cpus=3, namespace="memstore", log_to_driver=False,
+                                    include_dashboard=False))
     yield
     ray.shutdown()
 

@@ -25,12 +25,14 @@ from cluster import store
 from memstore import MemStoreClient, OptimizerSpec, TableSpec
 from memstore.cli.main import ExitStatus, main
 
+from conftest import start_ray_head  # tests/ is on sys.path under pytest
+
 NAME = "probe"
 
 
 @pytest.fixture(scope="module")
 def probe_store():
-    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})  # as in test_ray_store
+    c = start_ray_head(lambda: Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False}))
     ray.init(address=c.address, namespace="memstore", log_to_driver=False)
     try:
         yield store.deploy(NAME, 2, [TableSpec("t", num_rows=1_000, dim=8)])

@@ -20,11 +20,14 @@ from cluster import store
 from memstore import ClientConfig, InProcessStore, MemStoreClient, OptimizerSpec, TableSpec
 from memstore.errors import StoreNotFound
 
+from conftest import start_ray_head  # tests/ is on sys.path under pytest
+
 
 @pytest.fixture(scope="module")
 def cluster():
     # No dashboard: nothing here uses it, and its start once aborted and stalled the head (flaky in CI).
-    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "resources": {}, "include_dashboard": False})
+    c = start_ray_head(lambda: Cluster(initialize_head=True,
+                                       head_node_args={"num_cpus": 1, "resources": {}, "include_dashboard": False}))
     memory_nodes = [c.add_node(num_cpus=1, resources={"memstore": 1}) for _ in range(2)]
     c.wait_for_nodes()
     ray.init(address=c.address, namespace="memstore", log_to_driver=False)
