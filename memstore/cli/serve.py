@@ -20,6 +20,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     shard = p.add_argument_group("placement")
     shard.add_argument("--shard-index", type=int, default=0, help="this shard's index i in [0, S) (default 0)")
     shard.add_argument("--num-shards", type=int, default=1, help="number of shards S of the store (default 1)")
+    durability = p.add_argument_group("durability")
+    durability.add_argument("--data-dir", metavar="DIR",
+                            help="keep a write-ahead log of every acknowledged write under DIR/shard-<i>-of-<S>/ "
+                                 "and replay it on start, so a killed or crashed shard comes back with every "
+                                 "acknowledged write (default: none, the rows live in memory only). The log is "
+                                 "never compacted here: restarts replay it whole (a store on Ray checkpoints it)")
+    durability.add_argument("--wal-sync", choices=("always", "group", "none"), default="always",
+                            help="with --data-dir: fsync per write (default), shared fsyncs, or page cache only")
     tune = p.add_argument_group("tuning")
     tune.add_argument("--workers", type=int, default=8, help="gRPC handler threads (default 8)")
     tune.add_argument("--torch-threads", type=int, default=1,
@@ -48,6 +56,7 @@ def run(args: argparse.Namespace) -> int:
 
         torch.set_num_threads(args.torch_threads)
     engine = ShardEngine(args.shard_index, args.num_shards)
+    log = _recover(engine, args) if args.data_dir else None
     server = ShardServer(engine, args.host, args.port, max_workers=args.workers, metrics_port=args.metrics_port).start()
     if server.metrics_address:  # before the serving line, which launchers wait for
         print(f"memstore shard {args.shard_index}/{args.num_shards} metrics on http://{server.metrics_address}/metrics",
@@ -61,7 +70,33 @@ def run(args: argparse.Namespace) -> int:
     stop.wait()
     logging.getLogger("memstore.server").info("stopping shard %d", args.shard_index)
     server.stop()
+    if log is not None:
+        log.close()
     return 0
+
+
+def _recover(engine, args: argparse.Namespace):
+    """Replays the shard's log under --data-dir into `engine` and journals to it from now on;
+    returns the open log."""
+    from pathlib import Path
+
+    from memstore import checkpoint, wal
+
+    directory = Path(args.data_dir) / checkpoint.shard_dirname(args.shard_index, args.num_shards)
+    directory.mkdir(parents=True, exist_ok=True)
+    others = sorted(p.name for p in directory.parent.glob("shard-*-of-*")
+                    if not p.name.endswith(f"-of-{args.num_shards:05d}") and any(p.iterdir()))
+    if others and not wal.wal_files(directory):
+        raise ValueError(f"{args.data_dir} holds the logs of another shard count ({', '.join(others)}), "
+                         f"none of shard {args.shard_index} of {args.num_shards}")
+    stats = wal.replay_into(engine, wal.replay_dir(directory))
+    files = wal.wal_files(directory)
+    journal = wal.WriteAheadLog(files[-1][1] if files else wal.wal_path(directory, 0), sync=args.wal_sync)
+    engine.journal = journal.append
+    logging.getLogger("memstore.server").info(
+        "shard %d: replayed %d writes (%d tables created or dropped) from %s", args.shard_index, stats.applied,
+        stats.tables, directory)
+    return journal
 
 
 def _check_bindable(host: str, port: int) -> None:
