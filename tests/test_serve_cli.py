@@ -114,6 +114,12 @@ def test_a_killed_shard_with_a_data_dir_comes_back_with_every_acknowledged_write
                 assert [t.name for t in again.list_tables()] == ["kept"]
                 np.testing.assert_array_equal(again.lookup("kept", np.arange(spec.num_rows)),
                                               ref.lookup("kept", np.arange(spec.num_rows)))
+                # The update ids came back with the log: the last update, retried, applies nowhere.
+                last = np.random.default_rng(2)
+                for _ in range(2):
+                    keys = last.integers(0, spec.num_rows, 300)
+                    grads = last.standard_normal((300, spec.dim)).astype(np.float32)
+                again.update("kept", keys, grads, lr=0.05, update_id="u-2-1")
                 steps(again, ref, 2, seed=3)  # the moments came back too
                 np.testing.assert_array_equal(again.lookup("kept", np.arange(spec.num_rows)),
                                               ref.lookup("kept", np.arange(spec.num_rows)))
