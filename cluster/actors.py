@@ -16,6 +16,7 @@ memory node (shared storage) for a shard to come back on another node.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import threading
@@ -108,7 +109,13 @@ class _ShardActor:
         return self.engine.gate.applied(groups)
 
     def cut_unfreeze(self, forget: bool = True) -> None:
-        self.engine.gate.unfreeze(forget)
+        from memstore import wal
+
+        try:
+            if forget:  # before any later write reaches the log: replay forgets the groups here too
+                self.wal.append(wal.cut_record())
+        finally:
+            self.engine.gate.unfreeze(forget)
 
     def cut_snapshot(self, generation: int) -> int:
         """While frozen: copy the tables and start the log's next generation, both under one
@@ -450,3 +457,12 @@ class _Coordinator:
             import shutil
 
             shutil.rmtree(self.data_dir, ignore_errors=True)
+        else:  # a dir the user gave is kept, less the logs that never got a record (an `up` that failed)
+            from memstore import wal
+
+            for shard_dir in Path(self.data_dir, "wal").glob("shard-*-of-*"):
+                for _, path in wal.wal_files(shard_dir):
+                    if path.stat().st_size <= len(wal.MAGIC):
+                        path.unlink(missing_ok=True)
+                with contextlib.suppress(OSError):
+                    shard_dir.rmdir()  # only if empty

@@ -286,11 +286,12 @@ def shutdown(name: str) -> str | None:
     started = ray.get(coordinator.layout.remote())["started_local_ray"]
     ray.get(coordinator.shutdown.remote())
     ray.kill(coordinator, no_restart=True)
-    if started:
-        others = list_stores()
-        if others:
-            ray.get(find(others[0]["store"]).adopt_local_ray.remote(started))
+    for other in list_stores() if started else ():
+        try:
+            ray.get(find(other["store"]).adopt_local_ray.remote(started))
             return None
+        except (StoreNotFound, ray.exceptions.RayError):
+            continue  # going down meanwhile itself: the next one
     return started
 
 
@@ -324,7 +325,13 @@ def _wait(coordinator, ref, progress, poll_s: float = 0.5):
 def list_stores() -> list[dict]:
     names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
              if a.get("namespace") == NAMESPACE and a["name"].startswith("store:")]
-    return [layout(n.split(":", 1)[1]) for n in sorted(names)]
+    out = []
+    for n in sorted(names):
+        try:
+            out.append(layout(n.split(":", 1)[1]))
+        except (StoreNotFound, ray.exceptions.RayError):
+            continue  # taken down while we listed
+    return out
 
 
 class StoreDirectory:

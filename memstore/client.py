@@ -115,9 +115,15 @@ class _Shard:
     def cannot_deliver(self) -> None:
         """The shard could not map this client's segment: replies from it for a while (one
         minute, doubling up to an hour while it keeps failing), then delivery is tried again."""
+        now = time.monotonic()
+        if self.delivers is False and now < self.retry_delivery_at:
+            return  # another call's failure of the same round: the backoff is running
         self.delivers = False
         self._delivery_backoff_s = min(max(2 * self._delivery_backoff_s, DELIVERY_RETRY_S[0]), DELIVERY_RETRY_S[1])
-        self.retry_delivery_at = time.monotonic() + self._delivery_backoff_s
+        self.retry_delivery_at = now + self._delivery_backoff_s
+
+    def delivered(self) -> None:
+        self.delivers, self._delivery_backoff_s = True, 0.0
 
     def __init__(self, index: int, address: str) -> None:
         self.index = index
@@ -301,7 +307,7 @@ class MemStoreClient:
                     self._specs.clear()
             raise
         for shard in call.delivering:
-            self._shards[shard].delivers = True
+            self._shards[shard].delivered()
         return call.detach(rows, self._segment_pool)
 
     @staticmethod

@@ -95,6 +95,11 @@ class WriteGate:
             self._cond.wait_for(lambda: self._active == 0, timeout=5.0)
             return {g: self._groups.get(g, (0, 0))[1] for g in groups}
 
+    def forget(self) -> None:
+        """Forgets the groups counted so far (a log replay reaching a completed cut's mark)."""
+        with self._cond:
+            self._groups.clear()
+
     def unfreeze(self, forget: bool = True) -> None:
         """Lets writes flow again; after a completed cut, forgets the groups it covered."""
         with self._cond:

@@ -194,13 +194,19 @@ def to_wire(plan: KeyPlan, values: torch.Tensor, dtype: torch.dtype, spec: Table
     order, repeats summed, cast to `dtype`. Summing or narrowing can overflow finite values
     to Inf (two 3e38 gradients of one key; 1e5 for a float16 table): that is rejected here,
     before anything is sent, since the shards would reject only their own part of it."""
-    out = plan.to_unique_order(values).to(dtype)
-    if plan.position is not None or out.dtype != values.dtype:
-        row = first_non_finite_row(out)
-        if row is not None:
-            summed = "summed over its repeats and " if plan.position is not None else ""
-            raise InvalidArgument(f"the {what} of key {int(plan.unique[row])} for table {spec.name!r} is not finite "
-                                  f"once {summed}cast to {str(dtype).removeprefix('torch.')}")
+    rows = plan.to_unique_order(values)  # float32 where repeats were summed
+    out = rows.to(dtype)
+    limit = torch.finfo(dtype).max
+    if (plan.position is not None or torch.finfo(rows.dtype).max > limit) and rows.numel():
+        # Two reductions of the float rows (0.5 ms for 65,536 x 64 float32) instead of a
+        # finiteness scan of the cast ones (2 ms for bfloat16); NaN fails the comparison too.
+        arr = rows.numpy()
+        if not (-limit <= arr.min() and arr.max() <= limit):
+            row = first_non_finite_row(out)  # beyond the range; Inf (or NaN) where it rounded away
+            if row is not None:
+                summed = "summed over its repeats and " if plan.position is not None else ""
+                raise InvalidArgument(f"the {what} of key {int(plan.unique[row])} for table {spec.name!r} is "
+                                      f"not finite once {summed}cast to {str(dtype).removeprefix('torch.')}")
     return out
 
 

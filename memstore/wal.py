@@ -3,11 +3,12 @@
 File: the 8-byte magic `MSWAL001`, then one frame per record:
 `uint32 LE length ‖ uint32 LE crc32(payload) ‖ payload`, the payload one msgpack map:
 
-    kind        "update" | "assign" | "create" | "drop"
+    kind        "update" | "assign" | "create" | "drop" | "cut"
     table       table name
     update_id   the write's id ("" for none: such a record is applied again on every replay)
     version     optional: the table version the write produced on the shard that logged it
     group       optional, with parts: the client call the write is a part of (memstore.cut)
+    cut:        nothing more: a completed cut, after which the write gate forgot its groups
     update:     lr (float), dtype (of values), dim, keys (int64 LE bytes), values (bytes)
     assign:     keep_state (bool), dtype, dim, keys, values
     create:     spec (TableSpec.to_dict());  drop: nothing more
@@ -142,6 +143,12 @@ def create_record(spec: TableSpec) -> dict:
 
 def drop_record(table: str) -> dict:
     return {"kind": "drop", "table": table}
+
+
+def cut_record() -> dict:
+    """Marks a completed cut: the write gate forgot the call groups it had counted, and so
+    does replay (the groups after the last mark are those the other shards still count)."""
+    return {"kind": "cut", "table": ""}
 
 
 def encode_frame(record: dict) -> tuple[bytes, bytes]:
@@ -437,18 +444,10 @@ def wal_files(directory: Path | str) -> list[tuple[int, Path]]:
 
 
 def replay_dir(directory: Path | str, since: int = 0) -> Iterator[dict]:
-    """The records of every log of generation >= `since`, in generation order. Only the
-    newest generation's records keep their call's group: a cut forgets the groups it saw,
-    and every cut starts a generation, so those are the groups the other shards' gates
-    still count, and the replaying shard's gate must count them too (else the next cut
-    waits for parts this shard applied before it restarted)."""
-    files = [(gen, path) for gen, path in wal_files(directory) if gen >= since]
-    for gen, path in files:
-        newest = gen == files[-1][0]
-        for rec in replay(path):
-            if not newest:
-                rec.pop("group", None)
-            yield rec
+    """The records of every log of generation >= `since`, in generation order."""
+    for gen, path in wal_files(directory):
+        if gen >= since:
+            yield from replay(path)
 
 
 def prune_wal(directory: Path | str, before: int) -> list[Path]:
@@ -501,6 +500,11 @@ def replay_into(engine: "ShardEngine", records: Iterable[dict], *, window: int =
 
     for rec in records:
         table, version = rec["table"], rec.get("version")
+        if rec["kind"] == "cut":  # every write held back came before it
+            for held in list(pending):
+                flush(held)
+            emit(rec)
+            continue
         if rec["kind"] in ("create", "drop") or version is None:
             flush(table)
             if rec["kind"] in ("create", "drop"):
@@ -520,6 +524,9 @@ def replay_into(engine: "ShardEngine", records: Iterable[dict], *, window: int =
 
 def _apply(engine: "ShardEngine", rec: dict, stats: ReplayStats) -> None:
     kind, name = rec["kind"], rec["table"]
+    if kind == "cut":
+        engine.gate.forget()
+        return
     if kind == "create":
         spec = TableSpec.from_dict(rec["spec"])
         existing = next((t for t in engine.tables() if t.spec.name == name), None)

@@ -448,3 +448,20 @@ def test_bad_deliveries_get_their_code_and_write_nothing(shards_1):
         seg.close()
         bad_key.close()
         client.drop_table(spec.name)
+
+
+def test_the_delivery_backoff_grows_once_per_round_and_resets_on_success():
+    shard = client_module._Shard(0, "127.0.0.1:1")
+    try:
+        for _ in range(7):  # one failure seen by seven calls at once
+            shard.cannot_deliver()
+        first = shard.retry_delivery_at - time.monotonic()
+        assert client_module.DELIVERY_RETRY_S[0] - 1 < first <= client_module.DELIVERY_RETRY_S[0]
+        shard.retry_delivery_at = 0.0  # the backoff is over; the retry fails again
+        shard.cannot_deliver()
+        assert shard.retry_delivery_at - time.monotonic() > 1.5 * client_module.DELIVERY_RETRY_S[0]
+        shard.delivered()
+        shard.cannot_deliver()  # a new failure after a success starts from the first backoff again
+        assert shard.retry_delivery_at - time.monotonic() <= client_module.DELIVERY_RETRY_S[0]
+    finally:
+        shard.channel.close()

@@ -334,7 +334,15 @@ def test_a_restarted_shard_counts_the_call_parts_it_applied_before_it_died(tmp_p
     call("before-the-cut")
     _, completed, abandoned = take_cut([a.gate, b.gate], lambda: log.rotate(wal.wal_path(tmp_path, 1)))
     assert (completed, abandoned) == ([], [])  # the cut forgets the groups it saw
+    log.append(wal.cut_record())  # as a shard actor marks a completed cut (cut_unfreeze)
     call("after-the-cut")
+
+    def failing_snapshot():  # a cut that fails after this shard rotated: the gates keep their groups
+        log.rotate(wal.wal_path(tmp_path, 2))
+        raise OSError("no space left on device")
+
+    with pytest.raises(OSError):
+        take_cut([a.gate, b.gate], failing_snapshot)
     log.close()
 
     restarted = ShardEngine(1, 2)
