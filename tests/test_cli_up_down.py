@@ -97,6 +97,17 @@ def test_bad_arguments_start_nothing_and_the_last_down_stops_the_ray(tmp_path):
         assert broken.returncode == 2 and len(broken.stderr.strip().splitlines()) == 1, broken.stderr
         assert "store 'broken' did not come up" in broken.stderr and "\x1b[" not in broken.stderr
         assert "broken" not in memstore("ls").stdout, "a failed `up` left a half-made store"
+        # A data dir where shard 1 finds another store's log: that shard refuses, the `up` fails,
+        # and shard 0's new, empty log is removed with it (a retry would find it "in use").
+        from memstore import wal
+
+        taken = tmp_path / "data" / "wal" / "shard-00001-of-00002"
+        with wal.WriteAheadLog(wal.wal_path(taken, 0), sync="none") as log:
+            log.append(wal.drop_record("t"))
+        held = memstore("up", "--name", "held", "--shards", "2", "--data-dir", str(tmp_path / "data"))
+        assert held.returncode == 2 and "already holds a write-ahead log" in held.stderr, held.stderr
+        assert not (tmp_path / "data" / "wal" / "shard-00000-of-00002").exists()
+        assert [r["kind"] for r in wal.replay(wal.wal_path(taken, 0))] == ["drop"], "another store's log is kept"
         second = memstore("up", "--name", "second", "--shards", "1")  # joins it
         assert second.returncode == 0, second.stderr
         down = memstore("down", "first")
