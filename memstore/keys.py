@@ -200,7 +200,7 @@ def to_wire(plan: KeyPlan, values: torch.Tensor, dtype: torch.dtype, spec: Table
     if (plan.position is not None or torch.finfo(rows.dtype).max > limit) and rows.numel():
         # Two reductions of the float rows (0.5 ms for 65,536 x 64 float32) instead of a
         # finiteness scan of the cast ones (2 ms for bfloat16); NaN fails the comparison too.
-        arr = rows.numpy()
+        arr = (rows.float() if rows.dtype == torch.bfloat16 else rows).numpy()  # numpy lacks bfloat16
         if not (-limit <= arr.min() and arr.max() <= limit):
             row = first_non_finite_row(out)  # beyond the range; Inf (or NaN) where it rounded away
             if row is not None:

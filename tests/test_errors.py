@@ -212,6 +212,8 @@ def test_values_that_overflow_once_summed_or_cast_are_rejected_on_every_shard(sh
             store.update(HALF.name, keys, big, lr=0.1)
         with pytest.raises(InvalidArgument, match="key 1 .* not finite once cast to float16"):
             store.assign(HALF.name, keys, big)
+        with pytest.raises(InvalidArgument, match="key 1 .* not finite once cast to float16"):
+            store.update(HALF.name, keys, torch.from_numpy(big).to(torch.bfloat16), lr=0.1)
         twice = np.full((2, 4), 3e38, np.float32)  # two finite float32 gradients of key 1 sum to Inf
         with pytest.raises(InvalidArgument, match="key 1 .* summed over its repeats"):
             store.update(SPEC.name, [1, 1, 0, 2], np.concatenate([twice, np.ones((2, 4), np.float32)]), lr=0.1)

@@ -95,13 +95,19 @@ def test_round_trip(tmp_path, sync):
     assert len(list(wal.replay(path))) == len(records) + 1
 
 
-def test_torn_tail_is_ignored_and_cut_on_reopen(tmp_path):
-    rng = np.random.default_rng(1)
+def five_records(tmp_path, seed: int) -> tuple:
+    """A log of five sample records: (its path, the records)."""
+    rng = np.random.default_rng(seed)
     records = [sample_record(rng) for _ in range(5)]
     path = tmp_path / "wal-0.log"
     with wal.WriteAheadLog(path, sync="none") as log:
         for r in records:
             log.append(r)
+    return path, records
+
+
+def test_torn_tail_is_ignored_and_cut_on_reopen(tmp_path):
+    path, records = five_records(tmp_path, seed=1)
     whole = path.read_bytes()
     # A crash mid-write: the last frame is cut short, at any byte.
     for cut in (1, 7, 9, len(whole) // 10):
@@ -128,12 +134,7 @@ def test_torn_tail_is_ignored_and_cut_on_reopen(tmp_path):
 
 
 def test_a_damaged_record_with_records_after_it_stops_replay_and_truncates_nothing(tmp_path):
-    rng = np.random.default_rng(2)
-    records = [sample_record(rng) for _ in range(5)]
-    path = tmp_path / "wal-0.log"
-    with wal.WriteAheadLog(path, sync="none") as log:
-        for r in records:
-            log.append(r)
+    path, records = five_records(tmp_path, seed=2)
     ends = [end for end, _ in wal._frames(path)]
     data = bytearray(path.read_bytes())
     data[ends[1] + 20] ^= 1  # a flipped bit in the third record's payload
