@@ -70,7 +70,7 @@ def ensure_ray(address: str | None = None, *, start_local: bool = False) -> str 
     elif not start_local:
         raise Unavailable("no Ray is running on this machine (give --address or set RAY_ADDRESS)")
     # Ray waits 30 s for a new head's GCS to publish its port; a host busy with other work
-    # can take longer (seen in CI), and the wait costs nothing when the GCS is quick.
+    # can take longer, and the wait costs nothing when the GCS is quick.
     env = {"RAY_gcs_server_port_wait_time_s": "120", **os.environ}
     subprocess.run([ray_executable(), "start", "--head", "--disable-usage-stats"], check=True,
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
@@ -259,14 +259,12 @@ def _root_cause(e: BaseException) -> str:
     task's exception), without Ray's traceback and colour codes."""
     while getattr(e, "cause", None) is not None and e.cause is not e:
         e = e.cause
-    text = str(e)
-    marker = "raised in its creation task"
-    if marker in text:  # ActorDiedError: the creation task's exception is only in its text
-        lines = [ln.strip() for ln in re.sub(r"\x1b\[[0-9;]*m", "", text).splitlines() if ln.strip()]
+    lines = [ln.strip() for ln in re.sub(r"\x1b\[[0-9;]*m", "", str(e)).splitlines() if ln.strip()]
+    if "raised in its creation task" in str(e):  # ActorDiedError: the creation task's exception is only in its text
         errors = [ln for ln in lines if re.match(r"^[A-Za-z_.]*(Error|Exception)\b", ln)]
         if errors:
             return errors[-1]
-    return re.sub(r"\x1b\[[0-9;]*m", "", text).strip().splitlines()[0] if text.strip() else type(e).__name__
+    return lines[0] if lines else type(e).__name__
 
 
 def layout(name: str) -> dict:

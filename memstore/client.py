@@ -112,19 +112,6 @@ class _RetryCall(Exception):
 class _Shard:
     """The channel and method callables of one shard."""
 
-    def cannot_deliver(self) -> None:
-        """The shard could not map this client's segment: replies from it for a while (one
-        minute, doubling up to an hour while it keeps failing), then delivery is tried again."""
-        now = time.monotonic()
-        if self.delivers is False and now < self.retry_delivery_at:
-            return  # another call's failure of the same round: the backoff is running
-        self.delivers = False
-        self._delivery_backoff_s = min(max(2 * self._delivery_backoff_s, DELIVERY_RETRY_S[0]), DELIVERY_RETRY_S[1])
-        self.retry_delivery_at = now + self._delivery_backoff_s
-
-    def delivered(self) -> None:
-        self.delivers, self._delivery_backoff_s = True, 0.0
-
     def __init__(self, index: int, address: str) -> None:
         self.index = index
         self.address = address
@@ -146,6 +133,19 @@ class _Shard:
                 request_serializer=ident if framed else (lambda msg: msg.SerializeToString()),
                 response_deserializer=ident if framed else out_cls.FromString,
             )
+
+    def cannot_deliver(self) -> None:
+        """The shard could not map this client's segment: replies from it for a while (one
+        minute, doubling up to an hour while it keeps failing), then delivery is tried again."""
+        now = time.monotonic()
+        if self.delivers is False and now < self.retry_delivery_at:
+            return  # another call's failure of the same round: the backoff is running
+        self.delivers = False
+        self._delivery_backoff_s = min(max(2 * self._delivery_backoff_s, DELIVERY_RETRY_S[0]), DELIVERY_RETRY_S[1])
+        self.retry_delivery_at = now + self._delivery_backoff_s
+
+    def delivered(self) -> None:
+        self.delivers, self._delivery_backoff_s = True, 0.0
 
 
 class MemStoreClient:
