@@ -31,6 +31,10 @@ the rename to `<name>` is the commit, then LATEST is replaced (tmp + fsync + ren
 any point leaves LATEST naming a complete checkpoint (or absent); staging leftovers are ignored
 and removed by `prune_checkpoints(..., remove_staging=True)`.
 
+A checkpoint of one shard alone (a standalone shard's base, memstore.durable) has the same
+layout with that shard's directory only; `commit_shard_checkpoint` seals it, with MANIFEST
+kind "memstore-shard-checkpoint", and `load_shard` reads it back into that shard.
+
 Resharding: `load_shard(dir, i, S)` builds shard i of any S from a checkpoint of S_old shards:
 key k lives in old shard k % S_old at k // S_old and moves to local row k // S. For one old shard
 those keys form an arithmetic progression of step lcm(S, S_old), so each (table, tensor, old
@@ -72,6 +76,8 @@ from memstore.wal import fsync_dir
 log = logging.getLogger("memstore.checkpoint")
 
 FORMAT_VERSION = 1
+STORE_KIND = "memstore-checkpoint"  # a cut of every shard of a store
+SHARD_KIND = "memstore-shard-checkpoint"  # one shard alone (commit_shard_checkpoint)
 MANIFEST = "MANIFEST.msgpack"
 SHARD_MANIFEST = "shard.msgpack"
 LATEST = "LATEST"
@@ -204,10 +210,31 @@ def commit_checkpoint(
     meta = dict(store_meta or {})
     if meta.setdefault("num_shards", num_shards) != num_shards:
         raise CheckpointError(f"store meta says {meta['num_shards']} shards, {num_shards} were written", staging)
+    return _seal(staging, final, STORE_KIND, meta, specs, shards, set_latest)
+
+
+def commit_shard_checkpoint(staging: Path | str, summary: dict, store_meta: dict | None = None) -> Path:
+    """Seals a checkpoint of one shard alone (a standalone shard's base, memstore.durable):
+    as commit_checkpoint, with the one summary of shard i of S. `load_shard` reads it back
+    into shard i of S only; a store restores from whole checkpoints only."""
+    staging = Path(staging)
+    if _STAGING not in staging.name:
+        raise CheckpointError(f"{staging} is not a staging directory from begin_checkpoint", staging)
+    final = staging.with_name(staging.name.split(_STAGING)[0])
+    meta = dict(store_meta or {})
+    if meta.setdefault("num_shards", summary["num_shards"]) != summary["num_shards"]:
+        raise CheckpointError(f"store meta says {meta['num_shards']} shards, the shard is one of "
+                              f"{summary['num_shards']}", staging)
+    return _seal(staging, final, SHARD_KIND, meta, summary["tables"], [summary], True)
+
+
+def _seal(staging: Path, final: Path, kind: str, meta: dict, specs: dict, shards: list[dict],
+          set_latest: bool) -> Path:
+    """Writes MANIFEST, renames `staging` to `final` (the commit) and moves LATEST."""
     meta.setdefault("created", time.time())
     manifest = {
         "format": FORMAT_VERSION,
-        "kind": "memstore-checkpoint",
+        "kind": kind,
         "store": meta,
         "tables": {name: t["spec"] for name, t in sorted(specs.items())},
         "shards": shards,
@@ -324,7 +351,13 @@ def load_shard(
     g = math.gcd(old_s, num_shards)
     # Keys k = shard_index + num_shards*t meet every old shard s with s = shard_index (mod g).
     sources = [s for s in range(old_s) if (s - shard_index) % g == 0]
-    metas = {s: _read_shard_manifest(directory, manifest["shards"][s], s) for s in sources}
+    held = dict(enumerate(manifest["shards"]))
+    if manifest.get("kind") == SHARD_KIND:
+        held = {m["shard_index"]: m for m in manifest["shards"]}
+        if missing := [s for s in sources if s not in held]:
+            raise CheckpointError(f"{directory} is a checkpoint of shard(s) {sorted(held)} of {old_s} alone; "
+                                  f"shard {shard_index} of {num_shards} needs shard(s) {missing} too", directory)
+    metas = {s: _read_shard_manifest(directory, held[s], s) for s in sources}
     plans = [_plan_table(spec, shard_index, num_shards, old_s, metas) for spec in manifest["tables"].values()]
     total = sum(p.dst_bytes + (p.src_bytes if verify else 0) for p in plans)
     done = 0

@@ -18,6 +18,9 @@ from ray.cluster_utils import Cluster
 
 from cluster import store
 from memstore import ClientConfig, InProcessStore, MemStoreClient, OptimizerSpec, TableSpec
+from memstore.checkpoint import CheckpointError
+from memstore.durable import DurableShard
+from memstore.engine import ShardEngine
 from memstore.errors import StoreNotFound
 
 from conftest import start_ray_head  # tests/ is on sys.path under pytest
@@ -143,6 +146,14 @@ def test_checkpoint_restore_and_reshard(engram_store, tmp_path):
         stream_updates(client, ref, "ckpt", 4, seed=3)
         facts = store.checkpoint("engram", str(tmp_path))
         assert facts["version"] >= 1 and os.path.isdir(facts["path"])
+        # A standalone shard's base holds one shard: no store restores from it, and nothing changes.
+        alone = DurableShard(ShardEngine(0, 4), tmp_path / "standalone", compact_bytes=0)
+        alone.recover()
+        alone.engine.create_table(spec)
+        base = alone.compact()
+        alone.close()
+        with pytest.raises(CheckpointError, match=r"checkpoint of shard 0 of 4 alone"):
+            store.restore("engram", str(base))
         at_checkpoint = client.lookup("ckpt", np.arange(3_001))
         rng = np.random.default_rng(5)
         client.update("ckpt", rng.integers(0, 3_001, 500), rng.standard_normal((500, 8)).astype(np.float32), lr=0.5)

@@ -5,6 +5,7 @@ Run: python -m pytest tests/test_serve_cli.py -q
 
 from __future__ import annotations
 
+import argparse
 import subprocess
 import sys
 
@@ -62,6 +63,14 @@ def test_bad_flags_give_one_line_and_nonzero_exit():
         assert len(lines) == 1 and needle in lines[0] and "Traceback" not in r.stderr, r.stderr
     r = run_cli("serve", "--port", "notaport")
     assert r.returncode == 2 and "invalid int value" in r.stderr
+    r = run_cli("serve", "--data-dir", "unused", "--compact-log-bytes=-1M")
+    assert r.returncode == 2 and "--compact-log-bytes" in r.stderr and "must be >= 0" in r.stderr, r.stderr
+    from memstore.cli.serve import _size
+
+    assert [_size(t) for t in ("0", "auto", "4K", "1.5g", "64MiB", "100")] == [0, None, 4096, 3 << 29, 64 << 20, 100]
+    for bad in ("lots", "inf", "4X"):
+        with pytest.raises(argparse.ArgumentTypeError, match="not a size"):
+            _size(bad)
 
 
 def test_port_in_use_is_a_clear_error(shards_2):
@@ -73,14 +82,17 @@ def test_port_in_use_is_a_clear_error(shards_2):
 
 def test_a_killed_shard_with_a_data_dir_comes_back_with_every_acknowledged_write(tmp_path):
     """`memstore serve --data-dir`: SIGKILL one of two shards after acknowledged creates,
-    updates, assigns and a drop; restarted on the same dir, it replays its log, and the
-    store matches the in-process reference row for row, optimizer state included."""
+    updates, assigns and a drop, with its log compacted more than once meanwhile (and maybe
+    mid-compaction); restarted on the same dir, it loads its base and replays the log since,
+    and the store matches the in-process reference row for row, optimizer state included."""
     import signal
+    import time
 
     from memstore import InProcessStore, OptimizerSpec
     from memstore.launch import start_shard, wait_serving
 
-    flags = ("--data-dir", str(tmp_path), "--wal-sync", "group")
+    flags = ("--data-dir", str(tmp_path), "--wal-sync", "group", "--compact-log-bytes", "4K")
+    base = tmp_path / "shard-00001-of-00002" / "base"
     procs = [start_shard(i, 2, extra_args=flags) for i in range(2)]
     try:
         addresses = [wait_serving(p) for p in procs]
@@ -106,6 +118,12 @@ def test_a_killed_shard_with_a_data_dir_comes_back_with_every_acknowledged_write
                 s.assign("kept", np.arange(20), rows)
                 s.drop_table("gone")
             steps(client, ref, 2, seed=2)
+            deadline, seed = time.monotonic() + 30, 10
+            while not list(base.glob("ckpt-[2-9]*")) and time.monotonic() < deadline:  # compacted twice
+                steps(client, ref, 1, seed=seed)
+                seed += 1
+            assert list(base.glob("ckpt-*")), "the log was never compacted"
+            steps(client, ref, 1, seed=4)  # past the base, in the log
             procs[1].send_signal(signal.SIGKILL)
             procs[1].wait()
             procs[1] = start_shard(1, 2, extra_args=flags)

@@ -22,12 +22,18 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     shard.add_argument("--num-shards", type=int, default=1, help="number of shards S of the store (default 1)")
     durability = p.add_argument_group("durability")
     durability.add_argument("--data-dir", metavar="DIR",
-                            help="keep a write-ahead log of every acknowledged write under DIR/shard-<i>-of-<S>/ "
-                                 "and replay it on start, so a killed or crashed shard comes back with every "
-                                 "acknowledged write (default: none, the rows live in memory only). The log is "
-                                 "never compacted here: restarts replay it whole (a store on Ray checkpoints it)")
+                            help="keep every acknowledged write under DIR/shard-<i>-of-<S>/: a write-ahead log, "
+                                 "compacted into a checkpoint of the shard as it grows; on start, load that and "
+                                 "replay the log since, so a killed or crashed shard comes back with every "
+                                 "acknowledged write (default: none, the rows live in memory only)")
     durability.add_argument("--wal-sync", choices=("always", "group", "none"), default="always",
                             help="with --data-dir: fsync per write (default), shared fsyncs, or page cache only")
+    durability.add_argument("--compact-log-bytes", type=_size, default=None, metavar="BYTES",
+                            help="with --data-dir: compact once the log since the last compaction holds this "
+                                 "much, e.g. 512M or 4G; 0 never (restarts then replay the whole log). Writes "
+                                 "wait while the tables are copied in memory, and the copy needs that much "
+                                 "memory (default auto: the size of the shard's rows and optimizer state, "
+                                 "at least 64M)")
     tune = p.add_argument_group("tuning")
     tune.add_argument("--workers", type=int, default=8, help="gRPC handler threads (default 8)")
     tune.add_argument("--torch-threads", type=int, default=1,
@@ -56,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
 
         torch.set_num_threads(args.torch_threads)
     engine = ShardEngine(args.shard_index, args.num_shards)
-    log = _recover(engine, args) if args.data_dir else None
+    durable = _recover(engine, args) if args.data_dir else None
     server = ShardServer(engine, args.host, args.port, max_workers=args.workers, metrics_port=args.metrics_port).start()
     if server.metrics_address:  # before the serving line, which launchers wait for
         print(f"memstore shard {args.shard_index}/{args.num_shards} metrics on http://{server.metrics_address}/metrics",
@@ -70,33 +76,45 @@ def run(args: argparse.Namespace) -> int:
     stop.wait()
     logging.getLogger("memstore.server").info("stopping shard %d", args.shard_index)
     server.stop()
-    if log is not None:
-        log.close()
+    if durable is not None:
+        durable.close()
     return 0
 
 
 def _recover(engine, args: argparse.Namespace):
-    """Replays the shard's log under --data-dir into `engine` and journals to it from now on;
-    returns the open log."""
+    """Recovers the shard from its data dir under --data-dir (memstore.durable), which
+    journals its writes from now on; returns the DurableShard."""
     from pathlib import Path
 
-    from memstore import checkpoint, wal
+    from memstore import checkpoint
+    from memstore.durable import DurableShard
 
     directory = Path(args.data_dir) / checkpoint.shard_dirname(args.shard_index, args.num_shards)
     directory.mkdir(parents=True, exist_ok=True)
     others = sorted(p.name for p in directory.parent.glob("shard-*-of-*")
                     if not p.name.endswith(f"-of-{args.num_shards:05d}") and any(p.iterdir()))
-    if others and not wal.wal_files(directory):
-        raise ValueError(f"{args.data_dir} holds the logs of another shard count ({', '.join(others)}), "
+    if others and not any(directory.iterdir()):
+        raise ValueError(f"{args.data_dir} holds the data of another shard count ({', '.join(others)}), "
                          f"none of shard {args.shard_index} of {args.num_shards}")
-    stats = wal.replay_into(engine, wal.replay_dir(directory))
-    files = wal.wal_files(directory)
-    journal = wal.WriteAheadLog(files[-1][1] if files else wal.wal_path(directory, 0), sync=args.wal_sync)
-    engine.journal = journal.append
-    logging.getLogger("memstore.server").info(
-        "shard %d: replayed %d writes (%d tables created or dropped) from %s", args.shard_index, stats.applied,
-        stats.tables, directory)
-    return journal
+    durable = DurableShard(engine, directory, sync=args.wal_sync, compact_bytes=args.compact_log_bytes)
+    durable.recover()
+    return durable
+
+
+def _size(text: str) -> int | None:
+    """A byte count with an optional K, M or G (powers of 1024), or "auto" (None)."""
+    if text.strip().lower() == "auto":
+        return None
+    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+    t = text.strip().lower().removesuffix("ib").removesuffix("b")
+    scale = units.get(t[-1:], 1)
+    try:
+        n = int(float(t[:-1] if t[-1:] in units else t) * scale)
+    except (ValueError, OverflowError):
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 512M, 4G, 0 or auto)") from None
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"a size must be >= 0, got {text!r}")
+    return n
 
 
 def _check_bindable(host: str, port: int) -> None:

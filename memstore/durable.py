@@ -1,0 +1,159 @@
+"""A standalone shard's data dir: a base checkpoint of its tables and the write-ahead log since.
+
+`memstore serve --data-dir DIR` keeps shard i of S in DIR/shard-<i>-of-<S>/:
+
+    wal-<g>.log       the log (memstore.wal): every write, durable before it is acknowledged
+    base/
+      LATEST          names the newest complete base
+      ckpt-<g>/       a checkpoint of this shard alone (memstore.checkpoint, kind
+                      "memstore-shard-checkpoint"): the tables as they were when log g began
+
+Recovery loads the base LATEST names, if any, and replays the logs of generation >= its g.
+
+Compaction keeps that replay short. Once the logs since the base hold `compact_bytes` or more,
+the shard holds its writes back (the write gate, memstore.cut), copies its tables in memory,
+starts log generation g' (above every generation used before) and lets writes flow again:
+writes wait for the copy only. Then it writes the copy as base g', commits it, and deletes
+the older base and the logs before g'. A crash at any point loses no acknowledged write:
+until base g' is committed, base g and the logs since it (g' among them) hold every write;
+after that, base g' and the logs from g'. A failed compaction (say, a full disk) leaves the
+old base and every log in place and is tried again later, with a growing pause.
+
+A compaction needs memory for a copy of the shard's tables while it runs, as a store's
+checkpoint on Ray does. Threads: one watches the log's size and compacts.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import threading
+import time
+from pathlib import Path
+
+from memstore import checkpoint, wal
+from memstore.engine import ShardEngine
+from memstore.snapshot import ShardFreeze, snapshot_shard
+
+log = logging.getLogger("memstore.durable")
+
+BASE_DIR = "base"
+# The least log that "auto" compacts: below it a replay takes about as long as loading a base.
+MIN_COMPACT_BYTES = 64 << 20
+WATCH_S = 0.5  # how often the log's size is looked at
+RETRY_S = (10.0, 600.0)  # the pause after a failed compaction: first, and at most (doubling)
+
+
+class DurableShard:
+    """Shard `engine`'s data dir `directory` (module doc): `recover()` once before serving,
+    then writes are journaled and the log is compacted in the background until `close()`.
+
+    compact_bytes: compact once the logs since the base hold this many bytes; None ("auto"):
+    the shard's rows and optimizer state, at least MIN_COMPACT_BYTES; 0: never."""
+
+    def __init__(self, engine: ShardEngine, directory: Path | str, *, sync: str = "always",
+                 compact_bytes: int | None = None) -> None:
+        if compact_bytes is not None and compact_bytes < 0:
+            raise ValueError(f"compact_bytes must be >= 0 or None (auto), got {compact_bytes}")
+        self.engine = engine
+        self.directory = Path(directory)
+        self.base_root = self.directory / BASE_DIR
+        self.sync = sync
+        self.compact_bytes = compact_bytes
+        self.since = 0  # the base's generation: the first log a restart replays
+        self.generation = 0  # the log generation being written
+        self.log: wal.WriteAheadLog | None = None
+        self.compactions = 0
+        self._lock = threading.Lock()  # one compaction at a time
+        self._stop = threading.Event()
+        self._watcher: threading.Thread | None = None
+
+    def recover(self) -> wal.ReplayStats:
+        """Loads the base into the engine, replays the logs since, journals to the newest log
+        from now on and starts the compaction watcher. Leftovers of an interrupted compaction
+        (a staging directory, logs older than the base) are removed."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        checkpoint.prune_checkpoints(self.base_root, keep=1, remove_staging=True)
+        base = checkpoint.latest_checkpoint(self.base_root)
+        if base is not None:
+            self.since = int(checkpoint.read_manifest(base)["store"]["version"])
+            checkpoint.load_shard(base, self.engine.shard_index, self.engine.num_shards, engine=self.engine)
+        wal.prune_wal(self.directory, self.since)
+        stats = wal.replay_into(self.engine, wal.replay_dir(self.directory, since=self.since))
+        self.generation = max((g for g, _ in wal.wal_files(self.directory)), default=self.since)
+        self.log = wal.WriteAheadLog(wal.wal_path(self.directory, self.generation), sync=self.sync)
+        self.engine.journal = self.log.append
+        log.info("shard %d: recovered from %s and %d writes (%d tables created or dropped) of the log since",
+                 self.engine.shard_index, base or "no base", stats.applied, stats.tables)
+        if self.compact_bytes != 0:
+            self._watcher = threading.Thread(target=self._watch, name="memstore-compaction", daemon=True)
+            self._watcher.start()
+        return stats
+
+    def log_bytes(self) -> int:
+        """Bytes of log a restart would replay now."""
+        total = 0
+        for g, path in wal.wal_files(self.directory):
+            try:
+                total += path.stat().st_size if g >= self.since else 0
+            except FileNotFoundError:  # pruned by a compaction meanwhile
+                pass
+        return total
+
+    def threshold(self) -> int:
+        if self.compact_bytes is not None:
+            return self.compact_bytes
+        tables = self.engine.tables()
+        return max(MIN_COMPACT_BYTES, sum(t.row_bytes + t.state_bytes for t in tables))
+
+    def compact(self) -> Path:
+        """Writes a base of the tables as they are now and deletes what it replaces; returns
+        the base's directory. On failure, raises, and the previous base and every log stay."""
+        with self._lock:
+            t0 = time.monotonic()
+            generation = self.generation + 1
+            self.engine.gate.freeze()  # no write runs from here, table creates and drops included
+            try:
+                with ShardFreeze(self.engine) as freeze:
+                    copy = snapshot_shard(self.engine, freeze=freeze)
+                    self.log.rotate(wal.wal_path(self.directory, generation))
+                self.generation = generation
+            finally:
+                self.engine.gate.unfreeze(forget=False)  # groups matter to a store's cuts only
+            held_s = time.monotonic() - t0
+            staging = checkpoint.begin_checkpoint(checkpoint.checkpoint_dir(self.base_root, generation))
+            try:
+                summary = checkpoint.write_shard(copy, staging)
+                base = checkpoint.commit_shard_checkpoint(staging, summary, {"version": generation})
+            except BaseException:
+                shutil.rmtree(staging, ignore_errors=True)
+                raise
+            self.since = generation
+            removed = checkpoint.prune_checkpoints(self.base_root, keep=1)
+            logs = wal.prune_wal(self.directory, generation)
+            self.compactions += 1
+            log.info("shard %d: compacted its log into base %d (%.1f MiB) in %.2f s, writes held %.0f ms; "
+                     "removed %d older bases and %d logs", self.engine.shard_index, generation,
+                     copy.nbytes / 2**20, time.monotonic() - t0, held_s * 1e3, len(removed), len(logs))
+            return base
+
+    def _watch(self) -> None:
+        pause = 0.0
+        while not self._stop.wait(WATCH_S + pause):
+            try:
+                if self.log_bytes() >= self.threshold():
+                    self.compact()
+                pause = 0.0
+            except Exception as e:  # keep serving on the log; the old base and logs still hold all
+                pause = min(RETRY_S[1], max(RETRY_S[0], 2 * pause))
+                log.warning("shard %d: compacting the log failed (%s: %s); trying again in %.0f s",
+                            self.engine.shard_index, type(e).__name__, e, pause)
+
+    def close(self) -> None:
+        """Stops the watcher (after a compaction under way) and closes the log."""
+        self._stop.set()
+        if self._watcher is not None:
+            self._watcher.join()
+        with self._lock:
+            if self.log is not None:
+                self.log.close()

@@ -1,0 +1,198 @@
+"""A standalone shard's data dir: its log compacted into a base, recovered exactly.
+
+Run: python -m pytest tests/test_durable.py -q
+
+Real files under tmp_path. A "crash" is a second engine recovering from the directory while the
+first still holds it open: with sync "always" every acknowledged write is on disk by then, and
+nothing the first would do at a clean shutdown has run. `memstore serve --data-dir` processes
+killed with SIGKILL mid-compaction are in tests/test_serve_cli.py.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from memstore import checkpoint as ck
+from memstore import wal
+from memstore.durable import DurableShard
+from memstore.engine import ShardEngine
+from memstore.spec import TableSpec
+from test_checkpoint import SPECS, assert_same_tables, drive  # tests/ is on sys.path under pytest
+
+
+def open_shard(directory, shard_index: int = 0, num_shards: int = 1, **kw) -> DurableShard:
+    durable = DurableShard(ShardEngine(shard_index, num_shards), directory, **kw)
+    durable.recover()
+    return durable
+
+
+def assert_same_shard(a: ShardEngine, b: ShardEngine, specs=SPECS) -> None:
+    """Rows, optimizer state, versions and remembered update ids: bit for bit."""
+    assert sorted(t.spec.name for t in a.tables()) == sorted(t.spec.name for t in b.tables())
+    assert_same_tables([a], [b], specs)
+    for spec in specs:
+        ta, tb = a.table(spec.name), b.table(spec.name)
+        assert (ta.spec, ta.version, list(ta.applied_ids.items())) == (tb.spec, tb.version, list(tb.applied_ids.items()))
+
+
+def bases(directory) -> list[str]:
+    return sorted(p.name for p in (directory / "base").iterdir()) if (directory / "base").is_dir() else []
+
+
+def test_a_compacted_shard_recovers_every_write_from_its_base_and_the_log_since(tmp_path):
+    first = open_shard(tmp_path, compact_bytes=0)  # compacted by hand here
+    for spec in SPECS:
+        first.engine.create_table(spec)
+    drive([first.engine], steps=3, seed=1)
+    before = first.log_bytes()
+    base = first.compact()
+    assert base.name == "ckpt-1" and ck.read_manifest(base)["kind"] == ck.SHARD_KIND
+    # The logs before the base are gone; what a restart replays is the new, empty log.
+    assert [g for g, _ in wal.wal_files(tmp_path)] == [1] and first.log_bytes() < before // 100
+    drive([first.engine], steps=2, seed=2)
+    gone = TableSpec("gone", num_rows=30, dim=2)
+    first.engine.create_table(gone)
+    first.engine.drop_table("gone")
+    second = open_shard(tmp_path, compact_bytes=0)
+    try:
+        assert_same_shard(first.engine, second.engine)
+        # A retried update (its id remembered from before the base) applies nowhere.
+        spec, uid = SPECS[0], "s1.0:0"
+        assert uid in second.engine.table(spec.name).applied_ids
+        grads = torch.ones(3, spec.dim)
+        _, duplicate, _ = second.engine.update(spec.name, np.arange(3), grads, 0.05, uid)
+        assert duplicate
+    finally:
+        second.close()
+        first.close()
+
+
+def test_a_base_of_one_shard_is_read_back_into_that_shard_only(tmp_path):
+    durable = open_shard(tmp_path, shard_index=1, num_shards=2, compact_bytes=0)
+    try:
+        for spec in SPECS:
+            durable.engine.create_table(spec)
+        base = durable.compact()
+    finally:
+        durable.close()
+    again = ck.load_shard(base, 1, 2)
+    assert_same_tables([durable.engine], [again])
+    with pytest.raises(ck.CheckpointError, match=r"of shard\(s\) \[1\] of 2 alone; shard 0 of 2 needs shard\(s\) \[0\]"):
+        ck.load_shard(base, 0, 2)
+    with pytest.raises(ck.CheckpointError, match=r"shard 0 of 1 needs shard\(s\) \[0\]"):
+        ck.load_shard(base, 0, 1)
+
+
+def test_a_failed_compaction_keeps_the_old_base_and_every_log(tmp_path):
+    first = open_shard(tmp_path, compact_bytes=0)
+    try:
+        for spec in SPECS:
+            first.engine.create_table(spec)
+        drive([first.engine], steps=2, seed=1)
+        first.compact()
+        drive([first.engine], steps=2, seed=2)
+        # The next base's directory cannot be made: a file holds its name.
+        blocker = ck.checkpoint_dir(tmp_path / "base", 2)
+        blocker.write_text("")
+        with pytest.raises(ck.CheckpointError, match="already exists"):
+            first.compact()
+        assert bases(tmp_path) == ["LATEST", "ckpt-1", "ckpt-2"]  # no staging left behind
+        assert [g for g, _ in wal.wal_files(tmp_path)] == [1, 2]  # the log rotated; both kept
+        drive([first.engine], steps=2, seed=3)  # writes go on, into log 2
+        blocker.unlink()
+        second = open_shard(tmp_path, compact_bytes=0)  # from base 1 and logs 1 and 2
+        assert second.since == 1
+        assert_same_shard(first.engine, second.engine)
+        second.close()
+        # The next compaction takes a generation never used before.
+        assert first.compact().name == "ckpt-3"
+        assert bases(tmp_path) == ["LATEST", "ckpt-3"] and [g for g, _ in wal.wal_files(tmp_path)] == [3]
+        third = open_shard(tmp_path, compact_bytes=0)
+        assert_same_shard(first.engine, third.engine)
+        third.close()
+    finally:
+        first.close()
+
+
+def test_the_log_is_compacted_in_the_background_under_concurrent_writes(tmp_path):
+    """Compaction past a tiny threshold, twice or more, while two threads update and one
+    creates and drops tables: a recovery then equals the live shard bit for bit."""
+    durable = open_shard(tmp_path, compact_bytes=1)
+    engine = durable.engine
+    for spec in SPECS:
+        engine.create_table(spec)
+    stop, errors = threading.Event(), []
+
+    def writer(seed: int) -> None:
+        try:
+            for step in range(10_000):
+                if stop.is_set():
+                    return
+                drive([engine], steps=1, seed=seed * 100_000 + step)
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    def tables() -> None:
+        try:
+            for i in range(1_000_000):
+                if stop.is_set():
+                    return
+                engine.create_table(TableSpec(f"t{i}", num_rows=20, dim=2))
+                if i % 2:
+                    engine.drop_table(f"t{i - 1}")
+                time.sleep(0.002)
+        except BaseException as e:  # noqa: BLE001
+            errors.append(e)
+
+    threads = [threading.Thread(target=writer, args=(s,)) for s in (1, 2)] + [threading.Thread(target=tables)]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + 60
+    while durable.compactions < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    stop.set()
+    for t in threads:
+        t.join()
+    try:
+        assert not errors, errors
+        assert durable.compactions >= 2
+        again = open_shard(tmp_path, compact_bytes=0)
+        try:
+            specs = [t.spec for t in engine.tables()]
+            assert_same_shard(engine, again.engine, specs)
+        finally:
+            again.close()
+    finally:
+        durable.close()
+
+
+def test_a_data_dir_of_logs_only_is_compacted_when_served_again(tmp_path):
+    """A data dir written before compaction existed (logs only) recovers as before, and the
+    watcher compacts it once it is over the threshold."""
+    log = wal.WriteAheadLog(wal.wal_path(tmp_path, 0))
+    engine = ShardEngine(0, 1)
+    engine.journal = log.append
+    for spec in SPECS:
+        engine.create_table(spec)
+    drive([engine], steps=2, seed=4)
+    log.close()
+    durable = open_shard(tmp_path, compact_bytes=1)
+    try:
+        assert_same_shard(engine, durable.engine)
+        deadline = time.monotonic() + 30
+        while not durable.compactions and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert durable.compactions and bases(tmp_path)[0] == "LATEST"
+        assert [g for g, _ in wal.wal_files(tmp_path)] == [durable.since]
+    finally:
+        durable.close()
+    again = open_shard(tmp_path, compact_bytes=0)
+    try:
+        assert_same_shard(engine, again.engine)
+    finally:
+        again.close()
