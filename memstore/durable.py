@@ -64,6 +64,7 @@ class DurableShard:
         self.generation = 0  # the log generation being written
         self.log: wal.WriteAheadLog | None = None
         self.compactions = 0
+        self.last_compaction: dict = {}  # seconds, held_s (writes waiting), bytes of the last one
         self._lock = threading.Lock()  # one compaction at a time
         self._stop = threading.Event()
         self._watcher: threading.Thread | None = None
@@ -132,6 +133,7 @@ class DurableShard:
             removed = checkpoint.prune_checkpoints(self.base_root, keep=1)
             logs = wal.prune_wal(self.directory, generation)
             self.compactions += 1
+            self.last_compaction = {"seconds": time.monotonic() - t0, "held_s": held_s, "bytes": copy.nbytes}
             log.info("shard %d: compacted its log into base %d (%.1f MiB) in %.2f s, writes held %.0f ms; "
                      "removed %d older bases and %d logs", self.engine.shard_index, generation,
                      copy.nbytes / 2**20, time.monotonic() - t0, held_s * 1e3, len(removed), len(logs))
