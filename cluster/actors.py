@@ -394,11 +394,11 @@ class _Coordinator:
 
             raise CheckpointError(f"no complete checkpoint in {directory}", directory)
         manifest = ckpt.read_manifest(path)
-        if manifest.get("kind") == ckpt.SHARD_KIND:
+        if manifest.get("kind") == ckpt.SHARD_KIND and len(manifest["shards"]) < manifest["store"]["num_shards"]:
             held = ", ".join(str(m["shard_index"]) for m in manifest["shards"])
             raise ckpt.CheckpointError(f"{path} is a checkpoint of shard {held} of {manifest['store']['num_shards']} "
                                        "alone (a standalone shard's base): a store restores from a checkpoint of "
-                                       "all its shards", path)
+                                       "every shard", path)
         with self._cut_lock:
             version = self._next_generation()
             t0 = time.monotonic()

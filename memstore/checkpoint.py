@@ -320,7 +320,14 @@ def prune_checkpoints(root: Path | str, keep: int = 2, *, remove_staging: bool =
     if remove_staging:
         doomed += [p for p in root.glob(f"*{_STAGING}*") if p.is_dir()]
     for p in doomed:
-        shutil.rmtree(p, ignore_errors=True)
+        # Renamed aside first: a crash mid-delete (MANIFEST may go first) leaves a staging
+        # leftover, which remove_staging clears, not a ckpt-<n> that nothing would remove.
+        aside = p if _STAGING in p.name else p.with_name(f"{p.name}{_STAGING}deleted-{uuid.uuid4().hex}")
+        try:
+            os.rename(p, aside)
+        except FileNotFoundError:
+            continue
+        shutil.rmtree(aside, ignore_errors=True)
     return doomed
 
 

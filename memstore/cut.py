@@ -54,7 +54,7 @@ class WriteGate:
                     self._released.clear()
                     self._cond.notify_all()
                     break
-                self._cond.wait(timeout=left)
+                self._cond.wait(timeout=left if left < threading.TIMEOUT_MAX else None)  # inf: no lease
             self._active += 1
         applied = [False]
         try:
@@ -72,7 +72,8 @@ class WriteGate:
     def freeze(self, timeout_s: float = 60.0, lease_s: float = FREEZE_LEASE_S) -> dict[str, tuple[int, int]]:
         """Holds back new writes, waits for running ones, returns {group: (parts, applied)}.
         Unless unfrozen first, the freeze lapses after lease_s (a cut whose coordinator died
-        must not stop the shard's writes for good; the cut itself then fails its checks)."""
+        must not stop the shard's writes for good; the cut itself then fails its checks);
+        math.inf for a freeze its own thread ends (memstore.durable)."""
         with self._cond:
             self._frozen = True
             self._lease_until = time.monotonic() + lease_s

@@ -19,13 +19,19 @@ until base g' is committed, base g and the logs since it (g' among them) hold ev
 after that, base g' and the logs from g'. A failed compaction (say, a full disk) leaves the
 old base and every log in place and is tried again later, with a growing pause.
 
-A compaction needs memory for a copy of the shard's tables while it runs, as a store's
-checkpoint on Ray does. Threads: one watches the log's size and compacts.
+A compaction starts only with room on the disk for its base and some log besides (a base
+that filled the disk would fail writes), and not on a log that has failed. It needs memory
+for a copy of the shard's tables while it runs, as a store's checkpoint on Ray does.
+One process serves a data dir: it holds an flock on its LOCK file. Threads: one watches the
+log's size and compacts.
 """
 
 from __future__ import annotations
 
+import fcntl
 import logging
+import math
+import os
 import shutil
 import threading
 import time
@@ -33,15 +39,23 @@ from pathlib import Path
 
 from memstore import checkpoint, wal
 from memstore.engine import ShardEngine
+from memstore.errors import MemStoreError
 from memstore.snapshot import ShardFreeze, snapshot_shard
 
 log = logging.getLogger("memstore.durable")
 
 BASE_DIR = "base"
+LOCK_FILE = "LOCK"  # held (flock) by the one process serving the directory
 # The least log that "auto" compacts: below it a replay takes about as long as loading a base.
 MIN_COMPACT_BYTES = 64 << 20
 WATCH_S = 0.5  # how often the log's size is looked at
 RETRY_S = (10.0, 600.0)  # the pause after a failed compaction: first, and at most (doubling)
+# Free disk a compaction wants beyond its base's size (the log keeps growing while it writes).
+ROOM_BYTES, ROOM_FRACTION = 64 << 20, 0.1
+
+
+class NoRoom(MemStoreError):
+    """Too little free disk for a compaction's base: it is not started (nothing changes)."""
 
 
 class DurableShard:
@@ -68,17 +82,26 @@ class DurableShard:
         self._lock = threading.Lock()  # one compaction at a time
         self._stop = threading.Event()
         self._watcher: threading.Thread | None = None
+        self._lock_fd = -1  # the directory's LOCK file, flocked while this shard serves it
 
     def recover(self) -> wal.ReplayStats:
         """Loads the base into the engine, replays the logs since, journals to the newest log
-        from now on and starts the compaction watcher. Leftovers of an interrupted compaction
-        (a staging directory, logs older than the base) are removed."""
+        from now on and starts the compaction watcher. Takes the directory's lock first (one
+        process per data dir), and removes what an interrupted compaction left once the base
+        has loaded: other bases, staging directories, logs older than the base."""
         self.directory.mkdir(parents=True, exist_ok=True)
-        checkpoint.prune_checkpoints(self.base_root, keep=1, remove_staging=True)
+        self._lock_directory()
         base = checkpoint.latest_checkpoint(self.base_root)
         if base is not None:
             self.since = int(checkpoint.read_manifest(base)["store"]["version"])
             checkpoint.load_shard(base, self.engine.shard_index, self.engine.num_shards, engine=self.engine)
+        for p in self.base_root.iterdir() if self.base_root.is_dir() else ():
+            if p == base or p.name == checkpoint.LATEST:
+                continue
+            if p.is_dir():
+                shutil.rmtree(p)
+            else:
+                p.unlink()
         wal.prune_wal(self.directory, self.since)
         stats = wal.replay_into(self.engine, wal.replay_dir(self.directory, since=self.since))
         self.generation = max((g for g, _ in wal.wal_files(self.directory)), default=self.since)
@@ -91,12 +114,25 @@ class DurableShard:
             self._watcher.start()
         return stats
 
+    def _lock_directory(self) -> None:
+        fd = os.open(self.directory / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 64).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise RuntimeError(f"{self.directory} is in use by another process (pid {holder}): one shard "
+                               "process per data dir") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._lock_fd = fd
+
     def log_bytes(self) -> int:
-        """Bytes of log a restart would replay now."""
+        """Bytes of records a restart would replay now (the logs' headers not counted)."""
         total = 0
         for g, path in wal.wal_files(self.directory):
             try:
-                total += path.stat().st_size if g >= self.since else 0
+                total += max(0, path.stat().st_size - len(wal.MAGIC)) if g >= self.since else 0
             except FileNotFoundError:  # pruned by a compaction meanwhile
                 pass
         return total
@@ -111,9 +147,14 @@ class DurableShard:
         """Writes a base of the tables as they are now and deletes what it replaces; returns
         the base's directory. On failure, raises, and the previous base and every log stay."""
         with self._lock:
+            if (error := self.log.failed) is not None:
+                raise wal.WalError(f"the log {self.log.path} failed ({error}): nothing to compact until a restart")
+            self._check_room(sum(t.row_bytes + t.state_bytes for t in self.engine.tables()))
             t0 = time.monotonic()
             generation = self.generation + 1
-            self.engine.gate.freeze()  # no write runs from here, table creates and drops included
+            # No write runs from here, table creates and drops included, and no lease: a
+            # lapsed freeze would let a create into the old log, which this deletes.
+            self.engine.gate.freeze(lease_s=math.inf)
             try:
                 with ShardFreeze(self.engine) as freeze:
                     copy = snapshot_shard(self.engine, freeze=freeze)
@@ -139,17 +180,28 @@ class DurableShard:
                      copy.nbytes / 2**20, time.monotonic() - t0, held_s * 1e3, len(removed), len(logs))
             return base
 
+    def _check_room(self, nbytes: int) -> None:
+        """Raises NoRoom unless the disk has room for a base of `nbytes` and some log besides:
+        a base that fills the disk would fail log appends, i.e. writes."""
+        need = nbytes + ROOM_BYTES + int(ROOM_FRACTION * nbytes)
+        free = shutil.disk_usage(self.directory).free
+        if free < need:
+            raise NoRoom(f"a base of {nbytes / 2**20:,.0f} MiB needs {need / 2**20:,.0f} MiB free "
+                         f"on {self.directory}, {free / 2**20:,.0f} MiB are: not compacting (the log keeps "
+                         "every write meanwhile)")
+
     def _watch(self) -> None:
         pause = 0.0
         while not self._stop.wait(WATCH_S + pause):
             try:
-                if self.log_bytes() >= self.threshold():
+                if self.log.failed is None and self.log_bytes() >= self.threshold():
                     self.compact()
                 pause = 0.0
             except Exception as e:  # keep serving on the log; the old base and logs still hold all
                 pause = min(RETRY_S[1], max(RETRY_S[0], 2 * pause))
+                expected = isinstance(e, (OSError, MemStoreError))  # a full disk, a bad file: no traceback
                 log.warning("shard %d: compacting the log failed (%s: %s); trying again in %.0f s",
-                            self.engine.shard_index, type(e).__name__, e, pause)
+                            self.engine.shard_index, type(e).__name__, e, pause, exc_info=not expected)
 
     def close(self) -> None:
         """Stops the watcher (after a compaction under way) and closes the log."""
@@ -159,3 +211,6 @@ class DurableShard:
         with self._lock:
             if self.log is not None:
                 self.log.close()
+            if self._lock_fd >= 0:
+                fd, self._lock_fd = self._lock_fd, -1
+                os.close(fd)  # and with it the flock

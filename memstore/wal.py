@@ -44,7 +44,9 @@ Sync modes: "always" — every append writes and fdatasyncs before it returns (a
 on the disk); "group" — every append writes, then waits for an fdatasync that started after its
 write: one waiting thread (the leader) syncs for all, after waiting up to group_window_s for
 appenders still encoding; "none" — written to the page cache only: survives a killed process,
-not a machine crash. After an I/O error the log refuses further appends (WalError): what
+not a machine crash. An append whose write fails (a full disk) is cut back off the file and
+raises WalError: that write is not applied, and later appends go on once there is room. After
+a failed fdatasync (or a failed cut) the log refuses every further append (WalError): what
 reached the disk is no longer known.
 
 Relies on msgpack, numpy and torch only; no Ray, no gRPC.
@@ -257,16 +259,23 @@ class WriteAheadLog:
         self._durable.notify_all()  # group appenders waiting for a leader's sync: this one counts
 
     def _write(self, head: bytes, payload: bytes) -> None:
+        """Writes one frame, or none: a failed write (a full disk) is cut off again and fails
+        this append only; the log fails for good only when that cut fails too."""
         start = os.lseek(self._fd, 0, os.SEEK_END)
         try:
             _writev_all(self._fd, [head, payload])
         except OSError as e:
-            self._error = e
-            try:  # leave no partial frame for the next generation of appends to follow
+            try:  # leave no partial frame for later appends to follow
                 os.ftruncate(self._fd, start)
             except OSError:
-                pass
+                self._error = e
             raise WalError(f"write to {self._path} failed: {e}") from e
+
+    @property
+    def failed(self) -> BaseException | None:
+        """The I/O error that stopped the log for good (a failed fdatasync), if any."""
+        with self._lock:
+            return self._error
 
     def _check_usable(self) -> None:
         if self._error is not None:

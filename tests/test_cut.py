@@ -161,3 +161,23 @@ def test_a_freeze_nobody_ends_lapses_after_its_lease():
     with gate.write("g", 1) as applied:  # waits out the lease, then passes
         applied[0] = True
     assert 0.25 < time.monotonic() - t0 < 5 and not gate.frozen
+
+
+def test_a_freeze_without_a_lease_holds_writes_until_it_is_ended():
+    import math
+
+    gate = WriteGate()
+    gate.freeze(lease_s=math.inf)  # a freeze its own thread ends (a standalone shard's compaction)
+    done = threading.Event()
+
+    def write() -> None:
+        with gate.write("g", 1) as applied:
+            applied[0] = True
+        done.set()
+
+    writer = threading.Thread(target=write)
+    writer.start()
+    assert not done.wait(0.5) and gate.frozen
+    gate.unfreeze(forget=False)
+    writer.join(5)
+    assert done.is_set()

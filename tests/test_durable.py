@@ -2,14 +2,17 @@
 
 Run: python -m pytest tests/test_durable.py -q
 
-Real files under tmp_path. A "crash" is a second engine recovering from the directory while the
-first still holds it open: with sync "always" every acknowledged write is on disk by then, and
-nothing the first would do at a clean shutdown has run. `memstore serve --data-dir` processes
+Real files under tmp_path. A "crash" is a copy of the directory taken while its shard still
+serves it, recovered by a second engine: with sync "always" every acknowledged write is on disk
+by then, and nothing the first would do at a clean shutdown has run. `memstore serve --data-dir` processes
 killed with SIGKILL mid-compaction are in tests/test_serve_cli.py.
 """
 
 from __future__ import annotations
 
+import os
+import resource
+import shutil
 import threading
 import time
 
@@ -21,8 +24,14 @@ from memstore import checkpoint as ck
 from memstore import wal
 from memstore.durable import DurableShard
 from memstore.engine import ShardEngine
-from memstore.spec import TableSpec
+from memstore.spec import OptimizerSpec, TableSpec
 from test_checkpoint import SPECS, assert_same_tables, drive  # tests/ is on sys.path under pytest
+
+
+def crashed(directory, into) -> "os.PathLike":
+    """The directory's files as a crash would leave them now (its shard keeps serving the original)."""
+    shutil.copytree(directory, into)
+    return into
 
 
 def open_shard(directory, shard_index: int = 0, num_shards: int = 1, **kw) -> DurableShard:
@@ -45,7 +54,8 @@ def bases(directory) -> list[str]:
 
 
 def test_a_compacted_shard_recovers_every_write_from_its_base_and_the_log_since(tmp_path):
-    first = open_shard(tmp_path, compact_bytes=0)  # compacted by hand here
+    d = tmp_path / "shard"
+    first = open_shard(d, compact_bytes=0)  # compacted by hand here
     for spec in SPECS:
         first.engine.create_table(spec)
     drive([first.engine], steps=3, seed=1)
@@ -53,12 +63,12 @@ def test_a_compacted_shard_recovers_every_write_from_its_base_and_the_log_since(
     base = first.compact()
     assert base.name == "ckpt-1" and ck.read_manifest(base)["kind"] == ck.SHARD_KIND
     # The logs before the base are gone; what a restart replays is the new, empty log.
-    assert [g for g, _ in wal.wal_files(tmp_path)] == [1] and first.log_bytes() < before // 100
+    assert [g for g, _ in wal.wal_files(d)] == [1] and first.log_bytes() < before // 100
     drive([first.engine], steps=2, seed=2)
     gone = TableSpec("gone", num_rows=30, dim=2)
     first.engine.create_table(gone)
     first.engine.drop_table("gone")
-    second = open_shard(tmp_path, compact_bytes=0)
+    second = open_shard(crashed(d, tmp_path / "crash"), compact_bytes=0)
     try:
         assert_same_shard(first.engine, second.engine)
         # A retried update (its id remembered from before the base) applies nowhere.
@@ -73,7 +83,8 @@ def test_a_compacted_shard_recovers_every_write_from_its_base_and_the_log_since(
 
 
 def test_a_base_of_one_shard_is_read_back_into_that_shard_only(tmp_path):
-    durable = open_shard(tmp_path, shard_index=1, num_shards=2, compact_bytes=0)
+    d = tmp_path / "shard"
+    durable = open_shard(d, shard_index=1, num_shards=2, compact_bytes=0)
     try:
         for spec in SPECS:
             durable.engine.create_table(spec)
@@ -89,7 +100,8 @@ def test_a_base_of_one_shard_is_read_back_into_that_shard_only(tmp_path):
 
 
 def test_a_failed_compaction_keeps_the_old_base_and_every_log(tmp_path):
-    first = open_shard(tmp_path, compact_bytes=0)
+    d = tmp_path / "shard"
+    first = open_shard(d, compact_bytes=0)
     try:
         for spec in SPECS:
             first.engine.create_table(spec)
@@ -97,22 +109,22 @@ def test_a_failed_compaction_keeps_the_old_base_and_every_log(tmp_path):
         first.compact()
         drive([first.engine], steps=2, seed=2)
         # The next base's directory cannot be made: a file holds its name.
-        blocker = ck.checkpoint_dir(tmp_path / "base", 2)
+        blocker = ck.checkpoint_dir(d / "base", 2)
         blocker.write_text("")
         with pytest.raises(ck.CheckpointError, match="already exists"):
             first.compact()
-        assert bases(tmp_path) == ["LATEST", "ckpt-1", "ckpt-2"]  # no staging left behind
-        assert [g for g, _ in wal.wal_files(tmp_path)] == [1, 2]  # the log rotated; both kept
+        assert bases(d) == ["LATEST", "ckpt-1", "ckpt-2"]  # no staging left behind
+        assert [g for g, _ in wal.wal_files(d)] == [1, 2]  # the log rotated; both kept
         drive([first.engine], steps=2, seed=3)  # writes go on, into log 2
         blocker.unlink()
-        second = open_shard(tmp_path, compact_bytes=0)  # from base 1 and logs 1 and 2
+        second = open_shard(crashed(d, tmp_path / "crash-1"), compact_bytes=0)  # base 1, logs 1 and 2
         assert second.since == 1
         assert_same_shard(first.engine, second.engine)
         second.close()
         # The next compaction takes a generation never used before.
         assert first.compact().name == "ckpt-3"
-        assert bases(tmp_path) == ["LATEST", "ckpt-3"] and [g for g, _ in wal.wal_files(tmp_path)] == [3]
-        third = open_shard(tmp_path, compact_bytes=0)
+        assert bases(d) == ["LATEST", "ckpt-3"] and [g for g, _ in wal.wal_files(d)] == [3]
+        third = open_shard(crashed(d, tmp_path / "crash-2"), compact_bytes=0)
         assert_same_shard(first.engine, third.engine)
         third.close()
     finally:
@@ -122,7 +134,8 @@ def test_a_failed_compaction_keeps_the_old_base_and_every_log(tmp_path):
 def test_the_log_is_compacted_in_the_background_under_concurrent_writes(tmp_path):
     """Compaction past a tiny threshold, twice or more, while two threads update and one
     creates and drops tables: a recovery then equals the live shard bit for bit."""
-    durable = open_shard(tmp_path, compact_bytes=1)
+    d = tmp_path / "shard"
+    durable = open_shard(d, compact_bytes=1)
     engine = durable.engine
     for spec in SPECS:
         engine.create_table(spec)
@@ -161,7 +174,7 @@ def test_the_log_is_compacted_in_the_background_under_concurrent_writes(tmp_path
     try:
         assert not errors, errors
         assert durable.compactions >= 2
-        again = open_shard(tmp_path, compact_bytes=0)
+        again = open_shard(crashed(d, tmp_path / "crash"), compact_bytes=0)
         try:
             specs = [t.spec for t in engine.tables()]
             assert_same_shard(engine, again.engine, specs)
@@ -174,25 +187,101 @@ def test_the_log_is_compacted_in_the_background_under_concurrent_writes(tmp_path
 def test_a_data_dir_of_logs_only_is_compacted_when_served_again(tmp_path):
     """A data dir written before compaction existed (logs only) recovers as before, and the
     watcher compacts it once it is over the threshold."""
-    log = wal.WriteAheadLog(wal.wal_path(tmp_path, 0))
+    d = tmp_path / "shard"
+    d.mkdir()
+    log = wal.WriteAheadLog(wal.wal_path(d, 0))
     engine = ShardEngine(0, 1)
     engine.journal = log.append
     for spec in SPECS:
         engine.create_table(spec)
     drive([engine], steps=2, seed=4)
     log.close()
-    durable = open_shard(tmp_path, compact_bytes=1)
+    durable = open_shard(d, compact_bytes=1)
     try:
         assert_same_shard(engine, durable.engine)
         deadline = time.monotonic() + 30
         while not durable.compactions and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert durable.compactions and bases(tmp_path)[0] == "LATEST"
-        assert [g for g, _ in wal.wal_files(tmp_path)] == [durable.since]
+        assert durable.compactions and bases(d)[0] == "LATEST"
+        assert [g for g, _ in wal.wal_files(d)] == [durable.since]
     finally:
         durable.close()
-    again = open_shard(tmp_path, compact_bytes=0)
+    again = open_shard(d, compact_bytes=0)
     try:
         assert_same_shard(engine, again.engine)
     finally:
         again.close()
+
+
+def test_one_process_serves_a_data_dir(tmp_path):
+    first = open_shard(tmp_path, compact_bytes=0)
+    try:
+        with pytest.raises(RuntimeError, match=rf"is in use by another process \(pid {os.getpid()}\)"):
+            open_shard(tmp_path, compact_bytes=0)
+    finally:
+        first.close()
+    open_shard(tmp_path, compact_bytes=0).close()  # free again once closed
+
+
+def test_a_compaction_the_disk_refuses_changes_nothing_and_writes_go_on(tmp_path):
+    """Base files the disk will not take (the file size limit: EFBIG, as a full disk gives
+    ENOSPC): the compaction fails and leaves no base, writes go on into the log, a crash
+    then recovers them all, and the next compaction, with room, succeeds."""
+    d = tmp_path / "shard"
+    spec = TableSpec("big", num_rows=20_000, dim=8, optimizer=OptimizerSpec("adam"))  # 640 KB of rows
+    first = open_shard(d, compact_bytes=0)
+    try:
+        first.engine.create_table(spec)
+        drive([first.engine], steps=2, seed=1, specs=[spec])
+        soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (256 << 10, hard))
+        try:
+            with pytest.raises(OSError, match="File too large"):
+                first.compact()
+            drive([first.engine], steps=2, seed=2, specs=[spec])  # small records: the log takes them
+        finally:
+            resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        assert bases(d) == [] and [g for g, _ in wal.wal_files(d)] == [0, 1] and first.log.failed is None
+        second = open_shard(crashed(d, tmp_path / "crash"), compact_bytes=0)
+        assert_same_shard(first.engine, second.engine, [spec])
+        second.close()
+        assert first.compact().name == "ckpt-2" and bases(d) == ["LATEST", "ckpt-2"]
+    finally:
+        first.close()
+
+
+def test_recovery_clears_what_an_interrupted_compaction_left(tmp_path):
+    """A crash mid-delete of the old base (its MANIFEST may go first), a staging directory,
+    a LATEST being replaced: recovery keeps the base LATEST names and removes the rest."""
+    d = tmp_path / "shard"
+    first = open_shard(d, compact_bytes=0)
+    for spec in SPECS:
+        first.engine.create_table(spec)
+    drive([first.engine], steps=2, seed=1)
+    base = first.compact()
+    first.close()
+    shutil.copytree(base, d / "base" / "ckpt-0")
+    (d / "base" / "ckpt-0" / ck.MANIFEST).unlink()
+    (d / "base" / "ckpt-2.tmp-0123").mkdir()
+    (d / "base" / "LATEST.tmp-4567").write_text("ckpt-2\n")
+    again = open_shard(d, compact_bytes=0)
+    try:
+        assert bases(d) == ["LATEST", base.name]
+        assert_same_shard(first.engine, again.engine)
+    finally:
+        again.close()
+
+
+def test_no_compaction_starts_without_room_for_its_base(tmp_path, monkeypatch):
+    from memstore import durable as durable_module
+
+    d = tmp_path / "shard"
+    first = open_shard(d, compact_bytes=0)
+    try:
+        first.engine.create_table(SPECS[0])
+        monkeypatch.setattr(durable_module, "ROOM_BYTES", shutil.disk_usage(d).free + (1 << 30))
+        with pytest.raises(durable_module.NoRoom, match="MiB free on .*not compacting"):
+            first.compact()
+        assert [g for g, _ in wal.wal_files(d)] == [0] and bases(d) == [] and not first.engine.gate.frozen
+    finally:
+        first.close()

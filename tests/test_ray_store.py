@@ -14,6 +14,7 @@ import time
 import numpy as np
 import pytest
 import ray
+import torch
 from ray.cluster_utils import Cluster
 
 from cluster import store
@@ -167,6 +168,15 @@ def test_checkpoint_restore_and_reshard(engram_store, tmp_path):
     # The same checkpoint into a store of another shard count.
     store.deploy("resharded", 3, [])
     try:
+        # The base of a standalone store's one shard is a whole cut: a store of 3 restores it.
+        single = DurableShard(ShardEngine(0, 1), tmp_path / "single", compact_bytes=0)
+        single.recover()
+        single.engine.create_table(spec)
+        single.engine.assign("ckpt", np.arange(3_001), torch.from_numpy(at_checkpoint[::-1].copy()), False)
+        store.restore("resharded", str(single.compact()))
+        single.close()
+        with MemStoreClient.connect("resharded") as three:
+            np.testing.assert_array_equal(three.lookup("ckpt", np.arange(3_001)), at_checkpoint[::-1])
         store.restore("resharded", facts["path"])
         with MemStoreClient.connect("resharded") as three:
             assert three.num_shards == 3

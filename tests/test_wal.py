@@ -9,6 +9,7 @@ record with the version the engine returned); replayed engines must end bit-iden
 from __future__ import annotations
 
 import os
+import resource
 import threading
 
 import msgpack
@@ -351,3 +352,26 @@ def test_a_restarted_shard_counts_the_call_parts_it_applied_before_it_died(tmp_p
     assert torch.equal(restarted.table("t").rows, b.table("t").rows)
     _, completed, abandoned = take_cut([a.gate, restarted.gate], lambda: None, deadline_s=0.5)
     assert (completed, abandoned) == ([], []), "the restarted shard's gate lost (or invented) a part"
+
+
+def test_a_write_the_disk_refuses_fails_that_append_only(tmp_path):
+    """A full disk (here: the file size limit, EFBIG) mid-frame: the partial frame is cut off,
+    that append fails, and the log takes the next ones once there is room again."""
+    path = tmp_path / "wal-0.log"
+    rng = np.random.default_rng(9)
+    records = [sample_record(rng, n=64) for _ in range(4)]
+    log = wal.WriteAheadLog(path)
+    for r in records[:2]:
+        log.append(r)
+    size = os.path.getsize(path)
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (size + 100, hard))  # room for 100 bytes of a ~1.3 KB frame
+    try:
+        with pytest.raises(wal.WalError, match="File too large"):
+            log.append(records[2])
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    assert os.path.getsize(path) == size and log.failed is None
+    log.append(records[3])
+    log.close()
+    assert list(wal.replay(path)) == [as_plain(r) for r in (records[0], records[1], records[3])]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import signal
 import socket
 import threading
@@ -26,7 +27,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                                  "compacted into a checkpoint of the shard as it grows; on start, load that and "
                                  "replay the log since, so a killed or crashed shard comes back with every "
                                  "acknowledged write (default: none, the rows live in memory only)")
-    durability.add_argument("--wal-sync", choices=("always", "group", "none"), default="always",
+    durability.add_argument("--wal-sync", choices=("always", "group", "none"),
                             help="with --data-dir: fsync per write (default), shared fsyncs, or page cache only")
     durability.add_argument("--compact-log-bytes", type=_size, default=None, metavar="BYTES",
                             help="with --data-dir: compact once the log since the last compaction holds this "
@@ -53,6 +54,8 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--port must be in 0..65535, got {args.port}")
     if args.metrics_port is not None and not 0 <= args.metrics_port < 65536:
         raise ValueError(f"--metrics-port must be in 0..65535, got {args.metrics_port}")
+    if not args.data_dir and (args.wal_sync or args.compact_log_bytes is not None):
+        raise ValueError("--wal-sync and --compact-log-bytes apply to a shard with --data-dir only")
     if args.port:
         _check_bindable(args.host, args.port)
     if args.torch_threads < 0:
@@ -96,25 +99,23 @@ def _recover(engine, args: argparse.Namespace):
     if others and not any(directory.iterdir()):
         raise ValueError(f"{args.data_dir} holds the data of another shard count ({', '.join(others)}), "
                          f"none of shard {args.shard_index} of {args.num_shards}")
-    durable = DurableShard(engine, directory, sync=args.wal_sync, compact_bytes=args.compact_log_bytes)
+    durable = DurableShard(engine, directory, sync=args.wal_sync or "always", compact_bytes=args.compact_log_bytes)
     durable.recover()
     return durable
 
 
 def _size(text: str) -> int | None:
-    """A byte count with an optional K, M or G (powers of 1024), or "auto" (None)."""
+    """A whole number of bytes, with an optional K, M or G (powers of 1024, "KiB" and "KB" too),
+    or "auto" (None)."""
     if text.strip().lower() == "auto":
         return None
-    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
-    t = text.strip().lower().removesuffix("ib").removesuffix("b")
-    scale = units.get(t[-1:], 1)
-    try:
-        n = int(float(t[:-1] if t[-1:] in units else t) * scale)
-    except (ValueError, OverflowError):
-        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 512M, 4G, 0 or auto)") from None
-    if n < 0:
-        raise argparse.ArgumentTypeError(f"a size must be >= 0, got {text!r}")
-    return n
+    m = re.fullmatch(r"\s*(\d+(?:\.\d*)?)\s*(?:([kmg])(?:i?b)?|b)?\s*", text.lower())
+    if m is None:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 512M, 4G, 0 or auto)")
+    value = float(m.group(1)) * {None: 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}[m.group(2)]
+    if value != int(value):
+        raise argparse.ArgumentTypeError(f"not a whole number of bytes: {text!r}")
+    return int(value)
 
 
 def _check_bindable(host: str, port: int) -> None:
