@@ -68,6 +68,7 @@ class _ShardActor:
         self.generation = max(generations, default=recovery["wal_since"])
         self.wal = wal.WriteAheadLog(wal.wal_path(self.wal_dir, self.generation), sync=wal_sync)
         self.engine.journal = self.wal.append
+        self.engine.log_state = self._log_state
         self._snapshot = None  # taken at a cut, written after it
         self._restore = None  # a checkpoint's tables loaded for a restore, swapped in at its cut
         self._progress = (0, 0)  # (done, total) bytes of the checkpoint write or restore under way
@@ -92,6 +93,11 @@ class _ShardActor:
         from memstore import wal
 
         return sum(p.stat().st_size for g, p in wal.wal_files(self.wal_dir) if g >= since)
+
+    def _log_state(self) -> dict:
+        """memstore.v1.LogState's fields: for the shard's Stats, health and metrics."""
+        failed = self.wal.failed
+        return {"bytes": self.log_bytes(0), "failed": f"{type(failed).__name__}: {failed}" if failed else ""}
 
     def create_table(self, spec: dict) -> None:
         from memstore.spec import TableSpec

@@ -78,7 +78,8 @@ class DurableShard:
         self.generation = 0  # the log generation being written
         self.log: wal.WriteAheadLog | None = None
         self.compactions = 0
-        self.last_compaction: dict = {}  # seconds, held_s (writes waiting), bytes of the last one
+        self.last_compaction: dict = {}  # seconds, held_s (writes waiting), bytes, ended (unix) of the last one
+        self.compaction_error = ""  # why the last attempt failed; "" when it succeeded
         self._lock = threading.Lock()  # one compaction at a time
         self._stop = threading.Event()
         self._watcher: threading.Thread | None = None
@@ -107,6 +108,7 @@ class DurableShard:
         self.generation = max((g for g, _ in wal.wal_files(self.directory)), default=self.since)
         self.log = wal.WriteAheadLog(wal.wal_path(self.directory, self.generation), sync=self.sync)
         self.engine.journal = self.log.append
+        self.engine.log_state = self.state
         log.info("shard %d: recovered from %s and %d writes (%d tables created or dropped) of the log since",
                  self.engine.shard_index, base or "no base", stats.applied, stats.tables)
         if self.compact_bytes != 0:
@@ -143,42 +145,62 @@ class DurableShard:
         tables = self.engine.tables()
         return max(MIN_COMPACT_BYTES, sum(t.row_bytes + t.state_bytes for t in tables))
 
+    def state(self) -> dict:
+        """memstore.v1.LogState's fields: for the shard's Stats, health and metrics."""
+        failed, last = self.log.failed if self.log is not None else None, self.last_compaction
+        return {"bytes": self.log_bytes(), "failed": f"{type(failed).__name__}: {failed}" if failed else "",
+                "compactions": self.compactions,
+                "last_compaction_age_s": max(1e-3, time.time() - last["ended"]) if last else 0.0,
+                "last_compaction_s": last.get("seconds", 0.0), "last_held_s": last.get("held_s", 0.0),
+                "compaction_error": self.compaction_error}
+
     def compact(self) -> Path:
         """Writes a base of the tables as they are now and deletes what it replaces; returns
         the base's directory. On failure, raises, and the previous base and every log stay."""
         with self._lock:
-            if (error := self.log.failed) is not None:
-                raise wal.WalError(f"the log {self.log.path} failed ({error}): nothing to compact until a restart")
-            self._check_room(sum(t.row_bytes + t.state_bytes for t in self.engine.tables()))
-            t0 = time.monotonic()
-            generation = self.generation + 1
-            # No write runs from here, table creates and drops included, and no lease: a
-            # lapsed freeze would let a create into the old log, which this deletes.
-            self.engine.gate.freeze(lease_s=math.inf)
             try:
-                with ShardFreeze(self.engine) as freeze:
-                    copy = snapshot_shard(self.engine, freeze=freeze)
-                    self.log.rotate(wal.wal_path(self.directory, generation))
-                self.generation = generation
-            finally:
-                self.engine.gate.unfreeze(forget=False)  # groups matter to a store's cuts only
-            held_s = time.monotonic() - t0
-            staging = checkpoint.begin_checkpoint(checkpoint.checkpoint_dir(self.base_root, generation))
-            try:
-                summary = checkpoint.write_shard(copy, staging)
-                base = checkpoint.commit_shard_checkpoint(staging, summary, {"version": generation})
-            except BaseException:
-                shutil.rmtree(staging, ignore_errors=True)
+                base = self._compact()
+            except Exception as e:
+                self.compaction_error = f"{type(e).__name__}: {e}"
                 raise
-            self.since = generation
-            removed = checkpoint.prune_checkpoints(self.base_root, keep=1)
-            logs = wal.prune_wal(self.directory, generation)
-            self.compactions += 1
-            self.last_compaction = {"seconds": time.monotonic() - t0, "held_s": held_s, "bytes": copy.nbytes}
-            log.info("shard %d: compacted its log into base %d (%.1f MiB) in %.2f s, writes held %.0f ms; "
-                     "removed %d older bases and %d logs", self.engine.shard_index, generation,
-                     copy.nbytes / 2**20, time.monotonic() - t0, held_s * 1e3, len(removed), len(logs))
+            self.compaction_error = ""
             return base
+
+    def _compact(self) -> Path:
+        """compact(), under its lock."""
+        if (error := self.log.failed) is not None:
+            raise wal.WalError(f"the log {self.log.path} failed ({error}): nothing to compact until a restart")
+        self._check_room(sum(t.row_bytes + t.state_bytes for t in self.engine.tables()))
+        t0 = time.monotonic()
+        generation = self.generation + 1
+        # No write runs from here, table creates and drops included, and no lease: a
+        # lapsed freeze would let a create into the old log, which this deletes.
+        self.engine.gate.freeze(lease_s=math.inf)
+        try:
+            with ShardFreeze(self.engine) as freeze:
+                copy = snapshot_shard(self.engine, freeze=freeze)
+                self.log.rotate(wal.wal_path(self.directory, generation))
+            self.generation = generation
+        finally:
+            self.engine.gate.unfreeze(forget=False)  # groups matter to a store's cuts only
+        held_s = time.monotonic() - t0
+        staging = checkpoint.begin_checkpoint(checkpoint.checkpoint_dir(self.base_root, generation))
+        try:
+            summary = checkpoint.write_shard(copy, staging)
+            base = checkpoint.commit_shard_checkpoint(staging, summary, {"version": generation})
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        self.since = generation
+        removed = checkpoint.prune_checkpoints(self.base_root, keep=1)
+        logs = wal.prune_wal(self.directory, generation)
+        self.compactions += 1
+        self.last_compaction = {"seconds": time.monotonic() - t0, "held_s": held_s, "bytes": copy.nbytes,
+                                "ended": time.time()}
+        log.info("shard %d: compacted its log into base %d (%.1f MiB) in %.2f s, writes held %.0f ms; "
+                 "removed %d older bases and %d logs", self.engine.shard_index, generation,
+                 copy.nbytes / 2**20, time.monotonic() - t0, held_s * 1e3, len(removed), len(logs))
+        return base
 
     def _check_room(self, nbytes: int) -> None:
         """Raises NoRoom unless the disk has room for a base of `nbytes` and some log besides:

@@ -37,6 +37,9 @@ class ShardEngine:
         # Where a durable host logs writes (a WriteAheadLog's append): called with each
         # applied write's record inside the gate, before the write is acknowledged.
         self.journal: Callable[[dict], None] | None = None
+        # What that host says about its log, as memstore.v1.LogState's fields (Stats, health,
+        # metrics); None when it keeps none.
+        self.log_state: Callable[[], dict] | None = None
 
     # ---- table management -------------------------------------------------------------
     def create_table(self, spec: TableSpec) -> ShardTable:

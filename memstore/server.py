@@ -119,6 +119,7 @@ class MemStoreServicer:
                                bytes_out=c.bytes_out, bytes_delivered=c.bytes_delivered, **c.window(now, window_s))
                 for name, c in self._counters.items()
             ]
+        log = self.engine.log_state() if self.engine.log_state is not None else None
         return pb.StatsResponse(
             shard_index=self.engine.shard_index,
             num_shards=self.engine.num_shards,
@@ -128,6 +129,7 @@ class MemStoreServicer:
             rss_bytes=_rss_bytes(),
             mapped_segments=len(self.segments),
             mapped_segment_bytes=self.segments.mapped_bytes,
+            **({"log": pb.LogState(**log)} if log is not None else {}),
         )
 
     def TableStats(self, request: pb.TableStatsRequest, context) -> pb.TableStatsResponse:
@@ -404,6 +406,22 @@ def add_servicer(servicer: MemStoreServicer, server: grpc.Server) -> None:
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
 
 
+class _Health(health.HealthServicer):
+    """grpc.health.v1, and NOT_SERVING while the shard's write-ahead log has failed: such a
+    shard refuses every write until it restarts, which a probe should see."""
+
+    def __init__(self, engine: ShardEngine) -> None:
+        super().__init__()
+        self._engine = engine
+
+    def Check(self, request, context):
+        reply = super().Check(request, context)
+        state = self._engine.log_state
+        if reply.status == health_pb2.HealthCheckResponse.SERVING and state is not None and state().get("failed"):
+            return health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.NOT_SERVING)
+        return reply
+
+
 class ShardServer:
     """A running shard: engine, gRPC server and health service, and Prometheus metrics over
     HTTP when metrics_port is given (0 picks a free port). `stop()` drains gracefully."""
@@ -413,7 +431,7 @@ class ShardServer:
         keep_freed_memory()  # reply buffers are reused instead of page-faulted in per request
         self.engine = engine
         self.servicer = MemStoreServicer(engine)
-        self.health = health.HealthServicer()
+        self.health = _Health(engine)
         # so_reuseport off: a second shard started on a taken port must fail, not share it.
         options = CHANNEL_OPTIONS + [("grpc.so_reuseport", 0)]
         self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), options=options)

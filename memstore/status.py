@@ -40,6 +40,8 @@ def shard_status(shard: dict, timeout_s: float = 2.0) -> dict:
         "updates_per_s": methods["Update"].rate_per_s + methods["UpdateMany"].rate_per_s,
         "latency_ms": {name: {"p50": m.p50_ms, "p99": m.p99_ms} for name, m in methods.items() if m.calls},
         "errors": sum(m.errors for m in stats.methods),
+        "log": {"bytes": stats.log.bytes, "failed": stats.log.failed, "compactions": stats.log.compactions,
+                "compaction_error": stats.log.compaction_error} if stats.HasField("log") else None,
     }
 
 

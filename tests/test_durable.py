@@ -285,3 +285,48 @@ def test_no_compaction_starts_without_room_for_its_base(tmp_path, monkeypatch):
         assert [g for g, _ in wal.wal_files(d)] == [0] and bases(d) == [] and not first.engine.gate.frozen
     finally:
         first.close()
+
+
+def test_a_failed_log_makes_the_shard_not_serving_and_says_why(tmp_path):
+    """The disk under the log goes read-only: the write that meets it applies nowhere, the log
+    stops for good, and the shard says so (health NOT_SERVING, Stats, metrics)."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from memstore import ClientConfig, MemStoreClient
+    from memstore.errors import MemStoreError
+    from memstore.server import SERVICE, ShardServer
+
+    durable = open_shard(tmp_path, compact_bytes=0)
+    server = ShardServer(durable.engine, "127.0.0.1", 0).start()
+    spec = TableSpec("t", num_rows=100, dim=4)
+
+    def health() -> str:
+        with grpc.insecure_channel(server.address) as ch:
+            reply = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=SERVICE), timeout=5)
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+
+    metric = server.servicer.metrics.registry.get_sample_value
+    try:
+        with MemStoreClient([server.address], ClientConfig(retry_s=0.5)) as client:
+            client.create_table(spec)
+            client.update("t", np.arange(10), np.ones((10, 4), np.float32), lr=0.1)
+            [stats] = client.stats()
+            assert stats.log.bytes > 0 and stats.log.failed == "" and health() == "SERVING"
+            assert metric("memstore_log_failed") == 0 and metric("memstore_log_bytes") == stats.log.bytes
+            before = client.lookup("t", np.arange(100))
+            read_only = os.open(durable.log.path, os.O_RDONLY)
+            os.dup2(read_only, durable.log._fd)  # writes fail, and so does cutting the failed one off
+            os.close(read_only)
+            with pytest.raises(MemStoreError, match="UNAVAILABLE|failed"):
+                client.update("t", np.arange(10), np.ones((10, 4), np.float32), lr=0.1)
+            np.testing.assert_array_equal(client.lookup("t", np.arange(100)), before)
+            [stats] = client.stats()
+            assert "Bad file descriptor" in stats.log.failed and health() == "NOT_SERVING"
+            assert metric("memstore_log_failed") == 1
+        with pytest.raises(wal.WalError, match="nothing to compact until a restart"):
+            durable.compact()
+        assert "nothing to compact" in durable.state()["compaction_error"]
+    finally:
+        server.stop()
+        durable.close()

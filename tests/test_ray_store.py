@@ -271,6 +271,12 @@ def test_status_is_true_to_the_store(cluster, engram_store):
     assert all(s["rss_bytes"] > s["bytes_held"] for s in doc["shards"])
     assert doc["last_checkpoint"]["version"] == layout["recovery"]["version"]
     assert all(s["log_bytes"] is not None for s in doc["shards"])
+    assert all(s["log"]["failed"] == "" and s["log"]["bytes"] >= 0 for s in doc["shards"])  # each shard's own view
+    from memstore.cli.status import render
+
+    doc["shards"][2]["log"]["failed"] = "OSError: [Errno 30] Read-only file system"
+    assert "shard 2: its write-ahead log failed (OSError: [Errno 30] Read-only file system): it refuses every " \
+           "write until it restarts" in render(doc)
 
 
 def test_shutdown_leaves_no_actor_behind(cluster):

@@ -32,6 +32,10 @@ def render(doc: dict) -> str:
                      f"{s.get('rows', 0):>12,} {_mib(s.get('bytes_held')):>9} {_mib(s.get('rss_bytes')):>8} "
                      f"{_mib(s.get('mapped_segment_bytes')):>8} {s.get('lookups_per_s', 0):>9.1f} "
                      f"{s.get('updates_per_s', 0):>9.1f} {p:>18} {_mib(s['log_bytes']):>8}")
+    for s in doc["shards"]:  # what an operator must act on, under the table
+        if (log := s.get("log")) and log["failed"]:
+            lines.append(f"shard {s['shard_index']}: its write-ahead log failed ({log['failed']}): it refuses every "
+                         "write until it restarts")
     sm, ck = doc["summary"], doc["last_checkpoint"]
     age = f"{ck['age_s']:.0f} s ago" if ck["age_s"] is not None else "none yet"
     lines.append(f"store {doc['store']!r}: {sm['serving']}/{doc['num_shards']} serving, {len(doc['tables'])} tables, "
