@@ -92,7 +92,7 @@ class _ShardActor:
         """Bytes of write-ahead log from generation `since` on (what a restart would replay)."""
         from memstore import wal
 
-        return sum(p.stat().st_size for g, p in wal.wal_files(self.wal_dir) if g >= since)
+        return wal.log_bytes(self.wal_dir, since)
 
     def _log_state(self) -> dict:
         """memstore.v1.LogState's fields: for the shard's Stats, health and metrics."""

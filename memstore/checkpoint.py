@@ -82,6 +82,7 @@ MANIFEST = "MANIFEST.msgpack"
 SHARD_MANIFEST = "shard.msgpack"
 LATEST = "LATEST"
 _STAGING = ".tmp-"
+_DELETED = "deleted-"  # after _STAGING: a checkpoint being deleted (prune_checkpoints)
 # Bytes per write / checksum / copy step: large enough for full disk speed, small enough for
 # smooth progress and a bounded page-cache footprint while copying out of a memory map.
 CHUNK_BYTES = 64 << 20
@@ -317,16 +318,20 @@ def prune_checkpoints(root: Path | str, keep: int = 2, *, remove_staging: bool =
     latest = latest_checkpoint(root)
     complete = [p for _, p in sorted(_numbered_checkpoints(root)) if (p / MANIFEST).is_file()]
     doomed = [p for p in complete[: max(0, len(complete) - keep)] if p != latest]
+    # Deletions a crash interrupted (renamed aside below) go whatever is being written.
+    doomed += [p for p in root.glob(f"*{_STAGING}{_DELETED}*") if p.is_dir()]
     if remove_staging:
-        doomed += [p for p in root.glob(f"*{_STAGING}*") if p.is_dir()]
+        doomed += [p for p in root.glob(f"*{_STAGING}*") if p.is_dir() and p not in doomed]
     for p in doomed:
-        # Renamed aside first: a crash mid-delete (MANIFEST may go first) leaves a staging
-        # leftover, which remove_staging clears, not a ckpt-<n> that nothing would remove.
-        aside = p if _STAGING in p.name else p.with_name(f"{p.name}{_STAGING}deleted-{uuid.uuid4().hex}")
+        # Renamed aside first: a crash mid-delete (MANIFEST may go first) leaves a leftover the
+        # next prune removes, not a ckpt-<n> without MANIFEST that nothing would remove.
+        aside = p if _STAGING in p.name else p.with_name(f"{p.name}{_STAGING}{_DELETED}{uuid.uuid4().hex}")
         try:
             os.rename(p, aside)
         except FileNotFoundError:
             continue
+        except OSError:  # cannot rename (permissions, a mount point): delete in place
+            aside = p
         shutil.rmtree(aside, ignore_errors=True)
     return doomed
 

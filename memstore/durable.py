@@ -90,9 +90,19 @@ class DurableShard:
         from now on and starts the compaction watcher. Takes the directory's lock first (one
         process per data dir), and removes what an interrupted compaction left once the base
         has loaded: other bases, staging directories, logs older than the base."""
+        assert self.log is None, "recover() runs once"
         self.directory.mkdir(parents=True, exist_ok=True)
         self._lock_directory()
-        base = checkpoint.latest_checkpoint(self.base_root)
+        try:
+            return self._recover()
+        except BaseException:
+            os.close(self._lock_fd)  # and with it the flock: the directory is free again
+            self._lock_fd = -1
+            raise
+
+    def _recover(self) -> wal.ReplayStats:
+        """recover(), with the directory's lock held."""
+        base = self._find_base()
         if base is not None:
             self.since = int(checkpoint.read_manifest(base)["store"]["version"])
             checkpoint.load_shard(base, self.engine.shard_index, self.engine.num_shards, engine=self.engine)
@@ -116,6 +126,25 @@ class DurableShard:
             self._watcher.start()
         return stats
 
+    def _find_base(self) -> Path | None:
+        """The base LATEST names; None when there is none and the logs start at generation 0.
+        Raises, deleting nothing, when a base must be there and is not: LATEST names an
+        incomplete one, or the oldest log begins after generation 0 (a base replaced those)."""
+        latest = self.base_root / checkpoint.LATEST
+        name = latest.read_text().strip() if latest.is_file() else ""
+        if name:
+            base = self.base_root / name
+            if not (base / checkpoint.MANIFEST).is_file():
+                raise checkpoint.CheckpointError(f"{latest} names {name}, which is not a complete base: the "
+                                                 f"shard cannot recover its tables from {self.directory}", base)
+            return base
+        logs = wal.wal_files(self.directory)
+        if logs and logs[0][0] > 0:
+            raise checkpoint.CheckpointError(f"{self.directory}'s oldest log is generation {logs[0][0]} but there is "
+                                             f"no base ({latest} is missing): the writes before it are gone",
+                                             self.directory)
+        return None
+
     def _lock_directory(self) -> None:
         fd = os.open(self.directory / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -125,19 +154,16 @@ class DurableShard:
             os.close(fd)
             raise RuntimeError(f"{self.directory} is in use by another process (pid {holder}): one shard "
                                "process per data dir") from None
+        except BaseException:
+            os.close(fd)
+            raise
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
         self._lock_fd = fd
 
     def log_bytes(self) -> int:
         """Bytes of records a restart would replay now (the logs' headers not counted)."""
-        total = 0
-        for g, path in wal.wal_files(self.directory):
-            try:
-                total += max(0, path.stat().st_size - len(wal.MAGIC)) if g >= self.since else 0
-            except FileNotFoundError:  # pruned by a compaction meanwhile
-                pass
-        return total
+        return wal.log_bytes(self.directory, self.since)
 
     def threshold(self) -> int:
         if self.compact_bytes is not None:

@@ -8,6 +8,7 @@ key, table or shard.
 
 from __future__ import annotations
 
+import logging
 import threading
 from typing import Callable
 
@@ -21,6 +22,8 @@ from memstore.keys import check_key_range, first_non_finite_row
 from memstore.partition import place_keys
 from memstore.spec import TableSpec
 from memstore.table import REMEMBERED_UPDATE_IDS, ShardTable
+
+log = logging.getLogger("memstore.engine")
 
 
 class ShardEngine:
@@ -41,6 +44,17 @@ class ShardEngine:
         # metrics); None when it keeps none.
         self.log_state: Callable[[], dict] | None = None
 
+    def log_facts(self) -> dict | None:
+        """log_state(), or None when the host keeps no log or cannot say now (logged): Stats,
+        health and metrics go on without it."""
+        if self.log_state is None:
+            return None
+        try:
+            return self.log_state()
+        except Exception:
+            log.warning("shard %d: reading its log's state failed", self.shard_index, exc_info=True)
+            return None
+
     # ---- table management -------------------------------------------------------------
     def create_table(self, spec: TableSpec) -> ShardTable:
         spec.validate()
@@ -55,11 +69,13 @@ class ShardEngine:
         table = ShardTable(spec, self.shard_index, self.num_shards)  # allocation outside the lock
         # Through the gate (a cut holds it), journaled under _lock: no write to the new table
         # can reach the log before its create record.
+        # The record first: a failed append (a full disk) leaves no table behind.
         with self.gate.write("", 0), self._lock:
-            created = self._tables.setdefault(spec.name, table) is table
+            if spec.name not in self._tables:
+                if self.journal is not None:
+                    self.journal(wal.create_record(spec))
+                self._tables[spec.name] = table
             table = self._tables[spec.name]
-            if created and self.journal is not None:
-                self.journal(wal.create_record(spec))
         if table.spec != spec:
             raise TableExists(f"table {spec.name!r} was created concurrently with a different spec")
         return table
@@ -88,11 +104,13 @@ class ShardEngine:
             return list(self._tables.values())
 
     def drop_table(self, name: str) -> bool:
-        with self.gate.write("", 0), self._lock:
-            dropped = self._tables.pop(name, None) is not None
-            if dropped and self.journal is not None:
+        with self.gate.write("", 0), self._lock:  # the record first, as for a create
+            if name not in self._tables:
+                return False
+            if self.journal is not None:
                 self.journal(wal.drop_record(name))
-        return dropped
+            del self._tables[name]
+        return True
 
     def check_route(self, shard_index: int, num_shards: int) -> None:
         if (shard_index, num_shards) != (self.shard_index, self.num_shards):

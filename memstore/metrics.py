@@ -121,8 +121,8 @@ class _EngineCollector:
             updates.add_metric([name], tele.updates)
         total.add_metric([], held_sum)
         yield from (info, rows, held, total, touched, reads, updates)
-        if e.log_state is not None:
-            state = e.log_state()
+        state = e.log_facts()
+        if state is not None:
             yield GaugeMetricFamily("memstore_log_bytes", "write-ahead log on disk that a restart would replay",
                                     value=state.get("bytes", 0))
             yield GaugeMetricFamily("memstore_log_failed", "1 while the write-ahead log has failed for good: "

@@ -36,6 +36,7 @@ from memstore.spec import DTYPE_BYTES, TableSpec
 from memstore.v1 import memstore_pb2 as pb
 
 log = logging.getLogger("memstore.server")
+LOG_WATCH_S = 1.0  # how often health looks for a failed write-ahead log
 
 SERVICE = "memstore.v1.MemStore"
 # Largest message either side accepts. The client splits batches well below this.
@@ -119,7 +120,7 @@ class MemStoreServicer:
                                bytes_out=c.bytes_out, bytes_delivered=c.bytes_delivered, **c.window(now, window_s))
                 for name, c in self._counters.items()
             ]
-        log = self.engine.log_state() if self.engine.log_state is not None else None
+        log = self.engine.log_facts()
         return pb.StatsResponse(
             shard_index=self.engine.shard_index,
             num_shards=self.engine.num_shards,
@@ -407,19 +408,32 @@ def add_servicer(servicer: MemStoreServicer, server: grpc.Server) -> None:
 
 
 class _Health(health.HealthServicer):
-    """grpc.health.v1, and NOT_SERVING while the shard's write-ahead log has failed: such a
-    shard refuses every write until it restarts, which a probe should see."""
+    """grpc.health.v1, and NOT_SERVING for good once the shard's write-ahead log has failed:
+    such a shard refuses every write until it restarts, which a probe should see. Check looks
+    at the log each time; Watch streams learn it from `watch_log` (within LOG_WATCH_S)."""
 
     def __init__(self, engine: ShardEngine) -> None:
         super().__init__()
         self._engine = engine
 
     def Check(self, request, context):
-        reply = super().Check(request, context)
-        state = self._engine.log_state
-        if reply.status == health_pb2.HealthCheckResponse.SERVING and state is not None and state().get("failed"):
-            return health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.NOT_SERVING)
-        return reply
+        if self._log_failed():
+            self.not_serving()
+        return super().Check(request, context)
+
+    def _log_failed(self) -> bool:
+        facts = self._engine.log_facts()
+        return bool(facts and facts.get("failed"))
+
+    def not_serving(self) -> None:
+        for name in ("", SERVICE):  # a no-op once shutting down
+            self.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+
+    def watch_log(self, stop: threading.Event) -> None:
+        while not stop.wait(LOG_WATCH_S):
+            if self._log_failed():
+                self.not_serving()
+                return
 
 
 class ShardServer:
@@ -432,6 +446,7 @@ class ShardServer:
         self.engine = engine
         self.servicer = MemStoreServicer(engine)
         self.health = _Health(engine)
+        self._stopping = threading.Event()
         # so_reuseport off: a second shard started on a taken port must fail, not share it.
         options = CHANNEL_OPTIONS + [("grpc.so_reuseport", 0)]
         self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), options=options)
@@ -463,9 +478,12 @@ class ShardServer:
         self.server.start()
         for name in ("", SERVICE):
             self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        threading.Thread(target=self.health.watch_log, args=(self._stopping,), name="memstore-health",
+                         daemon=True).start()
         return self
 
     def stop(self, grace_s: float = 2.0) -> None:
+        self._stopping.set()
         self.health.enter_graceful_shutdown()
         self.server.stop(grace_s).wait()
         self.servicer.metrics.close()

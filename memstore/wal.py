@@ -273,9 +273,9 @@ class WriteAheadLog:
 
     @property
     def failed(self) -> BaseException | None:
-        """The I/O error that stopped the log for good (a failed fdatasync), if any."""
-        with self._lock:
-            return self._error
+        """The I/O error that stopped the log for good (a failed fdatasync), if any. Read
+        without the lock (one attribute): health checks must not wait on a stuck fdatasync."""
+        return self._error
 
     def _check_usable(self) -> None:
         if self._error is not None:
@@ -457,6 +457,18 @@ def replay_dir(directory: Path | str, since: int = 0) -> Iterator[dict]:
     for gen, path in wal_files(directory):
         if gen >= since:
             yield from replay(path)
+
+
+def log_bytes(directory: Path | str, since: int = 0) -> int:
+    """Bytes of records in the logs of generation >= `since` (what a restart replays; their
+    headers not counted); logs deleted meanwhile count 0."""
+    total = 0
+    for gen, path in wal_files(directory):
+        try:
+            total += max(0, path.stat().st_size - len(MAGIC)) if gen >= since else 0
+        except FileNotFoundError:  # pruned meanwhile
+            pass
+    return total
 
 
 def prune_wal(directory: Path | str, before: int) -> list[Path]:

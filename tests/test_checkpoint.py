@@ -300,3 +300,13 @@ def test_restore_into_a_given_engine_replaces_its_tables(saved):
     assert_same_tables([engines[0]], [target])  # shard 0 only: compare its own rows
     with pytest.raises(Exception, match="not 1 of 2"):
         ck.load_shard(path, 1, 2, engine=target)
+
+
+def test_a_deletion_a_crash_interrupted_is_finished_by_the_next_prune(tmp_path):
+    engines = make_engines(1)
+    for v in (1, 2):
+        ck.save_checkpoint(engines, ck.checkpoint_dir(tmp_path, v), {"version": v})
+    (tmp_path / "ckpt-0.tmp-deleted-0123").mkdir()  # renamed aside, then the process died
+    (tmp_path / "ckpt-3.tmp-4567").mkdir()  # a checkpoint being written now: kept
+    ck.prune_checkpoints(tmp_path, keep=1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["LATEST", "ckpt-2", "ckpt-3.tmp-4567"]

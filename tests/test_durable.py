@@ -307,7 +307,10 @@ def test_a_failed_log_makes_the_shard_not_serving_and_says_why(tmp_path):
         return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
 
     metric = server.servicer.metrics.registry.get_sample_value
+    watch_channel = grpc.insecure_channel(server.address)
+    watch = health_pb2_grpc.HealthStub(watch_channel).Watch(health_pb2.HealthCheckRequest(service=SERVICE), timeout=30)
     try:
+        assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
         with MemStoreClient([server.address], ClientConfig(retry_s=0.5)) as client:
             client.create_table(spec)
             client.update("t", np.arange(10), np.ones((10, 4), np.float32), lr=0.1)
@@ -324,9 +327,87 @@ def test_a_failed_log_makes_the_shard_not_serving_and_says_why(tmp_path):
             [stats] = client.stats()
             assert "Bad file descriptor" in stats.log.failed and health() == "NOT_SERVING"
             assert metric("memstore_log_failed") == 1
+        assert next(watch).status == health_pb2.HealthCheckResponse.NOT_SERVING  # Watch streams learn it too
         with pytest.raises(wal.WalError, match="nothing to compact until a restart"):
             durable.compact()
         assert "nothing to compact" in durable.state()["compaction_error"]
     finally:
+        watch.cancel()
+        watch_channel.close()
         server.stop()
         durable.close()
+
+
+def test_a_log_state_that_cannot_be_read_leaves_stats_health_and_metrics_working(tmp_path):
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from memstore import MemStoreClient
+    from memstore.server import SERVICE, ShardServer
+
+    durable = open_shard(tmp_path, compact_bytes=0)
+    server = ShardServer(durable.engine, "127.0.0.1", 0).start()
+    durable.engine.log_state = lambda: {}["no such key"]  # a bug in the host: logged, not fatal
+    try:
+        with MemStoreClient([server.address]) as client:
+            [stats] = client.stats()
+        assert not stats.HasField("log")
+        with grpc.insecure_channel(server.address) as ch:
+            reply = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=SERVICE), timeout=5)
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING
+        assert server.servicer.metrics.registry.get_sample_value("memstore_held_bytes") == 0
+    finally:
+        server.stop()
+        durable.close()
+
+
+def test_a_create_or_drop_the_disk_refuses_changes_nothing(tmp_path):
+    d = tmp_path / "shard"
+    first = open_shard(d, compact_bytes=0)
+    try:
+        kept, new = SPECS[2], TableSpec("new", num_rows=10, dim=2)
+        first.engine.create_table(kept)
+        size = os.path.getsize(first.log.path)
+        soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (size + 10, hard))  # no room for a record
+        try:
+            with pytest.raises(wal.WalError, match="File too large"):
+                first.engine.create_table(new)
+            with pytest.raises(wal.WalError, match="File too large"):
+                first.engine.drop_table(kept.name)
+        finally:
+            resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        assert [t.spec.name for t in first.engine.tables()] == [kept.name]
+        first.engine.create_table(new)  # the retry creates it, and logs it
+        assert first.engine.drop_table(kept.name)
+        again = open_shard(crashed(d, tmp_path / "crash"), compact_bytes=0)
+        assert [t.spec.name for t in again.engine.tables()] == ["new"]
+        again.close()
+    finally:
+        first.close()
+
+
+def test_a_missing_base_stops_recovery_and_deletes_nothing(tmp_path):
+    d = tmp_path / "shard"
+    first = open_shard(d, compact_bytes=0)
+    for spec in SPECS:
+        first.engine.create_table(spec)
+    drive([first.engine], steps=1, seed=1)
+    base = first.compact()
+    first.close()
+    (base / ck.MANIFEST).rename(tmp_path / "manifest")  # a damaged base
+    for _ in range(2):  # a failed recovery leaves the directory free for the next attempt
+        with pytest.raises(ck.CheckpointError, match="names ckpt-1, which is not a complete base"):
+            open_shard(d, compact_bytes=0)
+    assert bases(d) == ["LATEST", "ckpt-1"]
+    (d / "base" / ck.LATEST).unlink()  # no base at all, and logs from generation 1 on
+    with pytest.raises(ck.CheckpointError, match="oldest log is generation 1 but there is no base"):
+        open_shard(d, compact_bytes=0)
+    assert bases(d) == ["ckpt-1"] and [g for g, _ in wal.wal_files(d)] == [1]
+    (tmp_path / "manifest").rename(base / ck.MANIFEST)
+    (d / "base" / ck.LATEST).write_text("ckpt-1\n")
+    again = open_shard(d, compact_bytes=0)
+    try:
+        assert_same_shard(first.engine, again.engine)
+    finally:
+        again.close()

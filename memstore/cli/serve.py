@@ -6,6 +6,7 @@ import argparse
 import logging
 import re
 import signal
+from fractions import Fraction
 import socket
 import threading
 
@@ -112,8 +113,8 @@ def _size(text: str) -> int | None:
     m = re.fullmatch(r"\s*(\d+(?:\.\d*)?)\s*(?:([kmg])(?:i?b)?|b)?\s*", text.lower())
     if m is None:
         raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 512M, 4G, 0 or auto)")
-    value = float(m.group(1)) * {None: 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}[m.group(2)]
-    if value != int(value):
+    value = Fraction(m.group(1)) * {None: 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}[m.group(2)]
+    if value.denominator != 1:
         raise argparse.ArgumentTypeError(f"not a whole number of bytes: {text!r}")
     return int(value)
 
