@@ -37,9 +37,12 @@ from memstore.engine import ShardEngine  # noqa: E402
 from memstore.spec import OptimizerSpec, TableSpec  # noqa: E402
 
 
-def restart(directory: Path) -> tuple[float, DurableShard]:
+def restart(directory: Path, into: Path) -> tuple[float, DurableShard]:
+    """A restart on a copy of `directory` as it is now (its shard keeps serving the original)."""
+    shutil.rmtree(into, ignore_errors=True)
+    shutil.copytree(directory, into)
     t0 = time.perf_counter()
-    durable = DurableShard(ShardEngine(0, 1), directory, sync="none", compact_bytes=0)
+    durable = DurableShard(ShardEngine(0, 1), into, sync="none", compact_bytes=0)
     durable.recover()
     return time.perf_counter() - t0, durable
 
@@ -86,7 +89,7 @@ def main() -> None:
         fill_s = time.perf_counter() - t0
         log_bytes = durable.log_bytes()
 
-        replay_s, replayed = restart(directory)
+        replay_s, replayed = restart(directory, work / "restart")
         rows_equal = torch.equal(replayed.engine.table("t").rows, engine.table("t").rows)
         replayed.close()
 
@@ -107,7 +110,7 @@ def main() -> None:
             seed += 1
         stop.set()
         loop.join()
-        base_s, based = restart(directory)
+        base_s, based = restart(directory, work / "restart")
         rows_equal = bool(rows_equal and torch.equal(based.engine.table("t").rows, engine.table("t").rows))
         based.close()
         durable.close()
