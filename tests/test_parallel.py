@@ -153,3 +153,23 @@ def test_a_failing_worker_ends_the_run_with_its_error(corpus, ray_cluster, shard
         assert time.monotonic() - t0 < 60, "the run waited for the collective's timeout"
     with pytest.raises(RuntimeError, match="closed"):
         pool.run(config(corpus, 1), store_addresses=shards.addresses, progress=False)
+
+
+def test_every_start_of_a_run_sends_new_update_ids():
+    """A run resumed under the same run_id repeats its step numbers; the store, which
+    remembers update ids, would drop those steps' updates as duplicates if the ids repeated."""
+    import socket
+
+    from trainer.parallel import DataParallel
+
+    ids = []
+    for _ in range(2):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        dp = DataParallel.init(0, 1, f"127.0.0.1:{port}", "same-run", timeout_s=30)
+        try:
+            ids.append(dp.update_id(3))
+        finally:
+            dp.close()
+    assert ids[0] != ids[1] and all(i.startswith("same-run/") and i.endswith("/s3") for i in ids)

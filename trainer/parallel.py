@@ -26,7 +26,11 @@ reassociation. What crosses between workers, per step:
   still right after this update: no worker can send the next step's update to a table
   before every worker has this step's replies, since the next step's exchange needs every
   worker to have finished this one. Every worker must split the update the same way (the
-  same ClientConfig.max_request_bytes), so its parts carry the same ids.
+  same ClientConfig.max_request_bytes), so its parts carry the same ids. An id names the run,
+  this start of it (rank 0 draws it at init: a resumed run repeats step numbers, and the
+  store would drop those steps as duplicates) and the step. A worker pushes its layers in
+  order and stops at the first that fails, so no exchange of one layer pairs with another
+  worker's exchange of another.
 - The routers' balancing biases: their load counts are all-reduced (trainer.model).
 
 Backends: gloo for the rows (CPU tensors); the dense group is gloo on CPU, nccl on GPU.
@@ -36,6 +40,7 @@ Relies on torch.distributed only; the launcher that places workers is cluster.tr
 from __future__ import annotations
 
 import time
+import uuid
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Iterable
@@ -53,6 +58,7 @@ class DataParallel:
     world: int
     run_id: str  # names the run's updates; the same on every worker
     rows_group: Any = None  # process group of the row-gradient exchange
+    attempt: str = ""  # this start of the run (rank 0's, shared at init): a resumed run's ids are new
     exchange_s: float = 0.0  # seconds in the row-gradient all-gathers (push thread)
     reduce_s: float = 0.0  # seconds in the dense all-reduces (main thread)
 
@@ -66,10 +72,14 @@ class DataParallel:
                                 timeout=timedelta(seconds=timeout_s))
         try:
             rows_group = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s))
+            # A store remembers update ids: a run resumed under the same run_id must not send
+            # the ids of the steps it repeats, or the shards drop those updates as duplicates.
+            attempt = [uuid.uuid4().hex[:12] if rank == 0 else None]
+            dist.broadcast_object_list(attempt, src=0, group=rows_group)
         except BaseException:
             dist.destroy_process_group()
             raise
-        return cls(rank, world, run_id, rows_group)
+        return cls(rank, world, run_id, rows_group, attempt=attempt[0])
 
     def local(self, batch: torch.Tensor) -> torch.Tensor:
         """This worker's slice of a whole batch (B, ...) -> (B / W, ...)."""
@@ -121,7 +131,9 @@ class DataParallel:
         return float(t) / self.world
 
     def update_id(self, step: int) -> str:
-        return f"{self.run_id}/s{step}"
+        """Step `step`'s update id, the same on every worker of this attempt and new in every
+        attempt (a resume repeats step numbers)."""
+        return f"{self.run_id}/{self.attempt}/s{step}"
 
     def barrier(self) -> None:
         dist.barrier(group=self.rows_group)

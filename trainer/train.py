@@ -304,17 +304,24 @@ def train_step(run: Run, step: int, x: torch.Tensor, y: torch.Tensor) -> tuple[f
     (loss if dp is None else loss / dp.world).backward()  # W workers' sum: the whole batch's mean
     watch = run.prefetch.watch() if run.rows else {}
     push = {} if dp is None else {"exchange": dp.exchange, "update_id": dp.update_id(step)}
-    pushes = {l: run.pusher.submit(r.push, lr, watch=watch.get(l), **push) for l, r in run.rows.items()}
+    pushes = run.pusher.submit(_push_layers, run.rows, lr, watch, push)
     loss_value = loss.item() if dp is None else dp.all_reduce_grads(run.model.parameters(), loss.item())
     torch.nn.utils.clip_grad_norm_(run.model.parameters(), run.cfg.grad_clip)
     run.opt.step()
     t0 = time.perf_counter()
-    fresh = {l: p.result() for l, p in pushes.items()}
+    fresh = pushes.result()
     run.push_wait_s += time.perf_counter() - t0
     if run.rows:
         run.prefetch.acknowledge(step, fresh)
     run.model.update_router_biases()
     return loss_value, wait
+
+
+def _push_layers(rows: dict, lr: float, watch: dict, push: dict) -> dict:
+    """Every Engram layer's push, in layer order (the push thread). The first failure ends
+    them: a worker that went on would pair its next layer's row exchange with the other
+    workers' exchange of the layer that failed here, and send that mix under a real id."""
+    return {l: r.push(lr, watch=watch.get(l), **push) for l, r in rows.items()}
 
 
 class _Progress:
