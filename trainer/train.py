@@ -195,11 +195,13 @@ class Run:
         return batch if self.parallel is None else self.parallel.local(batch)
 
     def close(self) -> None:
-        if self.prefetch is not None:
-            self.prefetch.close()
-        self.pusher.shutdown(wait=True)
-        if self.metrics is not None:
-            self.metrics.close()
+        try:
+            if self.prefetch is not None:
+                self.prefetch.close()
+        finally:  # an interrupt while the lookups drain still stops the push thread and metrics
+            self.pusher.shutdown(wait=True)
+            if self.metrics is not None:
+                self.metrics.close()
 
 
 def build(cfg: TrainConfig, store: Any, data: TokenData | None = None, parallel: DataParallel | None = None) -> Run:
