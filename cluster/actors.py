@@ -17,6 +17,7 @@ memory node (shared storage) for a shard to come back on another node.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import shutil
 import threading
@@ -51,13 +52,19 @@ class _ShardActor:
         coordinator = ray.get_actor(coordinator_name(store), namespace=NAMESPACE)
         layout = ray.get(coordinator.layout.remote())
         self.wal_dir = Path(data_dir) / "wal" / checkpoint.shard_dirname(shard_index, num_shards)
+        recovery = layout["recovery"]
+        if self.restarted and not any(g >= recovery["wal_since"] for g, _ in wal.wal_files(self.wal_dir)):
+            # Serving fresh rows here would lose every acknowledged write without a word.
+            raise RuntimeError(f"shard {shard_index} of store {store!r} restarted on {ray.util.get_node_ip_address()}, "
+                               f"where its write-ahead log is not ({self.wal_dir} holds no log from generation "
+                               f"{recovery['wal_since']}): for a shard to recover on another node the data dir "
+                               "must be shared storage, the same files on every node")
         self.wal_dir.mkdir(parents=True, exist_ok=True)
         if not self.restarted and wal.wal_files(self.wal_dir):
             raise RuntimeError(f"{self.wal_dir} already holds a write-ahead log: another store's data "
                                "dir? Bring a new store up on a fresh --data-dir (or restore a checkpoint)")
 
         self.engine = ShardEngine(shard_index, num_shards)
-        recovery = layout["recovery"]
         if recovery["checkpoint"]:
             checkpoint.load_shard(recovery["checkpoint"], shard_index, num_shards, engine=self.engine)
         for spec in layout["tables"].values():  # created since the checkpoint: fresh, then the log
@@ -169,18 +176,29 @@ class _ShardActor:
                                               progress=self._track)
         return sum(t.row_bytes + t.state_bytes for t in self._restore.tables())
 
-    def restore(self, generation: int) -> int:
+    def restore(self, generation: int, directory: str) -> int:
         """While frozen: swap in the prepared tables (dropping the others) and start a new log
-        generation (the coordinator prunes older ones once recovery points past them)."""
-        from memstore import snapshot, wal
+        generation (the coordinator prunes older ones once recovery points past them). An
+        actor that restarted since its prepare_restore (Ray retries this call on it) loads
+        the checkpoint now: the cut still holds every other shard."""
+        from memstore import checkpoint, snapshot, wal
+        from memstore.engine import ShardEngine
 
-        assert self.engine.gate.frozen and self._restore is not None, "restore outside a cut, or unprepared"
+        if self._restore is None:
+            self._restore = checkpoint.load_shard(directory, self.shard_index, self.engine.num_shards,
+                                                  engine=ShardEngine(self.shard_index, self.engine.num_shards))
+        if not self.engine.gate.frozen:  # restarted: its gate is new, and the cut froze the old one
+            self.engine.gate.freeze(lease_s=math.inf)
         fresh, self._restore = self._restore, None
         with snapshot.ShardFreeze(self.engine):
             self.engine.replace_tables(fresh.tables())  # no log records: the log restarts below
             self.wal.rotate(wal.wal_path(self.wal_dir, generation))
         self.generation = generation
         return len(fresh.tables())
+
+    def drop_restore(self) -> None:
+        """After a failed restore: let go of the prepared tables."""
+        self._restore = None
 
     def stop(self, grace_s: float = 2.0) -> None:
         self.server.stop(grace_s)
@@ -271,6 +289,7 @@ class _Coordinator:
         self._actors = []
         self._lock = threading.Lock()  # guards tables, shards, epoch and recovery (threaded actor)
         self._cut_lock = threading.Lock()  # one checkpoint or restore at a time
+        self._started = threading.Event()  # start() has returned or failed: the layout is whole
 
     def start(self, table_specs: list[dict], resource: str | None) -> dict:
         """Creates the shard actors, waits until every shard serves, returns the layout."""
@@ -281,13 +300,20 @@ class _Coordinator:
         actor_cls = ray.remote(_ShardActor).options(**options)
         with self._lock:
             self.tables = {spec["name"]: spec for spec in table_specs}
-        self._actors = [actor_cls.remote(self.store, i, self.num_shards, self.data_dir, self.wal_sync)
-                        for i in range(self.num_shards)]
-        infos = ray.get([a.info.remote() for a in self._actors])
-        with self._lock:
-            self.shards = infos
-            self.epoch += 1
+        try:
+            self._actors = [actor_cls.remote(self.store, i, self.num_shards, self.data_dir, self.wal_sync)
+                            for i in range(self.num_shards)]
+            infos = ray.get([a.info.remote() for a in self._actors])
+            with self._lock:
+                self.shards = infos
+                self.epoch += 1
+        finally:
+            self._started.set()
         return self.layout()
+
+    def started(self, timeout_s: float = 600.0) -> bool:
+        """Waits until start() has run (a second deploy of the name joins the first)."""
+        return self._started.wait(timeout_s)
 
     def layout(self) -> dict:
         with self._lock:
@@ -390,7 +416,8 @@ class _Coordinator:
 
     def restore(self, directory: str) -> dict:
         """Replaces every shard's tables with a checkpoint's (of any shard count), atomically
-        for clients (writes wait while it loads), and makes it the recovery point."""
+        for clients (writes wait while it loads), and makes it the recovery point: a copy
+        of it in the data dir (link_checkpoint), so the one given may go away."""
         from memstore import checkpoint as ckpt
         from memstore.cut import take_cut
 
@@ -406,15 +433,33 @@ class _Coordinator:
                                        "alone (a standalone shard's base): a store restores from a checkpoint of "
                                        "every shard", path)
         with self._cut_lock:
-            version = self._next_generation()
+            own_root = Path(self.data_dir) / "checkpoints"
+            version = self._next_generation(*(v for v, _ in ckpt._numbered_checkpoints(own_root)))
             t0 = time.monotonic()
-            ray.get([a.prepare_restore.remote(str(path)) for a in self._actors])  # loads outside the cut
-            take_cut([_ShardCut(a) for a in self._actors],
-                     lambda: ray.get([a.restore.remote(version) for a in self._actors]))
-            with self._lock:
-                self.tables = dict(manifest["tables"])
-                self.recovery = {"checkpoint": str(path), "wal_since": version, "version": version,
-                                 "created": manifest["store"].get("created", time.time())}
+            # The recovery point must outlive the directory given (pruned, deleted, another
+            # store's): the store keeps its own copy, hard-linked where the disk allows.
+            pinned = ckpt.link_checkpoint(path, ckpt.checkpoint_dir(own_root, version))
+            switched = False
+
+            def swap() -> None:  # while every shard is frozen
+                nonlocal switched
+                ray.get([a.restore.remote(version, str(pinned)) for a in self._actors])
+                with self._lock:  # before writes flow: a shard restarting from here on loads the restore
+                    self.tables = dict(manifest["tables"])
+                    self.recovery = {"checkpoint": str(pinned), "wal_since": version, "version": version,
+                                     "created": manifest["store"].get("created", time.time())}
+                switched = True
+
+            try:
+                ray.get([a.prepare_restore.remote(str(path)) for a in self._actors])  # loads outside the cut
+                take_cut([_ShardCut(a) for a in self._actors], swap)
+            except BaseException:
+                for a in self._actors:  # no shard keeps a prepared copy of every table
+                    with contextlib.suppress(ray.exceptions.RayError):
+                        ray.get(a.drop_restore.remote(), timeout=30)
+                if not switched:
+                    shutil.rmtree(pinned, ignore_errors=True)
+                raise
             ray.get([a.prune_log.remote(version) for a in self._actors])  # only once recovery points past them
             return {"path": str(path), "tables": len(manifest["tables"]), "from_shards": manifest["store"]["num_shards"],
                     "seconds": time.monotonic() - t0}

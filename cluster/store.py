@@ -217,23 +217,24 @@ def deploy(name: str, num_shards: int, specs: list[TableSpec], *, data_dir: str 
     is the log's durability: "always" (fsync per write), "group" (shared fsyncs) or "none".
     started_local_ray: the GCS address of a local Ray started for this store, for `down`."""
     check_deploy(num_shards, specs, wal_sync)
-    try:
-        existing = find(name)
-    except StoreNotFound:
-        existing = None
-    if existing is not None:
-        layout = ray.get(existing.layout.remote())
-        if layout["num_shards"] != num_shards:
-            raise InvalidArgument(f"store {name!r} is already up with {layout['num_shards']} shards, not {num_shards}")
-        for spec in specs:
-            ray.get(existing.create_table.remote(spec.to_dict()))
-        return ray.get(existing.layout.remote())
-    coordinator = (
-        ray.remote(_Coordinator)
-        .options(name=coordinator_name(name), namespace=NAMESPACE, lifetime="detached", num_cpus=0,
-                 max_concurrency=16, max_restarts=0, resources={HEAD_NODE_RESOURCE: 0.001})
-        .remote(name, num_shards, data_dir or default_data_dir(name), wal_sync, started_local_ray, data_dir is None)
-    )
+    for attempt in range(10):  # another deploy or shutdown of the name may be under way
+        try:
+            return _join(find(name), name, num_shards, specs)
+        except StoreNotFound:
+            pass
+        try:
+            coordinator = (
+                ray.remote(_Coordinator)
+                .options(name=coordinator_name(name), namespace=NAMESPACE, lifetime="detached", num_cpus=0,
+                         max_concurrency=16, max_restarts=0, resources={HEAD_NODE_RESOURCE: 0.001})
+                .remote(name, num_shards, data_dir or default_data_dir(name), wal_sync, started_local_ray,
+                        data_dir is None)
+            )
+            break
+        except ray.exceptions.ActorAlreadyExistsError:  # another deploy of the name got there first
+            time.sleep(0.1 * attempt)
+    else:
+        raise Unavailable(f"store {name!r} is being brought up or down by another call meanwhile: try again")
     try:
         return ray.get(coordinator.start.remote([s.to_dict() for s in specs], memory_resource()))
     except ray.exceptions.RayError as e:
@@ -242,6 +243,25 @@ def deploy(name: str, num_shards: int, specs: list[TableSpec], *, data_dir: str 
             ray.get(coordinator.shutdown.remote(), timeout=60)
         ray.kill(coordinator, no_restart=True)
         raise Unavailable(f"store {name!r} did not come up: {_root_cause(e)}") from None
+
+
+def _join(existing, name: str, num_shards: int, specs: list[TableSpec]) -> dict:
+    """deploy() of a store that is up, or being brought up by another deploy: its layout once
+    whole, with `specs` created."""
+    try:
+        started = ray.get(existing.started.remote())
+    except ray.exceptions.RayActorError:  # that deploy failed, and took its coordinator down
+        raise Unavailable(f"store {name!r} did not come up (another deploy of it failed): try again") from None
+    if not started:
+        raise Unavailable(f"store {name!r} is being brought up by another deploy, which has not finished")
+    layout = ray.get(existing.layout.remote())
+    if layout["num_shards"] != num_shards:
+        raise InvalidArgument(f"store {name!r} is already up with {layout['num_shards']} shards, not {num_shards}")
+    if not layout["shards"]:
+        raise Unavailable(f"store {name!r} did not come up (another deploy of it failed): try again")
+    for spec in specs:
+        ray.get(existing.create_table.remote(spec.to_dict()))
+    return ray.get(existing.layout.remote())
 
 
 def check_deploy(num_shards: int, specs: list[TableSpec], wal_sync: str = "always") -> None:

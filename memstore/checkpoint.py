@@ -282,6 +282,35 @@ def save_checkpoint(
         raise
 
 
+def link_checkpoint(source: Path | str, directory: Path | str) -> Path:
+    """A copy of the complete checkpoint `source` at `directory`, committed by rename, its files
+    hard-linked where the filesystem allows (a checkpoint's files are never written again, so
+    the copy costs no disk and outlives the original's deletion). LATEST is left alone."""
+    source = Path(source)
+    read_manifest(source)  # complete, of a known format
+    staging = begin_checkpoint(directory)
+    try:
+        shutil.copytree(source, staging, copy_function=_link_or_copy, dirs_exist_ok=True)
+        for d in [p for p in staging.rglob("*") if p.is_dir()] + [staging]:
+            fsync_dir(d)
+        final = staging.with_name(staging.name.split(_STAGING)[0])
+        os.rename(staging, final)
+        fsync_dir(final.parent)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return final
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:  # another filesystem, or one without hard links
+        shutil.copy2(src, dst)
+        with open(dst, "rb+") as f:
+            os.fsync(f.fileno())
+
+
 # ---- finding -----------------------------------------------------------------------------------
 def latest_checkpoint(root: Path | str) -> Path | None:
     """The checkpoint LATEST names under `root`; without a usable LATEST, the complete

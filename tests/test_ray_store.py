@@ -7,6 +7,7 @@ for the whole module. Run: python -m pytest tests/test_ray_store.py -q
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import threading
 import time
@@ -22,7 +23,7 @@ from memstore import ClientConfig, InProcessStore, MemStoreClient, OptimizerSpec
 from memstore.checkpoint import CheckpointError
 from memstore.durable import DurableShard
 from memstore.engine import ShardEngine
-from memstore.errors import StoreNotFound
+from memstore.errors import StoreNotFound, Unavailable
 
 from conftest import start_ray_head  # tests/ is on sys.path under pytest
 
@@ -175,7 +176,13 @@ def test_checkpoint_restore_and_reshard(engram_store, tmp_path):
         single.engine.assign("ckpt", np.arange(3_001), torch.from_numpy(at_checkpoint[::-1].copy()), False)
         store.restore("resharded", str(single.compact()))
         single.close()
-        with MemStoreClient.connect("resharded") as three:
+        # The store keeps its own copy of what it restored: gone at the source, a restarted
+        # shard still recovers from it.
+        shutil.rmtree(tmp_path / "single")
+        victim = store.layout("resharded")["shards"][2]
+        os.kill(victim["pid"], signal.SIGKILL)
+        wait_for_new_pid("resharded", 2, victim["pid"])
+        with MemStoreClient.connect("resharded", config=ClientConfig(retry_s=120)) as three:
             np.testing.assert_array_equal(three.lookup("ckpt", np.arange(3_001)), at_checkpoint[::-1])
         store.restore("resharded", facts["path"])
         with MemStoreClient.connect("resharded") as three:
@@ -301,3 +308,45 @@ def _alive(pid: int) -> bool:
         return False
     with open(f"/proc/{pid}/stat") as f:  # a zombie awaiting its parent counts as gone
         return f.read().split()[2] != "Z"
+
+
+def test_two_deploys_of_one_name_at_once_get_the_same_store(cluster):
+    spec = TableSpec("t", num_rows=100, dim=2)
+    results, errors = [], []
+
+    def up() -> None:
+        try:
+            results.append(store.deploy("twin", 2, [spec]))
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=up) for _ in range(2)]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(180)
+        assert not errors, errors
+        assert [len(r["shards"]) for r in results] == [2, 2]
+        assert [s["address"] for s in results[0]["shards"]] == [s["address"] for s in results[1]["shards"]]
+    finally:
+        store.shutdown("twin")
+
+
+def test_a_shard_restarted_where_its_log_is_not_fails_instead_of_serving_fresh_rows(cluster, tmp_path):
+    """As after losing a node with a node-local data dir: the restarted shard must not come
+    up empty as if nothing had been acknowledged."""
+    layout = store.deploy("lost", 1, [TableSpec("t", num_rows=100, dim=2)], data_dir=str(tmp_path))
+    try:
+        with MemStoreClient.connect("lost", config=ClientConfig(retry_s=3)) as client:
+            client.update("t", np.arange(10), np.ones((10, 2), np.float32), lr=1.0)
+            (tmp_path / "wal").rename(tmp_path / "elsewhere")
+            os.kill(layout["shards"][0]["pid"], signal.SIGKILL)
+            deadline = time.monotonic() + 60
+            while store.shard_states("lost") != ["DEAD"] and time.monotonic() < deadline:
+                time.sleep(0.5)
+            assert store.shard_states("lost") == ["DEAD"]
+            with pytest.raises(Unavailable):
+                client.lookup("t", np.arange(100))
+    finally:
+        store.shutdown("lost")
