@@ -3,8 +3,12 @@
 `_Coordinator` is a named, detached actor ("store:NAME" in the "memstore" namespace) that
 owns the layout: table specs, shard count, shard addresses, an epoch that changes whenever a
 shard moves or restarts, and the recovery point (the last checkpoint and the write-ahead-log
-generation after it). It creates the shard actors itself, so they belong to it and outlive
-the driver that ran `memstore up`; it runs the cut protocol of memstore.cut for checkpoints.
+generation after it). It records what a recovery needs in the data dir's store.json
+(cluster/storefile.py) before acting on it, so Ray can restart it (it reads the file back and
+finds its shards by name) and `memstore up` on the same data dir can resume the store after
+the whole cluster went down. It creates the shard actors, named ("shard:NAME/i") and detached
+so that they serve on while it restarts; it runs the cut protocol of memstore.cut for
+checkpoints.
 
 `_ShardActor` places and restarts a shard: it runs the store-core `ShardServer` on its node's
 address, journals every write to a write-ahead log before acknowledging it, and when Ray
@@ -17,6 +21,7 @@ memory node (shared storage) for a shard to come back on another node.
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import os
 import shutil
@@ -25,6 +30,8 @@ import time
 from pathlib import Path
 
 import ray
+
+log = logging.getLogger(__name__)
 
 NAMESPACE = "memstore"
 RESOURCE = "memstore"  # custom resource that marks the nodes reserved for shards
@@ -37,18 +44,26 @@ def coordinator_name(store: str) -> str:
     return f"store:{store}"
 
 
+def shard_actor_name(store: str, shard_index: int) -> str:
+    return f"shard:{store}/{shard_index}"
+
+
 class _ShardActor:
     """Runs shard `shard_index` of `num_shards` of store `store` on this node."""
 
-    def __init__(self, store: str, shard_index: int, num_shards: int, data_dir: str, wal_sync: str) -> None:
+    def __init__(self, store: str, shard_index: int, num_shards: int, data_dir: str, wal_sync: str,
+                 recover: bool = False) -> None:
         from memstore import checkpoint, wal
+        from memstore.durable import lock_directory
         from memstore.engine import ShardEngine
         from memstore.server import settle_shard_process
         from memstore.spec import TableSpec
 
         self.store = store
         self.shard_index = shard_index
-        self.restarted = ray.get_runtime_context().was_current_actor_reconstructed
+        # Restarted by Ray, or created to resume a store from its data dir: either way it
+        # loads the recovery point and replays its log.
+        self.restarted = ray.get_runtime_context().was_current_actor_reconstructed or recover
         coordinator = ray.get_actor(coordinator_name(store), namespace=NAMESPACE)
         layout = ray.get(coordinator.layout.remote())
         self.wal_dir = Path(data_dir) / "wal" / checkpoint.shard_dirname(shard_index, num_shards)
@@ -59,10 +74,12 @@ class _ShardActor:
                                f"where its write-ahead log is not ({self.wal_dir} holds no log from generation "
                                f"{recovery['wal_since']}): for a shard to recover on another node the data dir "
                                "must be shared storage, the same files on every node")
-        self.wal_dir.mkdir(parents=True, exist_ok=True)
         if not self.restarted and wal.wal_files(self.wal_dir):
             raise RuntimeError(f"{self.wal_dir} already holds a write-ahead log: another store's data "
                                "dir? Bring a new store up on a fresh --data-dir (or restore a checkpoint)")
+        self.wal_dir.mkdir(parents=True, exist_ok=True)
+        # One process per log: a shard of an earlier incarnation of the store may still be dying.
+        self._lock_fd = lock_directory(self.wal_dir, wait_s=30)
 
         self.engine = ShardEngine(shard_index, num_shards)
         if recovery["checkpoint"]:
@@ -203,6 +220,9 @@ class _ShardActor:
     def stop(self, grace_s: float = 2.0) -> None:
         self.server.stop(grace_s)
         self.wal.close()
+        if self._lock_fd >= 0:
+            fd, self._lock_fd = self._lock_fd, -1
+            os.close(fd)  # and with it the flock
 
 
 # Ports a shard may bind when MEMSTORE_PORT_BASE is set (deployments that publish a range).
@@ -237,6 +257,16 @@ def _first_free(base: str | None, host: str, bind):
     raise OSError(f"no free port in {base}..{int(base) + PORT_RANGE - 1} on {host}")
 
 
+def _highest_generation(data_dir: str) -> int:
+    """The highest cut version the data dir shows: of a log file or of a checkpoint. A cut
+    that failed after some shards rotated left its generation's files; none may be reused."""
+    from memstore import checkpoint, wal
+
+    found = [g for d in Path(data_dir, "wal").glob("shard-*-of-*") for g, _ in wal.wal_files(d)]
+    found += [v for v, _ in checkpoint._numbered_checkpoints(Path(data_dir, "checkpoints"))]
+    return max(found, default=0)
+
+
 def _actor_state(actor) -> str:
     """The GCS's state of one actor. Ray's public state API (ray.util.state) goes through the
     dashboard, which a minimal cluster does not run; the GCS actor table is always there."""
@@ -268,10 +298,10 @@ class _ShardCut:
 
 
 class _Coordinator:
-    """The layout of one store; the only writer of it."""
+    """The layout of one store; the only writer of it and of the store's record (storefile)."""
 
     def __init__(self, store: str, num_shards: int, data_dir: str, wal_sync: str = "always",
-                 started_local_ray: str | None = None, owns_data_dir: bool = False) -> None:
+                 started_local_ray: str | None = None, owns_data_dir: bool = False, resume: bool = False) -> None:
         self.store = store
         self.owns_data_dir = owns_data_dir  # chosen by deploy, not the operator: removed at shutdown
         self.num_shards = num_shards
@@ -279,6 +309,7 @@ class _Coordinator:
         self.wal_sync = wal_sync
         self.started_local_ray = started_local_ray
         self.created = time.time()
+        self.resource: str | None = None  # the custom resource shard actors ask for
         self.tables: dict[str, dict] = {}  # name -> spec dict; guarded by _lock
         self.shards: list[dict] = []  # shard info by index; guarded by _lock
         self.epoch = 0  # guarded by _lock
@@ -286,27 +317,128 @@ class _Coordinator:
         # generation to replay after it; guarded by _lock.
         self.recovery = {"checkpoint": None, "wal_since": 0, "version": 0, "created": None}
         self._generation = 0  # the last cut version handed out (_next_generation)
+        self.resumed: dict | None = None  # facts of the resume from the data dir, when it was one
+        self._came_up = False  # every shard served once: its data dir is the store's for good
         self._actors = []
-        self._lock = threading.Lock()  # guards tables, shards, epoch and recovery (threaded actor)
+        self._lock = threading.Lock()  # guards tables, shards, epoch, recovery and the store record
         self._cut_lock = threading.Lock()  # one checkpoint or restore at a time
         self._started = threading.Event()  # start() has returned or failed: the layout is whole
+        restarted = ray.get_runtime_context().was_current_actor_reconstructed
+        if not restarted and not resume:  # decided here, where the data dir is surely seen
+            from cluster import storefile
+
+            resume = storefile.check_resume(data_dir, store, num_shards) is not None
+        self._resume = resume  # deployed on a data dir that holds this store: shards recover from it
+        if restarted or resume:
+            self._load()
+        if resume and not restarted:
+            self.shards = []  # those of the recorded incarnation are gone; start() places new ones
+        if restarted:  # Ray brought this coordinator back; its shards served on meanwhile
+            self.epoch += 1
+            self._came_up = bool(self.shards)
+            self._actors = [self._shard(i, find=True) for i in range(num_shards)] if self._came_up else []
+            self._started.set()
+            threading.Thread(target=self._after_restart, name="coordinator-restarted", daemon=True).start()
+
+    # ---- the store's record in its data dir -------------------------------------------------
+    def _load(self) -> None:
+        from cluster import storefile
+
+        record = storefile.read(self.data_dir)
+        if record is None:
+            raise RuntimeError(f"{self.data_dir} holds no store record ({storefile.STORE_FILE}): nothing to resume")
+        self.tables = dict(record["tables"])
+        self.shards = [dict(s) for s in record["shards"]]
+        self.epoch = record["epoch"]
+        self.recovery = dict(record["recovery"])
+        self.created = record["created"]
+        self.resource = record.get("resource")
+        if ray.get_runtime_context().was_current_actor_reconstructed:  # same cluster: a duty adopted since
+            self.started_local_ray = self.started_local_ray or record.get("started_local_ray")
+        self._generation = max(record["generation"], _highest_generation(self.data_dir))
+
+    def _persist(self) -> None:
+        """Writes the store's record (under _lock). Raises when the disk refuses it: the
+        caller's change must not go on as if a recovery would see it."""
+        from cluster import storefile
+
+        storefile.write(self.data_dir, {
+            "store": self.store, "num_shards": self.num_shards, "tables": self.tables, "shards": self.shards,
+            "epoch": self.epoch, "recovery": self.recovery, "generation": self._generation,
+            "created": self.created, "resource": self.resource, "started_local_ray": self.started_local_ray,
+        })
+
+    def _persist_shards(self) -> None:
+        """Records where shards serve (under _lock): a convenience for a restarted coordinator,
+        which asks the shards anyway, so a refused write is logged, not raised."""
+        try:
+            self._persist()
+        except OSError as e:
+            log.warning("store %s: cannot record the shard layout in %s: %s", self.store, self.data_dir, e)
+
+    def _after_restart(self) -> None:
+        """A restarted coordinator asks its shards where they serve, and drops what a cut of
+        its previous incarnation left prepared on them."""
+        with self._cut_lock:  # not under a cut this incarnation has begun meanwhile
+            for a in self._actors:
+                with contextlib.suppress(ray.exceptions.RayError):
+                    ray.get([a.drop_snapshot.remote(), a.drop_restore.remote()], timeout=60)
+        with contextlib.suppress(Exception):
+            self.refresh()
+        with self._lock:
+            self._persist_shards()
+
+    def _shard(self, i: int, *, recover: bool = False, find: bool = False):
+        """Shard actor i: created (recover: from the data dir), or with find, the running one
+        (a restarted coordinator's), created if none runs. A detached, named shard left by an
+        earlier coordinator of this name that was killed without `down` is killed first."""
+        name = shard_actor_name(self.store, i)
+        options = {"name": name, "namespace": NAMESPACE, "lifetime": "detached", "max_restarts": -1,
+                   "max_task_retries": -1, "num_cpus": 0, "scheduling_strategy": "SPREAD", "max_concurrency": 4}
+        if self.resource:
+            options["resources"] = {self.resource: RESOURCE_SHARE}
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                running = ray.get_actor(name, namespace=NAMESPACE)
+            except ValueError:
+                running = None
+            if running is not None and find:
+                return running
+            if running is not None:
+                ray.kill(running, no_restart=True)
+            try:
+                return ray.remote(_ShardActor).options(**options).remote(
+                    self.store, i, self.num_shards, self.data_dir, self.wal_sync, recover or find)
+            except ray.exceptions.ActorAlreadyExistsError:  # the killed one still holds the name
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"shard actor {name!r} of an earlier incarnation does not go away") from None
+                time.sleep(0.2)
 
     def start(self, table_specs: list[dict], resource: str | None) -> dict:
-        """Creates the shard actors, waits until every shard serves, returns the layout."""
-        options = {"max_restarts": -1, "max_task_retries": -1, "num_cpus": 0, "scheduling_strategy": "SPREAD",
-                   "max_concurrency": 4}
-        if resource:
-            options["resources"] = {resource: RESOURCE_SHARE}
-        actor_cls = ray.remote(_ShardActor).options(**options)
-        with self._lock:
-            self.tables = {spec["name"]: spec for spec in table_specs}
+        """Creates the shard actors (a resumed store's recover from the data dir), waits until
+        every shard serves, returns the layout."""
+        resuming = self._resume
+        self.resource = resource
         try:
-            self._actors = [actor_cls.remote(self.store, i, self.num_shards, self.data_dir, self.wal_sync)
-                            for i in range(self.num_shards)]
+            with self._lock:
+                if not resuming:
+                    self.tables = {spec["name"]: spec for spec in table_specs}
+                self._persist()  # before any shard writes a log here
+            self._actors = []
+            for i in range(self.num_shards):  # one by one: a failure leaves those made for shutdown()
+                self._actors.append(self._shard(i, recover=resuming))
             infos = ray.get([a.info.remote() for a in self._actors])
             with self._lock:
                 self.shards = infos
                 self.epoch += 1
+                self._persist_shards()
+            self._came_up = True
+            if resuming:
+                self.resumed = {"checkpoint": self.recovery["checkpoint"], "version": self.recovery["version"],
+                                "replayed": sum(i["replayed"] for i in infos)}
+                for spec in table_specs:  # the config's tables: new ones created, the rest must match
+                    self.create_table(spec)
         finally:
             self._started.set()
         return self.layout()
@@ -327,6 +459,7 @@ class _Coordinator:
                 "started_local_ray": self.started_local_ray,
                 "data_dir": self.data_dir,
                 "recovery": dict(self.recovery),
+                "resumed": self.resumed,
             }
 
     def adopt_local_ray(self, gcs_address: str) -> None:
@@ -334,12 +467,14 @@ class _Coordinator:
         which went down first (the last store down stops it)."""
         with self._lock:
             self.started_local_ray = self.started_local_ray or gcs_address
+            self._persist_shards()
 
     def shard_restarted(self, shard_index: int, info: dict) -> int:
         with self._lock:
             if shard_index < len(self.shards):
                 self.shards[shard_index] = info
             self.epoch += 1
+            self._persist_shards()
             return self.epoch
 
     def refresh(self, timeout_s: float = 30.0) -> dict:
@@ -361,12 +496,14 @@ class _Coordinator:
                     changed = True
             if changed:
                 self.epoch += 1
+                self._persist_shards()
         return self.layout()
 
     def register_table(self, spec: dict) -> None:
         """Records a table created through a client, so restarted shards recreate it."""
         with self._lock:
             self.tables[spec["name"]] = spec
+            self._persist()
 
     def create_table(self, spec: dict) -> None:
         ray.get([a.create_table.remote(spec) for a in self._actors])
@@ -375,6 +512,7 @@ class _Coordinator:
     def drop_table(self, name: str) -> None:
         with self._lock:
             self.tables.pop(name, None)
+            self._persist()
 
     # ---- checkpoints -------------------------------------------------------------------------
     def checkpoint(self, root: str | None = None, deadline_s: float = 30.0) -> dict:
@@ -408,6 +546,7 @@ class _Coordinator:
             with self._lock:
                 self.recovery = {"checkpoint": str(final), "wal_since": version, "version": version,
                                  "created": time.time()}
+                self._persist()  # the logs before it go only once the record points past them
             ray.get([a.prune_log.remote(version) for a in self._actors])
             if own_root:  # the store's own checkpoints: keep the last two
                 ckpt.prune_checkpoints(root, keep=2)
@@ -448,7 +587,10 @@ class _Coordinator:
                     self.tables = dict(manifest["tables"])
                     self.recovery = {"checkpoint": str(pinned), "wal_since": version, "version": version,
                                      "created": manifest["store"].get("created", time.time())}
-                switched = True
+                    switched = True
+                    # Still frozen: were this lost to a crash, a resume would replay the old
+                    # recovery point and its logs, which no write has reached since the swap.
+                    self._persist()
 
             try:
                 ray.get([a.prepare_restore.remote(str(path)) for a in self._actors])  # loads outside the cut
@@ -510,15 +652,20 @@ class _Coordinator:
             ray.kill(a, no_restart=True)
         self._actors = []
         if self.owns_data_dir:
-            import shutil
-
             shutil.rmtree(self.data_dir, ignore_errors=True)
-        else:  # a dir the user gave is kept, less the logs that never got a record (an `up` that failed)
+        elif not self._came_up and not self._resume:
+            # A new store's `up` that failed: the dir the user gave is left as found, less
+            # the record and the logs that never got a record.
+            from cluster import storefile
             from memstore import wal
+            from memstore.durable import LOCK_FILE
 
+            storefile.remove(self.data_dir)
             for shard_dir in Path(self.data_dir, "wal").glob("shard-*-of-*"):
                 for _, path in wal.wal_files(shard_dir):
                     if path.stat().st_size <= len(wal.MAGIC):
                         path.unlink(missing_ok=True)
+                if not wal.wal_files(shard_dir):
+                    (shard_dir / LOCK_FILE).unlink(missing_ok=True)
                 with contextlib.suppress(OSError):
                     shard_dir.rmdir()  # only if empty

@@ -23,7 +23,8 @@ import uuid
 
 import ray
 
-from cluster.actors import NAMESPACE, RESOURCE, _Coordinator, coordinator_name
+from cluster import storefile
+from cluster.actors import NAMESPACE, RESOURCE, _Coordinator, coordinator_name, shard_actor_name
 from memstore.errors import InvalidArgument, StoreNotFound, Unavailable
 from memstore.spec import TableSpec
 
@@ -213,10 +214,13 @@ def deploy(name: str, num_shards: int, specs: list[TableSpec], *, data_dir: str 
     """Brings store `name` up (Ray must be connected); idempotent for the same shard count.
 
     data_dir holds the shards' write-ahead logs and, by default, their checkpoints (one chosen
-    here is removed at shutdown; one given is kept); wal_sync
+    here is removed at shutdown; one given is kept). A data dir that holds this store (its
+    store.json: the store went down, or its whole Ray cluster did) resumes it: every shard
+    loads the recovery checkpoint and replays its log, so no acknowledged write is lost;
+    `specs` new to it are created, the others must match. wal_sync
     is the log's durability: "always" (fsync per write), "group" (shared fsyncs) or "none".
     started_local_ray: the GCS address of a local Ray started for this store, for `down`."""
-    check_deploy(num_shards, specs, wal_sync)
+    check_deploy(num_shards, specs, wal_sync, name=name, data_dir=data_dir)  # the coordinator checks again
     for attempt in range(10):  # another deploy or shutdown of the name may be under way
         try:
             return _join(find(name), name, num_shards, specs)
@@ -226,7 +230,8 @@ def deploy(name: str, num_shards: int, specs: list[TableSpec], *, data_dir: str 
             coordinator = (
                 ray.remote(_Coordinator)
                 .options(name=coordinator_name(name), namespace=NAMESPACE, lifetime="detached", num_cpus=0,
-                         max_concurrency=16, max_restarts=0, resources={HEAD_NODE_RESOURCE: 0.001})
+                         max_concurrency=16, max_restarts=-1, max_task_retries=-1,
+                         resources={HEAD_NODE_RESOURCE: 0.001})
                 .remote(name, num_shards, data_dir or default_data_dir(name), wal_sync, started_local_ray,
                         data_dir is None)
             )
@@ -242,6 +247,7 @@ def deploy(name: str, num_shards: int, specs: list[TableSpec], *, data_dir: str 
         with contextlib.suppress(ray.exceptions.RayError):
             ray.get(coordinator.shutdown.remote(), timeout=60)
         ray.kill(coordinator, no_restart=True)
+        _kill_shard_actors(name, num_shards)
         raise Unavailable(f"store {name!r} did not come up: {_root_cause(e)}") from None
 
 
@@ -264,14 +270,27 @@ def _join(existing, name: str, num_shards: int, specs: list[TableSpec]) -> dict:
     return ray.get(existing.layout.remote())
 
 
-def check_deploy(num_shards: int, specs: list[TableSpec], wal_sync: str = "always") -> None:
-    """deploy's argument checks, which callers run before they start anything (a local Ray)."""
+def check_deploy(num_shards: int, specs: list[TableSpec], wal_sync: str = "always", *, name: str | None = None,
+                 data_dir: str | None = None) -> None:
+    """deploy's argument checks, which callers run before they start anything (a local Ray);
+    with name and data_dir, also that the data dir holds no other store."""
     if not 1 <= num_shards <= 4096:
         raise InvalidArgument(f"a store needs 1..4096 shards, got {num_shards}")
     if wal_sync not in ("always", "group", "none"):
         raise InvalidArgument(f"wal sync must be always, group or none, got {wal_sync!r}")
     for spec in specs:
         spec.validate()
+    if name is not None and data_dir is not None:
+        storefile.check_resume(data_dir, name, num_shards)
+
+
+def _kill_shard_actors(name: str, num_shards: int) -> None:
+    """Kills shard actors of store `name` that outlived their coordinator (they are detached)."""
+    for i in range(num_shards):
+        try:
+            ray.kill(ray.get_actor(shard_actor_name(name, i), namespace=NAMESPACE), no_restart=True)
+        except ValueError:
+            continue
 
 
 def _root_cause(e: BaseException) -> str:
@@ -301,9 +320,11 @@ def shutdown(name: str) -> str | None:
     the local Ray that `memstore up` started, once no store is left on it (the caller stops
     it then); while other stores remain, one of them inherits that duty."""
     coordinator = find(name)
-    started = ray.get(coordinator.layout.remote())["started_local_ray"]
+    layout = ray.get(coordinator.layout.remote())
+    started = layout["started_local_ray"]
     ray.get(coordinator.shutdown.remote())
     ray.kill(coordinator, no_restart=True)
+    _kill_shard_actors(name, layout["num_shards"])
     for other in list_stores() if started else ():
         try:
             ray.get(find(other["store"]).adopt_local_ray.remote(started))
@@ -369,9 +390,20 @@ class StoreDirectory:
         return [s["address"] for s in self.layout["shards"]]
 
     def refresh(self) -> bool:
-        """Re-reads the layout (asking the shards where they serve); True if it changed."""
+        """Re-reads the layout (asking the shards where they serve); True if it changed. A
+        store taken down and brought up again under its name (a new coordinator) is found
+        anew, if it has as many shards: routing depends on the count."""
         old = self.addresses()
-        self.layout = ray.get(self._coordinator.refresh.remote())
+        try:
+            layout = ray.get(self._coordinator.refresh.remote())
+        except ray.exceptions.RayActorError:  # that coordinator is gone for good
+            coordinator = find(self.name)
+            layout = ray.get(coordinator.refresh.remote())
+            if layout["num_shards"] != self.layout["num_shards"]:
+                raise Unavailable(f"store {self.name!r} came back with {layout['num_shards']} shards, not "
+                                  f"{self.layout['num_shards']}: connect to it anew") from None
+            self._coordinator = coordinator
+        self.layout = layout
         return self.addresses() != old
 
     def register_table(self, spec: TableSpec) -> None:

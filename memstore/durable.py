@@ -92,7 +92,7 @@ class DurableShard:
         has loaded: other bases, staging directories, logs older than the base."""
         assert self.log is None, "recover() runs once"
         self.directory.mkdir(parents=True, exist_ok=True)
-        self._lock_directory()
+        self._lock_fd = lock_directory(self.directory)
         try:
             return self._recover()
         except BaseException:
@@ -144,22 +144,6 @@ class DurableShard:
                                              f"no base ({latest} is missing): the writes before it are gone",
                                              self.directory)
         return None
-
-    def _lock_directory(self) -> None:
-        fd = os.open(self.directory / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.read(fd, 64).decode(errors="replace").strip() or "unknown"
-            os.close(fd)
-            raise RuntimeError(f"{self.directory} is in use by another process (pid {holder}): one shard "
-                               "process per data dir") from None
-        except BaseException:
-            os.close(fd)
-            raise
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
-        self._lock_fd = fd
 
     def log_bytes(self) -> int:
         """Bytes of records a restart would replay now (the logs' headers not counted)."""
@@ -262,3 +246,28 @@ class DurableShard:
             if self._lock_fd >= 0:
                 fd, self._lock_fd = self._lock_fd, -1
                 os.close(fd)  # and with it the flock
+
+
+def lock_directory(directory: Path, wait_s: float = 0.0) -> int:
+    """Takes the flock on directory/LOCK (one process serves a data dir) and writes this
+    pid there; returns its fd, whose closing frees the directory. A directory held by another
+    process raises, after waiting up to wait_s for it to let go (a process being killed)."""
+    fd = os.open(directory / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    deadline = time.monotonic() + wait_s
+    try:
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    holder = os.read(fd, 64).decode(errors="replace").strip() or "unknown"
+                    raise RuntimeError(f"{directory} is in use by another process (pid {holder}): one shard "
+                                       "process per data dir") from None
+                time.sleep(0.1)
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd

@@ -350,3 +350,95 @@ def test_a_shard_restarted_where_its_log_is_not_fails_instead_of_serving_fresh_r
                 client.lookup("t", np.arange(100))
     finally:
         store.shutdown("lost")
+
+
+def _kill_coordinator_and_shards(name: str) -> list[int]:
+    """As when the whole Ray cluster goes down: the store's actors die at once, none to be
+    restarted, and nothing is shut down gracefully. Returns the shard pids."""
+    layout = store.layout(name)
+    ray.kill(store.find(name), no_restart=True)
+    for i in range(layout["num_shards"]):
+        ray.kill(ray.get_actor(f"shard:{name}/{i}", namespace="memstore"), no_restart=True)
+    pids = [s["pid"] for s in layout["shards"]]
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and (any(_alive(p) for p in pids) or name in
+                                           [s["store"] for s in store.list_stores()]):
+        time.sleep(0.2)
+    return pids
+
+
+def test_a_killed_coordinator_comes_back_and_its_shards_serve_on(cluster, tmp_path):
+    spec = TableSpec("t", num_rows=3_001, dim=8, optimizer=OptimizerSpec("adam"))
+    before = store.deploy("phoenix", 2, [spec], data_dir=str(tmp_path))
+    try:
+        with MemStoreClient.connect("phoenix", config=ClientConfig(retry_s=120)) as client, \
+                InProcessStore() as ref:
+            ref.create_table(spec)
+            stream_updates(client, ref, "t", 3, seed=21)
+            first = store.checkpoint("phoenix")
+            stream_updates(client, ref, "t", 2, seed=22)
+            ray.kill(store.find("phoenix"), no_restart=False)  # Ray restarts it
+            # The data path does not go through the coordinator: the shards serve on.
+            stream_updates(client, ref, "t", 2, seed=23)
+            after = store.layout("phoenix")  # waits for the restarted coordinator
+            assert [s["pid"] for s in after["shards"]] == [s["pid"] for s in before["shards"]]
+            assert after["epoch"] > before["epoch"] and after["recovery"] == store.layout("phoenix")["recovery"]
+            assert after["recovery"]["version"] == first["version"] and list(after["tables"]) == ["t"]
+            # It knows the recovery point and the versions handed out: a shard killed now
+            # recovers through it, and the next checkpoint takes a new version.
+            victim = after["shards"][0]
+            os.kill(victim["pid"], signal.SIGKILL)
+            wait_for_new_pid("phoenix", 0, victim["pid"])
+            assert_same_table(client, ref, "t")
+            assert store.checkpoint("phoenix")["version"] > first["version"]
+            assert store.status("phoenix")["summary"]["serving"] == 2
+    finally:
+        store.shutdown("phoenix")
+    with pytest.raises(ValueError):  # detached shard actors go with `down`
+        ray.get_actor("shard:phoenix/0", namespace="memstore")
+
+
+def test_up_on_the_data_dir_of_a_store_that_went_down_resumes_it(cluster, tmp_path):
+    """A whole cluster lost (every actor killed at once), then `up` on the same data dir: every
+    acknowledged write is back, from the last checkpoint and the logs after it; likewise after
+    a graceful `down`; and a client connected before finds the store brought up again."""
+    from memstore.errors import InvalidArgument
+
+    spec = TableSpec("t", num_rows=4_001, dim=8, optimizer=OptimizerSpec("adam"))
+    later = TableSpec("later", num_rows=501, dim=4)
+    data = str(tmp_path / "data")
+    store.deploy("lazarus", 2, [spec], data_dir=data)
+    with InProcessStore() as ref:
+        ref.create_table(spec)
+        ref.create_table(later)
+        with MemStoreClient.connect("lazarus") as client:
+            stream_updates(client, ref, "t", 3, seed=31)
+            store.checkpoint("lazarus")
+            stream_updates(client, ref, "t", 3, seed=32)  # only in the logs
+            client.create_table(later)
+            stream_updates(client, ref, "later", 2, seed=33)
+        pids = _kill_coordinator_and_shards("lazarus")
+        assert not any(_alive(p) for p in pids)
+
+        with pytest.raises(InvalidArgument, match=r"holds store 'lazarus' of 2 shards, not 3"):
+            store.deploy("lazarus", 3, [], data_dir=data)
+        with pytest.raises(InvalidArgument, match=r"holds store 'lazarus', not 'other'"):
+            store.deploy("other", 2, [], data_dir=data)
+        layout = store.deploy("lazarus", 2, [TableSpec("extra", num_rows=10, dim=2)], data_dir=data)
+        try:
+            assert layout["resumed"]["version"] >= 1 and layout["resumed"]["replayed"] > 0
+            assert sorted(layout["tables"]) == ["extra", "later", "t"]
+            with MemStoreClient.connect("lazarus", config=ClientConfig(retry_s=120)) as client:
+                assert_same_table(client, ref, "t")
+                assert_same_table(client, ref, "later")
+                stream_updates(client, ref, "t", 2, seed=34)  # optimizer state came back too
+                assert_same_table(client, ref, "t")
+                # Down and up again: the data dir is the store's; a client connected before
+                # re-finds the store under its name once it is back.
+                store.shutdown("lazarus")
+                again = store.deploy("lazarus", 2, [], data_dir=data)
+                assert again["resumed"] is not None
+                assert_same_table(client, ref, "t")
+                assert set(client._directory.addresses()) == {s["address"] for s in again["shards"]}
+        finally:
+            store.shutdown("lazarus")

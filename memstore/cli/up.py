@@ -15,7 +15,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--address", help="Ray cluster to join (default $RAY_ADDRESS, else a local Ray, started if none runs)")
     durability = p.add_argument_group("durability")
     durability.add_argument("--data-dir", help="write-ahead logs and checkpoints; shared storage for shards to recover "
-                                               "on other nodes (default $MEMSTORE_DATA_DIR/NAME-<id>, else under /tmp)")
+                                               "on other nodes; one that holds this store resumes it (default $MEMSTORE_DATA_DIR/NAME-<id>, else under /tmp)")
     durability.add_argument("--wal-sync", choices=("always", "group", "none"), default="always",
                             help="log durability: fsync per write (default), shared fsyncs, or page cache only")
 
@@ -44,12 +44,17 @@ def run(args: argparse.Namespace) -> int:
     from cluster import store
 
     specs = load_config(args.config) if args.config else []
-    store.check_deploy(args.shards, specs, args.wal_sync)  # before a local Ray is started for nothing
+    # Before a local Ray is started for nothing.
+    store.check_deploy(args.shards, specs, args.wal_sync, name=args.name, data_dir=args.data_dir)
     started = store.ensure_ray(args.address, start_local=True)
     layout = store.deploy(args.name, args.shards, specs, data_dir=args.data_dir, wal_sync=args.wal_sync,
                           started_local_ray=started)
     print(f"store {args.name!r} is up: {layout['num_shards']} shards, {len(layout['tables'])} tables, "
           f"epoch {layout['epoch']}, data in {layout['data_dir']}")
+    if layout.get("resumed"):
+        resumed = layout["resumed"]
+        base = f"checkpoint {resumed['version']}" if resumed["checkpoint"] else "no checkpoint"
+        print(f"  resumed from its data dir: {base} + {resumed['replayed']} logged writes replayed")
     for s in layout["shards"]:
         print(f"  shard {s['shard_index']:>3}  {s['address']:<22} node {s['node_id'][:12]}")
     return 0
