@@ -36,8 +36,11 @@ log = logging.getLogger(__name__)
 NAMESPACE = "memstore"
 RESOURCE = "memstore"  # custom resource that marks the nodes reserved for shards
 # Each shard takes this share of a node's `memstore` resource: placement marks the node,
-# it does not limit how many shards a node holds.
-RESOURCE_SHARE = 0.001
+# it does not limit how many shards a node holds. Ray counts resources in steps of 0.0001;
+# at 0.0002 one node offering `memstore: 1` takes 5,000 shards, above the 4,096 a store may
+# have (at 0.001 a store of more than 1,000 shards on one node never finished coming up).
+RESOURCE_SHARE = 0.0002
+CUT_ATTEMPTS = 3  # a checkpoint's cuts, when shards restart under them
 
 
 def coordinator_name(store: str) -> str:
@@ -152,8 +155,10 @@ class _ShardActor:
         ShardFreeze, so every write is in the copy and the old log or in neither (and in the
         new log). Returns the copy's bytes."""
         from memstore import snapshot, wal
+        from memstore.cut import CutLost
 
-        assert self.engine.gate.frozen, "cut_snapshot outside a cut (did this shard restart?)"
+        if not self.engine.gate.frozen:  # Ray retried the call on a new incarnation of this shard
+            raise CutLost(f"shard {self.shard_index} restarted during the cut")
         with snapshot.ShardFreeze(self.engine) as freeze:
             self._snapshot = snapshot.snapshot_shard(self.engine, freeze=freeze)
             self.wal.rotate(wal.wal_path(self.wal_dir, generation))
@@ -166,9 +171,11 @@ class _ShardActor:
     def write_snapshot(self, staging: str) -> dict:
         """After the cut: write the copy under the checkpoint's staging directory."""
         from memstore import checkpoint
+        from memstore.cut import CutLost
 
         snapshot, self._snapshot = self._snapshot, None
-        assert snapshot is not None, "write_snapshot without a cut_snapshot"
+        if snapshot is None:  # as above: the copy died with the shard's old process
+            raise CutLost(f"shard {self.shard_index} restarted between the cut and writing its copy")
         return checkpoint.write_shard(snapshot, staging, progress=self._track)
 
     def _track(self, done: int, total: int) -> None:
@@ -517,41 +524,56 @@ class _Coordinator:
     # ---- checkpoints -------------------------------------------------------------------------
     def checkpoint(self, root: str | None = None, deadline_s: float = 30.0) -> dict:
         """One consistent cut of every shard, written under root (default: the data dir's
-        checkpoints/) as ckpt-<version>; it becomes the recovery point. Returns its facts."""
+        checkpoints/) as ckpt-<version>; it becomes the recovery point. Returns its facts. A
+        cut that a shard's restart voided is taken again (its version is not reused)."""
+        from memstore.cut import CutLost
+
+        with self._cut_lock:
+            for attempt in range(1, CUT_ATTEMPTS + 1):
+                try:
+                    return self._checkpoint(root, deadline_s) | {"attempts": attempt}
+                except CutLost as e:
+                    if attempt == CUT_ATTEMPTS:
+                        raise
+                    log.warning("store %s: checkpoint attempt %d void (%s); taking the cut again", self.store,
+                                attempt, e)
+        raise AssertionError("unreachable")
+
+    def _checkpoint(self, root: str | None, deadline_s: float) -> dict:
+        """checkpoint()'s one attempt (under _cut_lock)."""
         from memstore import checkpoint as ckpt
         from memstore.cut import take_cut
 
-        with self._cut_lock:
-            own_root = root is None
-            root = root or os.path.join(self.data_dir, "checkpoints")
-            existing = [v for v, _ in ckpt._numbered_checkpoints(Path(root))] if os.path.isdir(root) else []
-            version = self._next_generation(*existing)
-            t0 = time.monotonic()
-            staging = None
-            try:
-                nbytes, completed, abandoned = take_cut(
-                    [_ShardCut(a) for a in self._actors],
-                    lambda: sum(ray.get([a.cut_snapshot.remote(version) for a in self._actors])),
-                    deadline_s=deadline_s,
-                )
-                frozen_s = time.monotonic() - t0
-                staging = ckpt.begin_checkpoint(ckpt.checkpoint_dir(root, version))
-                summaries = ray.get([a.write_snapshot.remote(str(staging)) for a in self._actors])
-                final = ckpt.commit_checkpoint(staging, summaries, {"name": self.store, "version": version})
-            except BaseException:
-                ray.get([a.drop_snapshot.remote() for a in self._actors])
-                if staging is not None:
-                    shutil.rmtree(staging, ignore_errors=True)
-                raise
-            with self._lock:
-                self.recovery = {"checkpoint": str(final), "wal_since": version, "version": version,
-                                 "created": time.time()}
-                self._persist()  # the logs before it go only once the record points past them
-            ray.get([a.prune_log.remote(version) for a in self._actors])
-            if own_root:  # the store's own checkpoints: keep the last two
-                ckpt.prune_checkpoints(root, keep=2)
-            return {"path": str(final), "version": version, "bytes": nbytes, "frozen_s": frozen_s,
-                    "seconds": time.monotonic() - t0, "completed_in_cut": len(completed), "abandoned": len(abandoned)}
+        own_root = root is None
+        root = root or os.path.join(self.data_dir, "checkpoints")
+        existing = [v for v, _ in ckpt._numbered_checkpoints(Path(root))] if os.path.isdir(root) else []
+        version = self._next_generation(*existing)
+        t0 = time.monotonic()
+        staging = None
+        try:
+            nbytes, completed, abandoned = take_cut(
+                [_ShardCut(a) for a in self._actors],
+                lambda: sum(ray.get([a.cut_snapshot.remote(version) for a in self._actors])),
+                deadline_s=deadline_s,
+            )
+            frozen_s = time.monotonic() - t0
+            staging = ckpt.begin_checkpoint(ckpt.checkpoint_dir(root, version))
+            summaries = ray.get([a.write_snapshot.remote(str(staging)) for a in self._actors])
+            final = ckpt.commit_checkpoint(staging, summaries, {"name": self.store, "version": version})
+        except BaseException:
+            ray.get([a.drop_snapshot.remote() for a in self._actors])
+            if staging is not None:
+                shutil.rmtree(staging, ignore_errors=True)
+            raise
+        with self._lock:
+            self.recovery = {"checkpoint": str(final), "wal_since": version, "version": version,
+                             "created": time.time()}
+            self._persist()  # the logs before it go only once the record points past them
+        ray.get([a.prune_log.remote(version) for a in self._actors])
+        if own_root:  # the store's own checkpoints: keep the last two
+            ckpt.prune_checkpoints(root, keep=2)
+        return {"path": str(final), "version": version, "bytes": nbytes, "frozen_s": frozen_s,
+                "seconds": time.monotonic() - t0, "completed_in_cut": len(completed), "abandoned": len(abandoned)}
 
     def restore(self, directory: str) -> dict:
         """Replaces every shard's tables with a checkpoint's (of any shard count), atomically

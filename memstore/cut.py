@@ -31,6 +31,11 @@ FREEZE_LEASE_S = 300.0
 log = logging.getLogger("memstore.cut")
 
 
+class CutLost(RuntimeError):
+    """A shard lost its part of a cut (its process restarted since the freeze, and with it
+    the frozen gate or the copy): the cut is void, and taking it again will do."""
+
+
 class WriteGate:
     def __init__(self) -> None:
         # Guards every field below; writers wait on it while frozen.

@@ -442,3 +442,42 @@ def test_up_on_the_data_dir_of_a_store_that_went_down_resumes_it(cluster, tmp_pa
                 assert set(client._directory.addresses()) == {s["address"] for s in again["shards"]}
         finally:
             store.shutdown("lazarus")
+
+
+def test_checkpoints_go_on_while_shards_are_killed_under_them(engram_store, tmp_path):
+    """Checkpoints back to back while a shard is SIGKILLed twice: a cut that the shard's
+    restart voided (its frozen gate or its copy died with it) is taken again, so every
+    checkpoint succeeds; the last one holds every acknowledged update."""
+    spec = TableSpec("cuts", num_rows=50_021, dim=16, optimizer=OptimizerSpec("adam"))
+    with MemStoreClient.connect("engram", config=ClientConfig(retry_s=120)) as client, InProcessStore() as ref:
+        client.create_table(spec)
+        ref.create_table(spec)
+        stream_updates(client, ref, "cuts", 2, seed=41)
+        facts, errors, stop = [], [], threading.Event()
+
+        def checkpoints() -> None:
+            while not stop.is_set():
+                try:
+                    facts.append(store.checkpoint("engram", str(tmp_path)))
+                except Exception as e:  # noqa: BLE001 - reported below
+                    errors.append(e)
+
+        runner = threading.Thread(target=checkpoints)
+        runner.start()
+        try:
+            for _ in range(2):
+                victim = store.layout("engram")["shards"][3]
+                time.sleep(0.3)
+                os.kill(victim["pid"], signal.SIGKILL)
+                wait_for_new_pid("engram", 3, victim["pid"])
+                stream_updates(client, ref, "cuts", 1, seed=42)
+        finally:
+            stop.set()
+            runner.join(120)
+        assert not errors, errors
+        assert facts, "no checkpoint finished"
+        last = store.checkpoint("engram", str(tmp_path))
+        client.drop_table("cuts")
+        store.restore("engram", last["path"])
+        assert_same_table(client, ref, "cuts")
+        client.drop_table("cuts")
