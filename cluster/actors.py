@@ -561,7 +561,8 @@ class _Coordinator:
             summaries = ray.get([a.write_snapshot.remote(str(staging)) for a in self._actors])
             final = ckpt.commit_checkpoint(staging, summaries, {"name": self.store, "version": version})
         except BaseException:
-            ray.get([a.drop_snapshot.remote() for a in self._actors])
+            with contextlib.suppress(ray.exceptions.RayError):  # never in place of the error itself
+                ray.get([a.drop_snapshot.remote() for a in self._actors], timeout=60)
             if staging is not None:
                 shutil.rmtree(staging, ignore_errors=True)
             raise

@@ -223,7 +223,7 @@ def deploy(name: str, num_shards: int, specs: list[TableSpec], *, data_dir: str 
     check_deploy(num_shards, specs, wal_sync, name=name, data_dir=data_dir)  # the coordinator checks again
     for attempt in range(10):  # another deploy or shutdown of the name may be under way
         try:
-            return _join(find(name), name, num_shards, specs)
+            return _join(find(name), name, num_shards, specs, data_dir)
         except StoreNotFound:
             pass
         try:
@@ -251,7 +251,7 @@ def deploy(name: str, num_shards: int, specs: list[TableSpec], *, data_dir: str 
         raise Unavailable(f"store {name!r} did not come up: {_root_cause(e)}") from None
 
 
-def _join(existing, name: str, num_shards: int, specs: list[TableSpec]) -> dict:
+def _join(existing, name: str, num_shards: int, specs: list[TableSpec], data_dir: str | None = None) -> dict:
     """deploy() of a store that is up, or being brought up by another deploy: its layout once
     whole, with `specs` created."""
     try:
@@ -263,6 +263,8 @@ def _join(existing, name: str, num_shards: int, specs: list[TableSpec]) -> dict:
     layout = ray.get(existing.layout.remote())
     if layout["num_shards"] != num_shards:
         raise InvalidArgument(f"store {name!r} is already up with {layout['num_shards']} shards, not {num_shards}")
+    if data_dir is not None and os.path.realpath(data_dir) != os.path.realpath(layout["data_dir"]):
+        raise InvalidArgument(f"store {name!r} is already up on data dir {layout['data_dir']}, not {data_dir}")
     if not layout["shards"]:
         raise Unavailable(f"store {name!r} did not come up (another deploy of it failed): try again")
     for spec in specs:

@@ -428,6 +428,9 @@ def test_up_on_the_data_dir_of_a_store_that_went_down_resumes_it(cluster, tmp_pa
         try:
             assert layout["resumed"]["version"] >= 1 and layout["resumed"]["replayed"] > 0
             assert sorted(layout["tables"]) == ["extra", "later", "t"]
+            with pytest.raises(InvalidArgument, match=r"already up on data dir .*data, not .*elsewhere"):
+                store.deploy("lazarus", 2, [], data_dir=str(tmp_path / "elsewhere"))
+            assert store.deploy("lazarus", 2, [], data_dir=data)["epoch"] == layout["epoch"]  # joins it
             with MemStoreClient.connect("lazarus", config=ClientConfig(retry_s=120)) as client:
                 assert_same_table(client, ref, "t")
                 assert_same_table(client, ref, "later")
