@@ -99,6 +99,7 @@ class _ShardActor:
         self._snapshot = None  # taken at a cut, written after it
         self._restore = None  # a checkpoint's tables loaded for a restore, swapped in at its cut
         self._progress = (0, 0)  # (done, total) bytes of the checkpoint write or restore under way
+        self._restoring = threading.Lock()  # one restore swap at a time (a finishing one may race the first)
 
         self.server = _serve_in_port_range(self.engine, ray.util.get_node_ip_address())
         settle_shard_process()
@@ -208,17 +209,21 @@ class _ShardActor:
         from memstore import checkpoint, snapshot, wal
         from memstore.engine import ShardEngine
 
-        if self._restore is None:
-            self._restore = checkpoint.load_shard(directory, self.shard_index, self.engine.num_shards,
-                                                  engine=ShardEngine(self.shard_index, self.engine.num_shards))
-        if not self.engine.gate.frozen:  # restarted: its gate is new, and the cut froze the old one
-            self.engine.gate.freeze(lease_s=math.inf)
-        fresh, self._restore = self._restore, None
-        with snapshot.ShardFreeze(self.engine):
-            self.engine.replace_tables(fresh.tables())  # no log records: the log restarts below
-            self.wal.rotate(wal.wal_path(self.wal_dir, generation))
-        self.generation = generation
-        return len(fresh.tables())
+        with self._restoring:
+            if self.generation >= generation:  # swapped already: a restarted coordinator finishing the restore
+                self._restore = None
+                return 0
+            if self._restore is None:
+                self._restore = checkpoint.load_shard(directory, self.shard_index, self.engine.num_shards,
+                                                      engine=ShardEngine(self.shard_index, self.engine.num_shards))
+            if not self.engine.gate.frozen:  # restarted: its gate is new, and the cut froze the old one
+                self.engine.gate.freeze(lease_s=math.inf)
+            fresh, self._restore = self._restore, None
+            with snapshot.ShardFreeze(self.engine):
+                self.engine.replace_tables(fresh.tables())  # no log records: the log restarts below
+                self.wal.rotate(wal.wal_path(self.wal_dir, generation))
+            self.generation = generation
+            return len(fresh.tables())
 
     def drop_restore(self) -> None:
         """After a failed restore: let go of the prepared tables."""
@@ -308,7 +313,7 @@ class _Coordinator:
     """The layout of one store; the only writer of it and of the store's record (storefile)."""
 
     def __init__(self, store: str, num_shards: int, data_dir: str, wal_sync: str = "always",
-                 started_local_ray: str | None = None, owns_data_dir: bool = False, resume: bool = False) -> None:
+                 started_local_ray: str | None = None, owns_data_dir: bool = False) -> None:
         self.store = store
         self.owns_data_dir = owns_data_dir  # chosen by deploy, not the operator: removed at shutdown
         self.num_shards = num_shards
@@ -324,45 +329,58 @@ class _Coordinator:
         # generation to replay after it; guarded by _lock.
         self.recovery = {"checkpoint": None, "wal_since": 0, "version": 0, "created": None}
         self._generation = 0  # the last cut version handed out (_next_generation)
+        # A restore whose swap has begun: its recovery point and tables, until the swap is
+        # recorded whole; a recovery that finds it finishes the restore (_finish_restore_on_disk,
+        # _after_restart).
+        self.restoring: dict | None = None  # guarded by _lock
         self.resumed: dict | None = None  # facts of the resume from the data dir, when it was one
-        self._came_up = False  # every shard served once: its data dir is the store's for good
+        self._came_up = False  # every shard served once: the data dir holds acknowledged writes
         self._actors = []
-        self._lock = threading.Lock()  # guards tables, shards, epoch, recovery and the store record
+        self._lock = threading.Lock()  # guards tables, shards, epoch, recovery, restoring and the record
         self._cut_lock = threading.Lock()  # one checkpoint or restore at a time
         self._started = threading.Event()  # start() has returned or failed: the layout is whole
-        restarted = ray.get_runtime_context().was_current_actor_reconstructed
-        if not restarted and not resume:  # decided here, where the data dir is surely seen
-            from cluster import storefile
+        from cluster import storefile
+        from memstore.durable import lock_directory
 
-            resume = storefile.check_resume(data_dir, store, num_shards) is not None
-        self._resume = resume  # deployed on a data dir that holds this store: shards recover from it
-        if restarted or resume:
-            self._load()
-        if resume and not restarted:
-            self.shards = []  # those of the recorded incarnation are gone; start() places new ones
+        Path(data_dir).mkdir(parents=True, exist_ok=True)
+        # One coordinator per data dir: another cluster resuming it would rewrite the record under
+        # this store. A restarted incarnation waits for its dying predecessor to let go.
+        self._lock_fd = lock_directory(Path(data_dir), wait_s=30)
+        restarted = ray.get_runtime_context().was_current_actor_reconstructed
+        if restarted or storefile.path(data_dir).exists():
+            self._load(restarted)
+        self._resume = self._came_up  # shards recover from the data dir rather than start empty
         if restarted:  # Ray brought this coordinator back; its shards served on meanwhile
             self.epoch += 1
-            self._came_up = bool(self.shards)
-            self._actors = [self._shard(i, find=True) for i in range(num_shards)] if self._came_up else []
+            self._actors = [self._shard(i, find=True) for i in range(num_shards)] if self.shards else []
             self._started.set()
             threading.Thread(target=self._after_restart, name="coordinator-restarted", daemon=True).start()
+        elif self._resume:
+            self.shards = []  # those of the recorded incarnation are gone; start() places new ones
 
     # ---- the store's record in its data dir -------------------------------------------------
-    def _load(self) -> None:
+    def _load(self, restarted: bool) -> None:
         from cluster import storefile
 
-        record = storefile.read(self.data_dir)
+        record = storefile.read(self.data_dir) if restarted else storefile.check_resume(
+            self.data_dir, self.store, self.num_shards)
         if record is None:
             raise RuntimeError(f"{self.data_dir} holds no store record ({storefile.STORE_FILE}): nothing to resume")
         self.tables = dict(record["tables"])
         self.shards = [dict(s) for s in record["shards"]]
         self.epoch = record["epoch"]
         self.recovery = dict(record["recovery"])
+        self.restoring = record.get("restoring")
         self.created = record["created"]
         self.resource = record.get("resource")
-        if ray.get_runtime_context().was_current_actor_reconstructed:  # same cluster: a duty adopted since
+        self._came_up = record["came_up"]
+        if restarted:  # same cluster: a duty adopted since
             self.started_local_ray = self.started_local_ray or record.get("started_local_ray")
         self._generation = max(record["generation"], _highest_generation(self.data_dir))
+        if self.restoring and self.restoring["version"] <= self.recovery["version"]:
+            self.restoring = None  # superseded by a later cut
+        if self.restoring and not restarted:
+            self._finish_restore_on_disk()
 
     def _persist(self) -> None:
         """Writes the store's record (under _lock). Raises when the disk refuses it: the
@@ -371,9 +389,34 @@ class _Coordinator:
 
         storefile.write(self.data_dir, {
             "store": self.store, "num_shards": self.num_shards, "tables": self.tables, "shards": self.shards,
-            "epoch": self.epoch, "recovery": self.recovery, "generation": self._generation,
-            "created": self.created, "resource": self.resource, "started_local_ray": self.started_local_ray,
+            "epoch": self.epoch, "recovery": self.recovery, "restoring": self.restoring,
+            "generation": self._generation, "came_up": self._came_up, "created": self.created,
+            "resource": self.resource, "started_local_ray": self.started_local_ray,
         })
+
+    def _finish_restore_on_disk(self) -> None:
+        """Resuming after a restore whose swap began and was never recorded whole: it takes
+        effect. A shard that had swapped started log generation V then (what it logged after
+        replays on top of the restored rows); one that had not gets an empty log of generation
+        V, so it recovers from the restored rows alone: its older logs are what the restore
+        replaced."""
+        from memstore import checkpoint, wal
+
+        version = self.restoring["version"]
+        for i in range(self.num_shards):
+            shard_dir = Path(self.data_dir, "wal", checkpoint.shard_dirname(i, self.num_shards))
+            if not any(g >= version for g, _ in wal.wal_files(shard_dir)):
+                shard_dir.mkdir(parents=True, exist_ok=True)
+                wal.WriteAheadLog(wal.wal_path(shard_dir, version), sync="always").close()
+        self._restore_recorded()
+
+    def _restore_recorded(self) -> None:
+        """The restore under way is whole: it becomes the recovery point (under _lock, or
+        before the actor serves)."""
+        restoring, self.restoring = self.restoring, None
+        self.tables = dict(restoring["tables"])
+        self.recovery = {k: restoring[k] for k in ("checkpoint", "wal_since", "version", "created")}
+        self._persist()
 
     def _persist_shards(self) -> None:
         """Records where shards serve (under _lock): a convenience for a restarted coordinator,
@@ -384,12 +427,22 @@ class _Coordinator:
             log.warning("store %s: cannot record the shard layout in %s: %s", self.store, self.data_dir, e)
 
     def _after_restart(self) -> None:
-        """A restarted coordinator asks its shards where they serve, and drops what a cut of
-        its previous incarnation left prepared on them."""
-        with self._cut_lock:  # not under a cut this incarnation has begun meanwhile
+        """A restarted coordinator finishes the restore its previous incarnation was swapping
+        in, ends what that one's cut left (prepared copies, frozen gates: writes flow again
+        now, not when the freeze lapses), and asks its shards where they serve."""
+        with self._cut_lock:  # no cut of this incarnation's own begins meanwhile
+            try:
+                if self.restoring:
+                    pending = self.restoring
+                    ray.get([a.restore.remote(pending["version"], pending["checkpoint"]) for a in self._actors])
+                    with self._lock:
+                        self._restore_recorded()
+            except Exception:  # a shard that cannot: left frozen, named by `status`; lease ends it
+                log.exception("store %s: finishing the restore of %s", self.store, self.restoring)
             for a in self._actors:
                 with contextlib.suppress(ray.exceptions.RayError):
                     ray.get([a.drop_snapshot.remote(), a.drop_restore.remote()], timeout=60)
+                    ray.get(a.cut_unfreeze.remote(False), timeout=60)
         with contextlib.suppress(Exception):
             self.refresh()
         with self._lock:
@@ -424,7 +477,7 @@ class _Coordinator:
 
     def start(self, table_specs: list[dict], resource: str | None) -> dict:
         """Creates the shard actors (a resumed store's recover from the data dir), waits until
-        every shard serves, returns the layout."""
+        every shard serves, returns the layout. Called once (deploy: never retried)."""
         resuming = self._resume
         self.resource = resource
         try:
@@ -439,8 +492,8 @@ class _Coordinator:
             with self._lock:
                 self.shards = infos
                 self.epoch += 1
-                self._persist_shards()
-            self._came_up = True
+                self._came_up = True
+                self._persist()  # from here on the data dir is the store's: kept, resumed
             if resuming:
                 self.resumed = {"checkpoint": self.recovery["checkpoint"], "version": self.recovery["version"],
                                 "replayed": sum(i["replayed"] for i in infos)}
@@ -569,6 +622,7 @@ class _Coordinator:
         with self._lock:
             self.recovery = {"checkpoint": str(final), "wal_since": version, "version": version,
                              "created": time.time()}
+            self.restoring = None  # one left half-done is superseded: this cut holds what the store serves
             self._persist()  # the logs before it go only once the record points past them
         ray.get([a.prune_log.remote(version) for a in self._actors])
         if own_root:  # the store's own checkpoints: keep the last two
@@ -601,30 +655,46 @@ class _Coordinator:
             # The recovery point must outlive the directory given (pruned, deleted, another
             # store's): the store keeps its own copy, hard-linked where the disk allows.
             pinned = ckpt.link_checkpoint(path, ckpt.checkpoint_dir(own_root, version))
-            switched = False
+            pending = {"checkpoint": str(pinned), "wal_since": version, "version": version,
+                       "created": manifest["store"].get("created", time.time()), "tables": dict(manifest["tables"])}
+            begun = False
 
             def swap() -> None:  # while every shard is frozen
-                nonlocal switched
-                ray.get([a.restore.remote(version, str(pinned)) for a in self._actors])
+                nonlocal begun
+                with self._lock:  # recorded before any shard swaps: a recovery from here on finishes it
+                    self.restoring = pending
+                    try:
+                        self._persist()
+                    except BaseException:
+                        self.restoring = None
+                        raise
+                begun = True
+                for attempt in (1, 2):  # a shard's restore is idempotent: swapped ones skip it
+                    try:
+                        ray.get([a.restore.remote(version, str(pinned)) for a in self._actors])
+                        break
+                    except ray.exceptions.RayError:
+                        if attempt == 2:
+                            raise
                 with self._lock:  # before writes flow: a shard restarting from here on loads the restore
-                    self.tables = dict(manifest["tables"])
-                    self.recovery = {"checkpoint": str(pinned), "wal_since": version, "version": version,
-                                     "created": manifest["store"].get("created", time.time())}
-                    switched = True
-                    # Still frozen: were this lost to a crash, a resume would replay the old
-                    # recovery point and its logs, which no write has reached since the swap.
-                    self._persist()
+                    try:
+                        self._restore_recorded()
+                    except OSError as e:  # the record's `restoring` leads any recovery to the same rows
+                        log.warning("store %s: restore %s done, but not recorded as done: %s", self.store,
+                                    version, e)
 
             try:
                 ray.get([a.prepare_restore.remote(str(path)) for a in self._actors])  # loads outside the cut
                 take_cut([_ShardCut(a) for a in self._actors], swap)
-            except BaseException:
+            except BaseException as e:
                 for a in self._actors:  # no shard keeps a prepared copy of every table
                     with contextlib.suppress(ray.exceptions.RayError):
                         ray.get(a.drop_restore.remote(), timeout=30)
-                if not switched:
+                if not begun:
                     shutil.rmtree(pinned, ignore_errors=True)
-                raise
+                    raise
+                raise RuntimeError(f"the restore of {path} reached only some shards ({e}); the store's record "
+                                   "finishes it at the next recovery: restore again") from e
             ray.get([a.prune_log.remote(version) for a in self._actors])  # only once recovery points past them
             return {"path": str(path), "tables": len(manifest["tables"]), "from_shards": manifest["store"]["num_shards"],
                     "seconds": time.monotonic() - t0}
@@ -676,7 +746,7 @@ class _Coordinator:
         self._actors = []
         if self.owns_data_dir:
             shutil.rmtree(self.data_dir, ignore_errors=True)
-        elif not self._came_up and not self._resume:
+        elif not self._came_up:
             # A new store's `up` that failed: the dir the user gave is left as found, less
             # the record and the logs that never got a record.
             from cluster import storefile
@@ -684,6 +754,7 @@ class _Coordinator:
             from memstore.durable import LOCK_FILE
 
             storefile.remove(self.data_dir)
+            (Path(self.data_dir) / LOCK_FILE).unlink(missing_ok=True)
             for shard_dir in Path(self.data_dir, "wal").glob("shard-*-of-*"):
                 for _, path in wal.wal_files(shard_dir):
                     if path.stat().st_size <= len(wal.MAGIC):

@@ -220,6 +220,7 @@ def deploy(name: str, num_shards: int, specs: list[TableSpec], *, data_dir: str 
     `specs` new to it are created, the others must match. wal_sync
     is the log's durability: "always" (fsync per write), "group" (shared fsyncs) or "none".
     started_local_ray: the GCS address of a local Ray started for this store, for `down`."""
+    data_dir = os.path.abspath(data_dir) if data_dir else None  # the actors' working dir is not ours
     check_deploy(num_shards, specs, wal_sync, name=name, data_dir=data_dir)  # the coordinator checks again
     for attempt in range(10):  # another deploy or shutdown of the name may be under way
         try:
@@ -241,11 +242,13 @@ def deploy(name: str, num_shards: int, specs: list[TableSpec], *, data_dir: str 
     else:
         raise Unavailable(f"store {name!r} is being brought up or down by another call meanwhile: try again")
     try:
-        return ray.get(coordinator.start.remote([s.to_dict() for s in specs], memory_resource()))
+        # Never retried on a restarted coordinator: that one resumes from the record, or fails.
+        return ray.get(coordinator.start.options(max_task_retries=0).remote([s.to_dict() for s in specs],
+                                                                            memory_resource()))
     except ray.exceptions.RayError as e:
         # No half-made store left behind: a later `up` of the name would find it and call it up.
         with contextlib.suppress(ray.exceptions.RayError):
-            ray.get(coordinator.shutdown.remote(), timeout=60)
+            ray.get(coordinator.shutdown.options(max_task_retries=0).remote(), timeout=60)
         ray.kill(coordinator, no_restart=True)
         _kill_shard_actors(name, num_shards)
         raise Unavailable(f"store {name!r} did not come up: {_root_cause(e)}") from None
@@ -324,9 +327,11 @@ def shutdown(name: str) -> str | None:
     coordinator = find(name)
     layout = ray.get(coordinator.layout.remote())
     started = layout["started_local_ray"]
-    ray.get(coordinator.shutdown.remote())
-    ray.kill(coordinator, no_restart=True)
-    _kill_shard_actors(name, layout["num_shards"])
+    try:
+        ray.get(coordinator.shutdown.options(max_task_retries=0).remote())
+    finally:  # its detached shards must not outlive a coordinator that died meanwhile
+        ray.kill(coordinator, no_restart=True)
+        _kill_shard_actors(name, layout["num_shards"])
     for other in list_stores() if started else ():
         try:
             ray.get(find(other["store"]).adopt_local_ray.remote(started))
@@ -393,17 +398,16 @@ class StoreDirectory:
 
     def refresh(self) -> bool:
         """Re-reads the layout (asking the shards where they serve); True if it changed. A
-        store taken down and brought up again under its name (a new coordinator) is found
-        anew, if it has as many shards: routing depends on the count."""
+        store taken down and resumed from its data dir (a new coordinator) is found anew; a
+        new store of the same name is not: its rows are others."""
         old = self.addresses()
         try:
             layout = ray.get(self._coordinator.refresh.remote())
         except ray.exceptions.RayActorError:  # that coordinator is gone for good
             coordinator = find(self.name)
             layout = ray.get(coordinator.refresh.remote())
-            if layout["num_shards"] != self.layout["num_shards"]:
-                raise Unavailable(f"store {self.name!r} came back with {layout['num_shards']} shards, not "
-                                  f"{self.layout['num_shards']}: connect to it anew") from None
+            if layout["created"] != self.layout["created"]:  # a resume keeps it; a new store does not
+                raise Unavailable(f"store {self.name!r} was brought up anew, not resumed: connect to it anew") from None
             self._coordinator = coordinator
         self.layout = layout
         return self.addresses() != old

@@ -81,4 +81,8 @@ def check_resume(data_dir: str | Path, name: str, num_shards: int) -> dict | Non
         raise InvalidArgument(f"{data_dir} holds store {name!r} of {doc.get('num_shards')} shards, not "
                               f"{num_shards}: bring it up with --shards {doc.get('num_shards')} (a checkpoint "
                               "restores into any shard count)")
+    if doc.get("came_up") is not True:
+        raise InvalidArgument(f"{data_dir} holds store {name!r} whose first `up` never finished (no shard served, "
+                              f"so nothing there was acknowledged): remove {path(data_dir)} and its wal/ to bring "
+                              "it up anew, or use a fresh --data-dir")
     return doc

@@ -60,6 +60,8 @@ RETRYABLE = (grpc.StatusCode.UNAVAILABLE,)
 DELIVERY_RETRY_S = (60.0, 3600.0)
 # ReleaseSegments' own deadline: it is tiny, and a short call timeout_s used to lose tokens.
 RELEASE_TIMEOUT_S = 10.0
+# A channel replaced on re-resolving is closed this long after (calls on it may still be running).
+RETIRED_CHANNEL_S = 120.0
 
 
 @dataclass(frozen=True)
@@ -167,7 +169,7 @@ class MemStoreClient:
         self._pool_lock = threading.Lock()  # guards _pool, _rpc_pool and _segment_pool creation
         self._segment_pool: segments.SegmentPool | None = None
         self._directory = None  # set by connect(): where a named store's shards serve now
-        self._retired: list[_Shard] = []  # shards replaced on re-resolving, closed with the client
+        self._retired: list[tuple[float, _Shard]] = []  # (when, shard) replaced on re-resolving; under _resolve_lock
         self._resolve_lock = threading.Lock()  # serialises re-resolution; _shards is swapped whole
         self._release_lock = threading.Lock()  # one ReleaseSegments fan-out at a time (shards' unreleased)
 
@@ -602,8 +604,12 @@ class MemStoreClient:
             if changed:
                 old = self._shards
                 self._shards = [s if s.address == a else _Shard(i, a) for i, (s, a) in enumerate(zip(old, self._directory.addresses()))]
-                # Another thread may still be in a call on a replaced channel: closed with the client.
-                self._retired.extend(s for s in old if s not in self._shards)
+                # Another thread may still be in a call on a replaced channel: closed a while later.
+                now = time.monotonic()
+                for _, s in [r for r in self._retired if now - r[0] > RETIRED_CHANNEL_S]:
+                    s.channel.close()
+                self._retired = [r for r in self._retired if now - r[0] <= RETIRED_CHANNEL_S]
+                self._retired += [(now, s) for s in old if s not in self._shards]
 
     def _error(self, shard: int, method: str, e: grpc.RpcError) -> MemStoreError:
         named = dict(e.trailing_metadata() or ()).get(ERROR_KEY)
@@ -678,7 +684,7 @@ class MemStoreClient:
             # Leased ones too: their results live on in this process, but every call that
             # had a shard write into them has returned.
             self._release_segments(self._segment_pool.take_closed() + self._segment_pool.leased_tokens())
-        for s in [*self._shards, *self._retired]:
+        for s in [*self._shards, *(s for _, s in self._retired)]:
             s.channel.close()  # first: calls still in flight (another thread's) end now, cancelled
         if self._rpc_pool is not None:
             self._rpc_pool.shutdown(wait=True)

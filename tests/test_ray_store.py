@@ -443,8 +443,52 @@ def test_up_on_the_data_dir_of_a_store_that_went_down_resumes_it(cluster, tmp_pa
                 assert again["resumed"] is not None
                 assert_same_table(client, ref, "t")
                 assert set(client._directory.addresses()) == {s["address"] for s in again["shards"]}
+            # A new store under the name (another data dir) holds other rows: not adopted.
+            with MemStoreClient.connect("lazarus", config=ClientConfig(retry_s=3)) as old:
+                store.shutdown("lazarus")
+                store.deploy("lazarus", 2, [spec], data_dir=str(tmp_path / "new"))
+                with pytest.raises(Unavailable):
+                    old.lookup("t", np.arange(10))
         finally:
             store.shutdown("lazarus")
+
+
+def test_a_coordinator_killed_while_it_resumes_leaves_the_store_resumable(cluster, tmp_path):
+    spec = TableSpec("t", num_rows=3_001, dim=8, optimizer=OptimizerSpec("adam"))
+    data = str(tmp_path / "data")
+    store.deploy("ember", 2, [spec], data_dir=data)
+    with InProcessStore() as ref:
+        ref.create_table(spec)
+        with MemStoreClient.connect("ember") as client:
+            stream_updates(client, ref, "t", 3, seed=61)
+        store.shutdown("ember")
+        outcome = []
+
+        def up() -> None:
+            try:
+                outcome.append(store.deploy("ember", 2, [], data_dir=data))
+            except Unavailable as e:
+                outcome.append(e)
+
+        resuming = threading.Thread(target=up)
+        resuming.start()
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                ray.kill(store.find("ember"), no_restart=False)  # mid-resume, by Ray's restart
+                break
+            except StoreNotFound:
+                time.sleep(0.02)
+        resuming.join(180)
+        assert outcome, "the deploy did not return"
+        try:
+            # Whatever the deploy made of it, the record survived: the store comes back whole.
+            layout = store.deploy("ember", 2, [], data_dir=data)
+            assert layout["resumed"] is not None or not isinstance(outcome[0], Exception)
+            with MemStoreClient.connect("ember", config=ClientConfig(retry_s=60)) as client:
+                assert_same_table(client, ref, "t")
+        finally:
+            store.shutdown("ember")
 
 
 def test_checkpoints_go_on_while_shards_are_killed_under_them(engram_store, tmp_path):
@@ -484,3 +528,73 @@ def test_checkpoints_go_on_while_shards_are_killed_under_them(engram_store, tmp_
         store.restore("engram", last["path"])
         assert_same_table(client, ref, "cuts")
         client.drop_table("cuts")
+
+
+def _edit_record(data: str, **changes) -> dict:
+    """Rewrites the store's record by hand: the state a crash at one point of a restore leaves."""
+    from cluster import storefile
+
+    record = storefile.read(data)
+    record.update(changes)
+    del record["format"]
+    storefile.write(data, record)
+    return record
+
+
+def _restoring(data: str, source: str, version: int) -> dict:
+    """The record's entry for a restore of `source` whose swap began at `version`."""
+    from memstore import checkpoint
+
+    pinned = checkpoint.link_checkpoint(source, checkpoint.checkpoint_dir(os.path.join(data, "checkpoints"), version))
+    manifest = checkpoint.read_manifest(pinned)
+    return {"checkpoint": str(pinned), "wal_since": version, "version": version, "created": 1.0,
+            "tables": manifest["tables"]}
+
+
+def test_a_restore_cut_short_mid_swap_is_finished_by_the_next_recovery(cluster, tmp_path):
+    """A restore is recorded before any shard swaps; a coordinator that died in the swap left
+    the record naming it. Its restarted incarnation finishes it on the live shards (and lets
+    their frozen writes flow); a resume after the whole cluster went down finishes it from the
+    files: shard 0 had swapped (its log of the restore's generation, with a write after the
+    swap), shard 1 had not (its older logs are what the restore replaced)."""
+    from memstore import wal
+
+    spec = TableSpec("t", num_rows=2_001, dim=8, optimizer=OptimizerSpec("adagrad"))
+    data = str(tmp_path / "data")
+    store.deploy("midswap", 2, [spec], data_dir=data)
+    try:
+        with MemStoreClient.connect("midswap", config=ClientConfig(retry_s=120)) as client:
+            stream_updates(client, None, "t", 2, seed=51)
+            saved = store.checkpoint("midswap", str(tmp_path / "saved"))
+            at_saved = client.lookup("t", np.arange(2_001))
+            stream_updates(client, None, "t", 2, seed=52)  # undone by the restore
+            version = store.layout("midswap")["recovery"]["version"] + 10
+            _edit_record(data, restoring=_restoring(data, saved["path"], version))
+            for a in ray.get(store.find("midswap").actors.remote()):
+                ray.get(a.cut_freeze.remote())  # as the dead incarnation's cut left them
+            ray.kill(store.find("midswap"), no_restart=False)
+            deadline = time.monotonic() + 60
+            while store.layout("midswap")["recovery"]["version"] != version and time.monotonic() < deadline:
+                time.sleep(0.5)
+            np.testing.assert_array_equal(client.lookup("t", np.arange(2_001)), at_saved)
+            client.update("t", np.arange(5), np.ones((5, 8), np.float32), lr=0.1)  # writes flow again
+
+            # Now across a lost cluster: a restore begun, shard 0 swapped and wrote since.
+            stream_updates(client, None, "t", 2, seed=53)
+            later = version + 10
+            _edit_record(data, restoring=_restoring(data, saved["path"], later))
+        _kill_coordinator_and_shards("midswap")
+        from memstore.partition import shard_of
+
+        key = int(np.flatnonzero(shard_of(np.arange(2_001), 2) == 0)[0])
+        shard0 = tmp_path / "data" / "wal" / "shard-00000-of-00002"
+        with wal.WriteAheadLog(wal.wal_path(shard0, later), sync="none") as log:
+            log.append(wal.assign_record("t", np.array([key]), torch.full((1, 8), 7.0), False, "after-swap"))
+        layout = store.deploy("midswap", 2, [], data_dir=data)
+        assert layout["recovery"]["version"] == later and layout["resumed"]["replayed"] == 1
+        expected = at_saved.copy()
+        expected[key] = 7.0
+        with MemStoreClient.connect("midswap") as client:
+            np.testing.assert_array_equal(client.lookup("t", np.arange(2_001)), expected)
+    finally:
+        store.shutdown("midswap")
