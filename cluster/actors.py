@@ -41,6 +41,8 @@ RESOURCE = "memstore"  # custom resource that marks the nodes reserved for shard
 # have (at 0.001 a store of more than 1,000 shards on one node never finished coming up).
 RESOURCE_SHARE = 0.0002
 CUT_ATTEMPTS = 3  # a checkpoint's cuts, when shards restart under them
+COORDINATOR_LOCK_WAIT_S = 300.0  # for a dying predecessor (NFS I/O can hold one up)
+RESTORE_FINISH_S = 120.0  # how long a restore whose swap began keeps trying shards that restart
 
 
 def coordinator_name(store: str) -> str:
@@ -71,6 +73,9 @@ class _ShardActor:
         layout = ray.get(coordinator.layout.remote())
         self.wal_dir = Path(data_dir) / "wal" / checkpoint.shard_dirname(shard_index, num_shards)
         recovery = layout["recovery"]
+        pending = layout.get("restoring")
+        if self.restarted and pending and any(g >= pending["version"] for g, _ in wal.wal_files(self.wal_dir)):
+            recovery = pending  # it had swapped in a restore not yet recorded whole: its log goes on from there
         if self.restarted and not any(g >= recovery["wal_since"] for g, _ in wal.wal_files(self.wal_dir)):
             # Serving fresh rows here would lose every acknowledged write without a word.
             raise RuntimeError(f"shard {shard_index} of store {store!r} restarted on {ray.util.get_node_ip_address()}, "
@@ -196,10 +201,12 @@ class _ShardActor:
         from memstore import checkpoint
         from memstore.engine import ShardEngine
 
-        self._restore = checkpoint.load_shard(directory, self.shard_index, self.engine.num_shards,
-                                              engine=ShardEngine(self.shard_index, self.engine.num_shards),
-                                              progress=self._track)
-        return sum(t.row_bytes + t.state_bytes for t in self._restore.tables())
+        prepared = checkpoint.load_shard(directory, self.shard_index, self.engine.num_shards,
+                                         engine=ShardEngine(self.shard_index, self.engine.num_shards),
+                                         progress=self._track)
+        with self._restoring:
+            self._restore = prepared
+        return sum(t.row_bytes + t.state_bytes for t in prepared.tables())
 
     def restore(self, generation: int, directory: str) -> int:
         """While frozen: swap in the prepared tables (dropping the others) and start a new log
@@ -227,7 +234,8 @@ class _ShardActor:
 
     def drop_restore(self) -> None:
         """After a failed restore: let go of the prepared tables."""
-        self._restore = None
+        with self._restoring:
+            self._restore = None
 
     def stop(self, grace_s: float = 2.0) -> None:
         self.server.stop(grace_s)
@@ -267,6 +275,28 @@ def _first_free(base: str | None, host: str, bind):
         except OSError:
             continue
     raise OSError(f"no free port in {base}..{int(base) + PORT_RANGE - 1} on {host}")
+
+
+def _discard_unborn(data_dir: str, store: str, num_shards: int) -> None:
+    """A store whose first `up` never finished (its record says it never came up: no shard
+    served, so nothing in it was acknowledged) is brought up anew: its record and its shards'
+    generation-0 logs go (a store that came up has its logs kept whatever happens)."""
+    from cluster import storefile
+    from memstore import wal
+
+    try:
+        record = storefile.read(data_dir)
+    except Exception:  # an unreadable record is the operator's to judge: _load reports it
+        return
+    if record is None or record.get("came_up") is not False or (record.get("store"), record.get("num_shards")) != (
+            store, num_shards):
+        return
+    log.warning("%s holds a store whose first up never finished: bringing it up anew", data_dir)
+    for shard_dir in Path(data_dir, "wal").glob(f"shard-*-of-{num_shards:05d}"):
+        for g, path in wal.wal_files(shard_dir):
+            if g == 0:
+                path.unlink(missing_ok=True)
+    storefile.remove(data_dir)
 
 
 def _highest_generation(data_dir: str) -> int:
@@ -345,8 +375,11 @@ class _Coordinator:
         Path(data_dir).mkdir(parents=True, exist_ok=True)
         # One coordinator per data dir: another cluster resuming it would rewrite the record under
         # this store. A restarted incarnation waits for its dying predecessor to let go.
-        self._lock_fd = lock_directory(Path(data_dir), wait_s=30)
         restarted = ray.get_runtime_context().was_current_actor_reconstructed
+        self._lock_fd = lock_directory(Path(data_dir), wait_s=COORDINATOR_LOCK_WAIT_S if restarted else 5.0,
+                                       holder="coordinator")
+        if not restarted:
+            _discard_unborn(data_dir, store, num_shards)
         if restarted or storefile.path(data_dir).exists():
             self._load(restarted)
         self._resume = self._came_up  # shards recover from the data dir rather than start empty
@@ -354,6 +387,7 @@ class _Coordinator:
             self.epoch += 1
             self._actors = [self._shard(i, find=True) for i in range(num_shards)] if self.shards else []
             self._started.set()
+            self._cut_lock.acquire()  # released by _after_restart, once it has set the shards right
             threading.Thread(target=self._after_restart, name="coordinator-restarted", daemon=True).start()
         elif self._resume:
             self.shards = []  # those of the recorded incarnation are gone; start() places new ones
@@ -427,26 +461,45 @@ class _Coordinator:
             log.warning("store %s: cannot record the shard layout in %s: %s", self.store, self.data_dir, e)
 
     def _after_restart(self) -> None:
-        """A restarted coordinator finishes the restore its previous incarnation was swapping
-        in, ends what that one's cut left (prepared copies, frozen gates: writes flow again
-        now, not when the freeze lapses), and asks its shards where they serve."""
-        with self._cut_lock:  # no cut of this incarnation's own begins meanwhile
-            try:
-                if self.restoring:
-                    pending = self.restoring
-                    ray.get([a.restore.remote(pending["version"], pending["checkpoint"]) for a in self._actors])
-                    with self._lock:
-                        self._restore_recorded()
-            except Exception:  # a shard that cannot: left frozen, named by `status`; lease ends it
-                log.exception("store %s: finishing the restore of %s", self.store, self.restoring)
+        """A restarted coordinator (holding _cut_lock from __init__ on: no cut of its own, nor
+        a checkpoint Ray retries on it, comes first) finishes the restore its predecessor was
+        swapping in, ends what that one's cut left (prepared copies, frozen gates: writes flow
+        again now, not when the freeze lapses), and asks its shards where they serve."""
+        try:
+            finished = self._finish_restore_live() if self.restoring else True
             for a in self._actors:
                 with contextlib.suppress(ray.exceptions.RayError):
                     ray.get([a.drop_snapshot.remote(), a.drop_restore.remote()], timeout=60)
-                    ray.get(a.cut_unfreeze.remote(False), timeout=60)
+                    if finished:  # else the shards that had not swapped stay frozen: their rows are going
+                        ray.get(a.cut_unfreeze.remote(False), timeout=60)
+        finally:
+            self._cut_lock.release()
         with contextlib.suppress(Exception):
             self.refresh()
         with self._lock:
             self._persist_shards()
+
+    def _finish_restore_live(self, deadline_s: float = RESTORE_FINISH_S) -> bool:
+        """Swaps the restore under way into every shard (idempotent: those that swapped skip
+        it), trying until deadline_s (a shard restarting meanwhile), then records it whole."""
+        pending = self.restoring
+        deadline = time.monotonic() + deadline_s
+        while True:
+            try:
+                ray.get([a.restore.remote(pending["version"], pending["checkpoint"]) for a in self._actors])
+                break
+            except ray.exceptions.RayError as e:
+                if time.monotonic() > deadline:
+                    log.error("store %s: cannot finish the restore of %s: %s", self.store, pending["checkpoint"], e)
+                    return False
+                time.sleep(1.0)
+        with self._lock:
+            try:
+                self._restore_recorded()
+            except OSError as e:  # the record's `restoring` leads any recovery to the same rows
+                log.warning("store %s: restore %s done, but not recorded as done: %s", self.store,
+                            pending["version"], e)
+        return True
 
     def _shard(self, i: int, *, recover: bool = False, find: bool = False):
         """Shard actor i: created (recover: from the data dir), or with find, the running one
@@ -519,6 +572,7 @@ class _Coordinator:
                 "started_local_ray": self.started_local_ray,
                 "data_dir": self.data_dir,
                 "recovery": dict(self.recovery),
+                "restoring": self.restoring,
                 "resumed": self.resumed,
             }
 
@@ -551,7 +605,7 @@ class _Coordinator:
         with self._lock:
             changed = False
             for i, info in infos.items():
-                if self.shards[i] != info:
+                if i < len(self.shards) and self.shards[i] != info:  # (none while a resume starts them)
                     self.shards[i] = info
                     changed = True
             if changed:
@@ -597,6 +651,9 @@ class _Coordinator:
         from memstore import checkpoint as ckpt
         from memstore.cut import take_cut
 
+        if self.restoring and not self._finish_restore_live():  # a cut now would hold a half-restored store
+            raise RuntimeError(f"a restore of {self.restoring['checkpoint']} is half done and its shards do not "
+                               "take it: restore again, or see the shards' state in `memstore status`")
         own_root = root is None
         root = root or os.path.join(self.data_dir, "checkpoints")
         existing = [v for v, _ in ckpt._numbered_checkpoints(Path(root))] if os.path.isdir(root) else []
@@ -669,19 +726,9 @@ class _Coordinator:
                         self.restoring = None
                         raise
                 begun = True
-                for attempt in (1, 2):  # a shard's restore is idempotent: swapped ones skip it
-                    try:
-                        ray.get([a.restore.remote(version, str(pinned)) for a in self._actors])
-                        break
-                    except ray.exceptions.RayError:
-                        if attempt == 2:
-                            raise
-                with self._lock:  # before writes flow: a shard restarting from here on loads the restore
-                    try:
-                        self._restore_recorded()
-                    except OSError as e:  # the record's `restoring` leads any recovery to the same rows
-                        log.warning("store %s: restore %s done, but not recorded as done: %s", self.store,
-                                    version, e)
+                # Before writes flow (all still frozen): from here a shard restarting loads the restore.
+                if not self._finish_restore_live():
+                    raise RuntimeError(f"shards did not take the restore within {RESTORE_FINISH_S:.0f} s")
 
             try:
                 ray.get([a.prepare_restore.remote(str(path)) for a in self._actors])  # loads outside the cut

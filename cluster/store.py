@@ -289,6 +289,17 @@ def check_deploy(num_shards: int, specs: list[TableSpec], wal_sync: str = "alway
         storefile.check_resume(data_dir, name, num_shards)
 
 
+def _kill_orphaned_shards(name: str) -> int:
+    """Kills every shard actor of store `name`, found by name; returns how many."""
+    prefix = shard_actor_name(name, 0).rsplit("/", 1)[0] + "/"
+    names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+             if a.get("namespace") == NAMESPACE and a["name"].startswith(prefix)]
+    for n in names:
+        with contextlib.suppress(ValueError):
+            ray.kill(ray.get_actor(n, namespace=NAMESPACE), no_restart=True)
+    return len(names)
+
+
 def _kill_shard_actors(name: str, num_shards: int) -> None:
     """Kills shard actors of store `name` that outlived their coordinator (they are detached)."""
     for i in range(num_shards):
@@ -324,7 +335,12 @@ def shutdown(name: str) -> str | None:
     """Takes store `name` down: its shards, then its coordinator. Returns the GCS address of
     the local Ray that `memstore up` started, once no store is left on it (the caller stops
     it then); while other stores remain, one of them inherits that duty."""
-    coordinator = find(name)
+    try:
+        coordinator = find(name)
+    except StoreNotFound:
+        if _kill_orphaned_shards(name):  # their coordinator died for good
+            return None
+        raise
     layout = ray.get(coordinator.layout.remote())
     started = layout["started_local_ray"]
     try:
@@ -409,6 +425,8 @@ class StoreDirectory:
             if layout["created"] != self.layout["created"]:  # a resume keeps it; a new store does not
                 raise Unavailable(f"store {self.name!r} was brought up anew, not resumed: connect to it anew") from None
             self._coordinator = coordinator
+        if len(layout["shards"]) != layout["num_shards"]:  # a resume placing its shards: not yet
+            return False
         self.layout = layout
         return self.addresses() != old
 

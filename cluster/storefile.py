@@ -49,8 +49,7 @@ def read(data_dir: str | Path) -> dict | None:
 
 def write(data_dir: str | Path, state: dict) -> None:
     """Replaces data_dir's store record with `state` (plus the format), durably."""
-    directory = Path(data_dir)
-    directory.mkdir(parents=True, exist_ok=True)
+    directory = Path(data_dir)  # not created here: a record written after `down` removed the dir is refused
     tmp = directory / f"{STORE_FILE}.tmp-{uuid.uuid4().hex}"
     try:
         with open(tmp, "x") as f:
@@ -81,8 +80,4 @@ def check_resume(data_dir: str | Path, name: str, num_shards: int) -> dict | Non
         raise InvalidArgument(f"{data_dir} holds store {name!r} of {doc.get('num_shards')} shards, not "
                               f"{num_shards}: bring it up with --shards {doc.get('num_shards')} (a checkpoint "
                               "restores into any shard count)")
-    if doc.get("came_up") is not True:
-        raise InvalidArgument(f"{data_dir} holds store {name!r} whose first `up` never finished (no shard served, "
-                              f"so nothing there was acknowledged): remove {path(data_dir)} and its wal/ to bring "
-                              "it up anew, or use a fresh --data-dir")
     return doc

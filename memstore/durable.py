@@ -248,7 +248,7 @@ class DurableShard:
                 os.close(fd)  # and with it the flock
 
 
-def lock_directory(directory: Path, wait_s: float = 0.0) -> int:
+def lock_directory(directory: Path, wait_s: float = 0.0, holder: str = "shard process") -> int:
     """Takes the flock on directory/LOCK (one process serves a data dir) and writes this
     pid there; returns its fd, whose closing frees the directory. A directory held by another
     process raises, after waiting up to wait_s for it to let go (a process being killed)."""
@@ -261,9 +261,9 @@ def lock_directory(directory: Path, wait_s: float = 0.0) -> int:
                 break
             except BlockingIOError:
                 if time.monotonic() >= deadline:
-                    holder = os.read(fd, 64).decode(errors="replace").strip() or "unknown"
-                    raise RuntimeError(f"{directory} is in use by another process (pid {holder}): one shard "
-                                       "process per data dir") from None
+                    pid = os.read(fd, 64).decode(errors="replace").strip() or "unknown"
+                    raise RuntimeError(f"{directory} is in use by another process (pid {pid}): one {holder} "
+                                       "per data dir") from None
                 time.sleep(0.1)
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())

@@ -598,3 +598,32 @@ def test_a_restore_cut_short_mid_swap_is_finished_by_the_next_recovery(cluster, 
             np.testing.assert_array_equal(client.lookup("t", np.arange(2_001)), expected)
     finally:
         store.shutdown("midswap")
+
+
+def test_an_unborn_record_is_brought_up_anew_and_down_finds_orphaned_shards(cluster, tmp_path):
+    """A first `up` cut short (its record says the store never came up, its shard logs hold
+    only what start wrote) is brought up anew; a coordinator that died for good leaves its
+    detached shards, and `down` still takes them."""
+    from cluster import storefile
+    from memstore import wal
+
+    data = tmp_path / "data"
+    data.mkdir()
+    storefile.write(data, {"store": "unborn", "num_shards": 1, "came_up": False})
+    shard_dir = data / "wal" / "shard-00000-of-00001"
+    with wal.WriteAheadLog(wal.wal_path(shard_dir, 0), sync="none") as log:
+        log.append(wal.create_record(TableSpec("t", num_rows=10, dim=2)))
+    store.check_deploy(1, [], name="unborn", data_dir=str(data))  # no refusal up front
+    layout = store.deploy("unborn", 1, [TableSpec("u", num_rows=10, dim=2)], data_dir=str(data))
+    assert layout["resumed"] is None and sorted(layout["tables"]) == ["u"]
+    assert storefile.read(data)["came_up"] is True
+    pid = layout["shards"][0]["pid"]
+    ray.kill(store.find("unborn"), no_restart=True)
+    assert _alive(pid), "a detached shard outlives its coordinator"
+    assert store.shutdown("unborn") is None
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and _alive(pid):
+        time.sleep(0.2)
+    assert not _alive(pid)
+    with pytest.raises(StoreNotFound):
+        store.shutdown("unborn")
