@@ -465,6 +465,10 @@ def status(name: str, timeout_s: float = 2.0) -> dict:
         "data_dir": layout["data_dir"],
         "last_checkpoint": {"version": recovery["version"], "path": recovery["checkpoint"],
                             "age_s": time.time() - recovery["created"] if recovery.get("created") else None},
+        # A restore whose swap began and is not finished: the shards that had not swapped stay frozen.
+        "restoring": ({"version": layout["restoring"]["version"], "path": layout["restoring"]["checkpoint"]}
+                      if layout.get("restoring") else None),
+        "resumed": layout.get("resumed"),
         "shards": shards,
         "summary": {
             "serving": serving,

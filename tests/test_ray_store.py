@@ -281,9 +281,12 @@ def test_status_is_true_to_the_store(cluster, engram_store):
     assert all(s["log"]["failed"] == "" and s["log"]["bytes"] >= 0 for s in doc["shards"])  # each shard's own view
     from memstore.cli.status import render
 
+    assert doc["restoring"] is None and doc["resumed"] is None
     doc["shards"][2]["log"]["failed"] = "OSError: [Errno 30] Read-only file system"
     assert "shard 2: its write-ahead log failed (OSError: [Errno 30] Read-only file system): it refuses every " \
            "write until it restarts" in render(doc)
+    doc["restoring"] = {"version": 9, "path": "/data/checkpoints/ckpt-9"}
+    assert "a restore of /data/checkpoints/ckpt-9 (version 9) is not finished" in render(doc)
 
 
 def test_shutdown_leaves_no_actor_behind(cluster):

@@ -23,4 +23,6 @@ def run(args: argparse.Namespace) -> int:
     print(f"checkpoint {facts['version']} of store {args.name!r}: {facts['path']}")
     print(f"  {facts['bytes'] / 2**20:,.1f} MiB; writes held for {facts['frozen_s'] * 1e3:.0f} ms; "
           f"{facts['seconds']:.2f} s in all; {facts['completed_in_cut']} calls completed inside the cut")
+    if facts.get("attempts", 1) > 1:
+        print(f"  taken in {facts['attempts']} cuts: a shard restarted under the earlier ones")
     return 0
