@@ -1,8 +1,9 @@
 """Stores on Ray: bring one up, find it by name, take it down.
 
-The public face of cluster/actors.py. `deploy` joins (or starts) a Ray cluster, creates the
-store's detached coordinator, which places the shard actors on the nodes offering the
-`memstore` resource (all nodes when none does), and returns once every shard serves.
+The public face of cluster/coordinator.py and cluster/actors.py. `deploy` joins (or starts) a
+Ray cluster, creates the store's detached coordinator, which places the shard actors on the
+nodes offering the `memstore` resource (all nodes when none does), and returns once every
+shard serves.
 `StoreDirectory` resolves a store's shard addresses for `MemStoreClient.connect`.
 """
 
@@ -24,7 +25,8 @@ import uuid
 import ray
 
 from cluster import storefile
-from cluster.actors import NAMESPACE, RESOURCE, _Coordinator, coordinator_name, shard_actor_name
+from cluster.actors import NAMESPACE, RESOURCE, coordinator_name, shard_actor_name
+from cluster.coordinator import _Coordinator
 from memstore.errors import InvalidArgument, StoreNotFound, Unavailable
 from memstore.spec import TableSpec
 

@@ -15,12 +15,15 @@ file names a recovery point at or past that generation.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import uuid
 from pathlib import Path
 
+from memstore import checkpoint, wal
 from memstore.errors import InvalidArgument
-from memstore.wal import fsync_dir
+
+log = logging.getLogger(__name__)
 
 STORE_FILE = "store.json"
 FORMAT = 1
@@ -60,7 +63,7 @@ def write(data_dir: str | Path, state: dict) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    fsync_dir(directory)
+    wal.fsync_dir(directory)
 
 
 def remove(data_dir: str | Path) -> None:
@@ -81,3 +84,30 @@ def check_resume(data_dir: str | Path, name: str, num_shards: int) -> dict | Non
                               f"{num_shards}: bring it up with --shards {doc.get('num_shards')} (a checkpoint "
                               "restores into any shard count)")
     return doc
+
+
+def discard_unborn(data_dir: str, store: str, num_shards: int) -> None:
+    """A store whose first `up` never finished (its record says it never came up: no shard
+    served, so nothing in it was acknowledged) is brought up anew: its record and its shards'
+    generation-0 logs go (a store that came up has its logs kept whatever happens)."""
+    try:
+        record = read(data_dir)
+    except Exception:  # an unreadable record is the operator's to judge: _load reports it
+        return
+    if record is None or record.get("came_up") is not False or (record.get("store"), record.get("num_shards")) != (
+            store, num_shards):
+        return
+    log.warning("%s holds a store whose first up never finished: bringing it up anew", data_dir)
+    for shard_dir in Path(data_dir, "wal").glob(f"shard-*-of-{num_shards:05d}"):
+        for g, path in wal.wal_files(shard_dir):
+            if g == 0:
+                path.unlink(missing_ok=True)
+    remove(data_dir)
+
+
+def highest_generation(data_dir: str) -> int:
+    """The highest cut version the data dir shows: of a log file or of a checkpoint. A cut
+    that failed after some shards rotated left its generation's files; none may be reused."""
+    found = [g for d in Path(data_dir, "wal").glob("shard-*-of-*") for g, _ in wal.wal_files(d)]
+    found += [v for v, _ in checkpoint._numbered_checkpoints(Path(data_dir, "checkpoints"))]
+    return max(found, default=0)

@@ -1,0 +1,526 @@
+"""The coordinator of a store on Ray: one named, detached actor per store.
+
+`_Coordinator` ("store:NAME" in the "memstore" namespace) owns the layout: table specs, shard
+count, shard addresses, an epoch that changes whenever a shard moves or restarts, and the
+recovery point (the last checkpoint and the write-ahead-log generation after it). It records
+what a recovery needs in the data dir's store.json (cluster/storefile.py) before acting on it,
+so Ray can restart it (it reads the file back and finds its shards by name) and `memstore up`
+on the same data dir can resume the store after the whole cluster went down. It creates the
+shard actors (cluster/actors.py) and runs the cut protocol of memstore.cut for checkpoints
+and restores.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import threading
+import time
+from pathlib import Path
+
+import ray
+
+from cluster import storefile
+from cluster.actors import NAMESPACE, RESOURCE_SHARE, _ShardActor, shard_actor_name
+
+log = logging.getLogger(__name__)
+
+CUT_ATTEMPTS = 3  # a checkpoint's cuts, when shards restart under them
+COORDINATOR_LOCK_WAIT_S = 300.0  # for a dying predecessor (NFS I/O can hold one up)
+RESTORE_FINISH_S = 120.0  # how long a restore whose swap began keeps trying shards that restart
+
+
+def _actor_state(actor) -> str:
+    """The GCS's state of one actor. Ray's public state API (ray.util.state) goes through the
+    dashboard, which a minimal cluster does not run; the GCS actor table is always there."""
+    from ray._private import state
+
+    try:
+        return state.actors(actor._actor_id.hex()).get("State", "UNKNOWN")
+    except Exception:  # a private API: never let its changes break `memstore status`
+        return "UNKNOWN"
+
+
+class _ShardCut:
+    """A shard actor as memstore.cut.take_cut sees a participant (blocking calls)."""
+
+    def __init__(self, actor) -> None:
+        self.actor = actor
+
+    def freeze(self):
+        return ray.get(self.actor.cut_freeze.remote())
+
+    def release(self, groups):
+        ray.get(self.actor.cut_release.remote(groups))
+
+    def applied(self, groups):
+        return ray.get(self.actor.cut_applied.remote(groups))
+
+    def unfreeze(self, forget: bool = True):
+        ray.get(self.actor.cut_unfreeze.remote(forget))
+
+
+class _Coordinator:
+    """The layout of one store; the only writer of it and of the store's record (storefile)."""
+
+    def __init__(self, store: str, num_shards: int, data_dir: str, wal_sync: str = "always",
+                 started_local_ray: str | None = None, owns_data_dir: bool = False) -> None:
+        self.store = store
+        self.owns_data_dir = owns_data_dir  # chosen by deploy, not the operator: removed at shutdown
+        self.num_shards = num_shards
+        self.data_dir = data_dir
+        self.wal_sync = wal_sync
+        self.started_local_ray = started_local_ray
+        self.created = time.time()
+        self.resource: str | None = None  # the custom resource shard actors ask for
+        self.tables: dict[str, dict] = {}  # name -> spec dict; guarded by _lock
+        self.shards: list[dict] = []  # shard info by index; guarded by _lock
+        self.epoch = 0  # guarded by _lock
+        # Where a restarted shard recovers from: a checkpoint (or none) and the first log
+        # generation to replay after it; guarded by _lock.
+        self.recovery = {"checkpoint": None, "wal_since": 0, "version": 0, "created": None}
+        self._generation = 0  # the last cut version handed out (_next_generation)
+        # A restore whose swap has begun: its recovery point and tables, until the swap is
+        # recorded whole; a recovery that finds it finishes the restore (_finish_restore_on_disk,
+        # _after_restart).
+        self.restoring: dict | None = None  # guarded by _lock
+        self.resumed: dict | None = None  # facts of the resume from the data dir, when it was one
+        self._came_up = False  # every shard served once: the data dir holds acknowledged writes
+        self._actors = []
+        self._lock = threading.Lock()  # guards tables, shards, epoch, recovery, restoring and the record
+        self._cut_lock = threading.Lock()  # one checkpoint or restore at a time
+        self._started = threading.Event()  # start() has returned or failed: the layout is whole
+        from memstore.durable import lock_directory
+
+        Path(data_dir).mkdir(parents=True, exist_ok=True)
+        # One coordinator per data dir: another cluster resuming it would rewrite the record under
+        # this store. A restarted incarnation waits for its dying predecessor to let go.
+        restarted = ray.get_runtime_context().was_current_actor_reconstructed
+        self._lock_fd = lock_directory(Path(data_dir), wait_s=COORDINATOR_LOCK_WAIT_S if restarted else 5.0,
+                                       holder="coordinator")
+        if not restarted:
+            storefile.discard_unborn(data_dir, store, num_shards)
+        if restarted or storefile.path(data_dir).exists():
+            self._load(restarted)
+        if restarted:  # Ray brought this coordinator back; its shards served on meanwhile
+            self.epoch += 1
+            self._actors = [self._shard(i, find=True) for i in range(num_shards)] if self.shards else []
+            self._started.set()
+            self._cut_lock.acquire()  # released by _after_restart, once it has set the shards right
+            threading.Thread(target=self._after_restart, name="coordinator-restarted", daemon=True).start()
+        elif self._came_up:  # resumed: shards recover from the data dir rather than start empty
+            self.shards = []  # those of the recorded incarnation are gone; start() places new ones
+
+    # ---- the store's record in its data dir -------------------------------------------------
+    def _load(self, restarted: bool) -> None:
+        record = storefile.read(self.data_dir) if restarted else storefile.check_resume(
+            self.data_dir, self.store, self.num_shards)
+        if record is None:
+            raise RuntimeError(f"{self.data_dir} holds no store record ({storefile.STORE_FILE}): nothing to resume")
+        self.tables = dict(record["tables"])
+        self.shards = [dict(s) for s in record["shards"]]
+        self.epoch = record["epoch"]
+        self.recovery = dict(record["recovery"])
+        self.restoring = record.get("restoring")
+        self.created = record["created"]
+        self.resource = record.get("resource")
+        self._came_up = record["came_up"]
+        if restarted:  # same cluster: a duty adopted since
+            self.started_local_ray = self.started_local_ray or record.get("started_local_ray")
+        self._generation = max(record["generation"], storefile.highest_generation(self.data_dir))
+        if self.restoring and self.restoring["version"] <= self.recovery["version"]:
+            self.restoring = None  # superseded by a later cut
+        if self.restoring and not restarted:
+            self._finish_restore_on_disk()
+
+    def _persist(self) -> None:
+        """Writes the store's record (under _lock). Raises when the disk refuses it: the
+        caller's change must not go on as if a recovery would see it."""
+        storefile.write(self.data_dir, {
+            "store": self.store, "num_shards": self.num_shards, "tables": self.tables, "shards": self.shards,
+            "epoch": self.epoch, "recovery": self.recovery, "restoring": self.restoring,
+            "generation": self._generation, "came_up": self._came_up, "created": self.created,
+            "resource": self.resource, "started_local_ray": self.started_local_ray,
+        })
+
+    def _finish_restore_on_disk(self) -> None:
+        """Resuming after a restore whose swap began and was never recorded whole: it takes
+        effect. A shard that had swapped started log generation V then (what it logged after
+        replays on top of the restored rows); one that had not gets an empty log of generation
+        V, so it recovers from the restored rows alone: its older logs are what the restore
+        replaced."""
+        from memstore import checkpoint, wal
+
+        version = self.restoring["version"]
+        for i in range(self.num_shards):
+            shard_dir = Path(self.data_dir, "wal", checkpoint.shard_dirname(i, self.num_shards))
+            if not any(g >= version for g, _ in wal.wal_files(shard_dir)):
+                shard_dir.mkdir(parents=True, exist_ok=True)
+                wal.WriteAheadLog(wal.wal_path(shard_dir, version), sync="always").close()
+        self._restore_recorded()
+
+    def _restore_recorded(self) -> None:
+        """The restore under way is whole: it becomes the recovery point (under _lock, or
+        before the actor serves)."""
+        restoring, self.restoring = self.restoring, None
+        self.tables = dict(restoring["tables"])
+        self.recovery = {k: restoring[k] for k in ("checkpoint", "wal_since", "version", "created")}
+        self._persist()
+
+    def _persist_shards(self) -> None:
+        """Records where shards serve (under _lock): a convenience for a restarted coordinator,
+        which asks the shards anyway, so a refused write is logged, not raised."""
+        try:
+            self._persist()
+        except OSError as e:
+            log.warning("store %s: cannot record the shard layout in %s: %s", self.store, self.data_dir, e)
+
+    def _after_restart(self) -> None:
+        """A restarted coordinator (holding _cut_lock from __init__ on: no cut of its own, nor
+        a checkpoint Ray retries on it, comes first) finishes the restore its predecessor was
+        swapping in, ends what that one's cut left (prepared copies, frozen gates: writes flow
+        again now, not when the freeze lapses), and asks its shards where they serve."""
+        try:
+            finished = self._finish_restore_live() if self.restoring else True
+            for a in self._actors:
+                with contextlib.suppress(ray.exceptions.RayError):
+                    ray.get([a.drop_snapshot.remote(), a.drop_restore.remote()], timeout=60)
+                    if finished:  # else the shards that had not swapped stay frozen: their rows are going
+                        ray.get(a.cut_unfreeze.remote(False), timeout=60)
+        finally:
+            self._cut_lock.release()
+        with contextlib.suppress(Exception):
+            self.refresh()
+        with self._lock:
+            self._persist_shards()
+
+    def _finish_restore_live(self, deadline_s: float = RESTORE_FINISH_S) -> bool:
+        """Swaps the restore under way into every shard (idempotent: those that swapped skip
+        it), trying until deadline_s (a shard restarting meanwhile), then records it whole."""
+        pending = self.restoring
+        deadline = time.monotonic() + deadline_s
+        while True:
+            try:
+                ray.get([a.restore.remote(pending["version"], pending["checkpoint"]) for a in self._actors])
+                break
+            except ray.exceptions.RayError as e:
+                if time.monotonic() > deadline:
+                    log.error("store %s: cannot finish the restore of %s: %s", self.store, pending["checkpoint"], e)
+                    return False
+                time.sleep(1.0)
+        with self._lock:
+            try:
+                self._restore_recorded()
+            except OSError as e:  # the record's `restoring` leads any recovery to the same rows
+                log.warning("store %s: restore %s done, but not recorded as done: %s", self.store,
+                            pending["version"], e)
+        return True
+
+    def _shard(self, i: int, *, recover: bool = False, find: bool = False):
+        """Shard actor i: created (recover: from the data dir), or with find, the running one
+        (a restarted coordinator's), created if none runs. A detached, named shard left by an
+        earlier coordinator of this name that was killed without `down` is killed first."""
+        name = shard_actor_name(self.store, i)
+        options = {"name": name, "namespace": NAMESPACE, "lifetime": "detached", "max_restarts": -1,
+                   "max_task_retries": -1, "num_cpus": 0, "scheduling_strategy": "SPREAD", "max_concurrency": 4}
+        if self.resource:
+            options["resources"] = {self.resource: RESOURCE_SHARE}
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                running = ray.get_actor(name, namespace=NAMESPACE)
+            except ValueError:
+                running = None
+            if running is not None and find:
+                return running
+            if running is not None:
+                ray.kill(running, no_restart=True)
+            try:
+                return ray.remote(_ShardActor).options(**options).remote(
+                    self.store, i, self.num_shards, self.data_dir, self.wal_sync, recover or find)
+            except ray.exceptions.ActorAlreadyExistsError:  # the killed one still holds the name
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"shard actor {name!r} of an earlier incarnation does not go away") from None
+                time.sleep(0.2)
+
+    def start(self, table_specs: list[dict], resource: str | None) -> dict:
+        """Creates the shard actors (a resumed store's recover from the data dir), waits until
+        every shard serves, returns the layout. Called once (deploy: never retried)."""
+        resuming = self._came_up  # an earlier incarnation came up: its writes are in the data dir
+        self.resource = resource
+        try:
+            with self._lock:
+                if not resuming:
+                    self.tables = {spec["name"]: spec for spec in table_specs}
+                self._persist()  # before any shard writes a log here
+            self._actors = []
+            for i in range(self.num_shards):  # one by one: a failure leaves those made for shutdown()
+                self._actors.append(self._shard(i, recover=resuming))
+            infos = ray.get([a.info.remote() for a in self._actors])
+            with self._lock:
+                self.shards = infos
+                self.epoch += 1
+                self._came_up = True
+                self._persist()  # from here on the data dir is the store's: kept, resumed
+            if resuming:
+                self.resumed = {"checkpoint": self.recovery["checkpoint"], "version": self.recovery["version"],
+                                "replayed": sum(i["replayed"] for i in infos)}
+                for spec in table_specs:  # the config's tables: new ones created, the rest must match
+                    self.create_table(spec)
+        finally:
+            self._started.set()
+        return self.layout()
+
+    def started(self, timeout_s: float = 600.0) -> bool:
+        """Waits until start() has run (a second deploy of the name joins the first)."""
+        return self._started.wait(timeout_s)
+
+    def layout(self) -> dict:
+        with self._lock:
+            return {
+                "store": self.store,
+                "num_shards": self.num_shards,
+                "epoch": self.epoch,
+                "shards": [dict(s) for s in self.shards],
+                "tables": dict(self.tables),
+                "created": self.created,
+                "started_local_ray": self.started_local_ray,
+                "data_dir": self.data_dir,
+                "recovery": dict(self.recovery),
+                "restoring": self.restoring,
+                "resumed": self.resumed,
+            }
+
+    def adopt_local_ray(self, gcs_address: str) -> None:
+        """This store's `down` stops the local Ray `memstore up` started for another store,
+        which went down first (the last store down stops it)."""
+        with self._lock:
+            self.started_local_ray = self.started_local_ray or gcs_address
+            self._persist_shards()
+
+    def shard_restarted(self, shard_index: int, info: dict) -> int:
+        with self._lock:
+            if shard_index < len(self.shards):
+                self.shards[shard_index] = info
+            self.epoch += 1
+            self._persist_shards()
+            return self.epoch
+
+    def refresh(self, timeout_s: float = 30.0) -> dict:
+        """Asks every shard where it serves now (a restarted one may not have reported yet);
+        a shard that does not answer within timeout_s (restarting) keeps its last entry."""
+        ready, _ = ray.wait([a.info.remote() for a in self._actors], num_returns=len(self._actors), timeout=timeout_s)
+        infos = {}
+        for ref in ready:
+            try:
+                info = ray.get(ref)
+                infos[info["shard_index"]] = info
+            except ray.exceptions.RayError:
+                continue
+        with self._lock:
+            changed = False
+            for i, info in infos.items():
+                if i < len(self.shards) and self.shards[i] != info:  # (none while a resume starts them)
+                    self.shards[i] = info
+                    changed = True
+            if changed:
+                self.epoch += 1
+                self._persist_shards()
+        return self.layout()
+
+    def register_table(self, spec: dict) -> None:
+        """Records a table created through a client, so restarted shards recreate it."""
+        with self._lock:
+            self.tables[spec["name"]] = spec
+            self._persist()
+
+    def create_table(self, spec: dict) -> None:
+        ray.get([a.create_table.remote(spec) for a in self._actors])
+        self.register_table(spec)
+
+    def drop_table(self, name: str) -> None:
+        with self._lock:
+            self.tables.pop(name, None)
+            self._persist()
+
+    # ---- checkpoints -------------------------------------------------------------------------
+    def checkpoint(self, root: str | None = None, deadline_s: float = 30.0) -> dict:
+        """One consistent cut of every shard, written under root (default: the data dir's
+        checkpoints/) as ckpt-<version>; it becomes the recovery point. Returns its facts. A
+        cut that a shard's restart voided is taken again (its version is not reused)."""
+        from memstore.cut import CutLost
+
+        with self._cut_lock:
+            for attempt in range(1, CUT_ATTEMPTS):
+                try:
+                    return self._checkpoint(root, deadline_s) | {"attempts": attempt}
+                except CutLost as e:
+                    log.warning("store %s: checkpoint attempt %d void (%s); taking the cut again", self.store,
+                                attempt, e)
+            return self._checkpoint(root, deadline_s) | {"attempts": CUT_ATTEMPTS}
+
+    def _checkpoint(self, root: str | None, deadline_s: float) -> dict:
+        """checkpoint()'s one attempt (under _cut_lock)."""
+        from memstore import checkpoint as ckpt
+        from memstore.cut import take_cut
+
+        if self.restoring and not self._finish_restore_live():  # a cut now would hold a half-restored store
+            raise RuntimeError(f"a restore of {self.restoring['checkpoint']} is half done and its shards do not "
+                               "take it: restore again, or see the shards' state in `memstore status`")
+        own_root = root is None
+        root = root or os.path.join(self.data_dir, "checkpoints")
+        existing = [v for v, _ in ckpt._numbered_checkpoints(Path(root))] if os.path.isdir(root) else []
+        version = self._next_generation(*existing)
+        t0 = time.monotonic()
+        staging = None
+        try:
+            nbytes, completed, abandoned = take_cut(
+                [_ShardCut(a) for a in self._actors],
+                lambda: sum(ray.get([a.cut_snapshot.remote(version) for a in self._actors])),
+                deadline_s=deadline_s,
+            )
+            frozen_s = time.monotonic() - t0
+            staging = ckpt.begin_checkpoint(ckpt.checkpoint_dir(root, version))
+            summaries = ray.get([a.write_snapshot.remote(str(staging)) for a in self._actors])
+            final = ckpt.commit_checkpoint(staging, summaries, {"name": self.store, "version": version})
+        except BaseException:
+            with contextlib.suppress(ray.exceptions.RayError):  # never in place of the error itself
+                ray.get([a.drop_snapshot.remote() for a in self._actors], timeout=60)
+            if staging is not None:
+                shutil.rmtree(staging, ignore_errors=True)
+            raise
+        with self._lock:
+            self.recovery = {"checkpoint": str(final), "wal_since": version, "version": version,
+                             "created": time.time()}
+            self.restoring = None  # one left half-done is superseded: this cut holds what the store serves
+            self._persist()  # the logs before it go only once the record points past them
+        ray.get([a.prune_log.remote(version) for a in self._actors])
+        if own_root:  # the store's own checkpoints: keep the last two
+            ckpt.prune_checkpoints(root, keep=2)
+        return {"path": str(final), "version": version, "bytes": nbytes, "frozen_s": frozen_s,
+                "seconds": time.monotonic() - t0, "completed_in_cut": len(completed), "abandoned": len(abandoned)}
+
+    def restore(self, directory: str) -> dict:
+        """Replaces every shard's tables with a checkpoint's (of any shard count), atomically
+        for clients (writes wait while it loads), and makes it the recovery point: a copy
+        of it in the data dir (link_checkpoint), so the one given may go away."""
+        from memstore import checkpoint as ckpt
+        from memstore.cut import take_cut
+
+        path = directory if os.path.exists(os.path.join(directory, ckpt.MANIFEST)) else ckpt.latest_checkpoint(directory)
+        if path is None:
+            from memstore.checkpoint import CheckpointError
+
+            raise CheckpointError(f"no complete checkpoint in {directory}", directory)
+        manifest = ckpt.read_manifest(path)
+        if manifest.get("kind") == ckpt.SHARD_KIND and len(manifest["shards"]) < manifest["store"]["num_shards"]:
+            held = ", ".join(str(m["shard_index"]) for m in manifest["shards"])
+            raise ckpt.CheckpointError(f"{path} is a checkpoint of shard {held} of {manifest['store']['num_shards']} "
+                                       "alone (a standalone shard's base): a store restores from a checkpoint of "
+                                       "every shard", path)
+        with self._cut_lock:
+            own_root = Path(self.data_dir) / "checkpoints"
+            version = self._next_generation(*(v for v, _ in ckpt._numbered_checkpoints(own_root)))
+            t0 = time.monotonic()
+            # The recovery point must outlive the directory given (pruned, deleted, another
+            # store's): the store keeps its own copy, hard-linked where the disk allows.
+            pinned = ckpt.link_checkpoint(path, ckpt.checkpoint_dir(own_root, version))
+            pending = {"checkpoint": str(pinned), "wal_since": version, "version": version,
+                       "created": manifest["store"].get("created", time.time()), "tables": dict(manifest["tables"])}
+            begun = False
+
+            def swap() -> None:  # while every shard is frozen
+                nonlocal begun
+                with self._lock:  # recorded before any shard swaps: a recovery from here on finishes it
+                    self.restoring = pending
+                    try:
+                        self._persist()
+                    except BaseException:
+                        self.restoring = None
+                        raise
+                begun = True
+                # Before writes flow (all still frozen): from here a shard restarting loads the restore.
+                if not self._finish_restore_live():
+                    raise RuntimeError(f"shards did not take the restore within {RESTORE_FINISH_S:.0f} s")
+
+            try:
+                ray.get([a.prepare_restore.remote(str(path)) for a in self._actors])  # loads outside the cut
+                take_cut([_ShardCut(a) for a in self._actors], swap)
+            except BaseException as e:
+                for a in self._actors:  # no shard keeps a prepared copy of every table
+                    with contextlib.suppress(ray.exceptions.RayError):
+                        ray.get(a.drop_restore.remote(), timeout=30)
+                if not begun:
+                    shutil.rmtree(pinned, ignore_errors=True)
+                    raise
+                raise RuntimeError(f"the restore of {path} reached only some shards ({e}); the store's record "
+                                   "finishes it at the next recovery: restore again") from e
+            ray.get([a.prune_log.remote(version) for a in self._actors])  # only once recovery points past them
+            return {"path": str(path), "tables": len(manifest["tables"]), "from_shards": manifest["store"]["num_shards"],
+                    "seconds": time.monotonic() - t0}
+
+    def _next_generation(self, *taken: int) -> int:
+        """The version of a new cut (checkpoint or restore): above every one handed out, and so
+        a log generation no shard has used. A cut that failed after some shards rotated their
+        logs leaves its generation's files behind, with writes the next cut must not replay on
+        top of its own copy."""
+        self._generation = max(self._generation, self.recovery["version"], *taken) + 1
+        return self._generation
+
+    def log_bytes(self, timeout_s: float = 5.0) -> list[int | None]:
+        """Each shard's write-ahead log bytes since the recovery point (None: no answer)."""
+        with self._lock:
+            since = self.recovery["wal_since"]
+        refs = [a.log_bytes.remote(since) for a in self._actors]
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
+        out = []
+        for ref in refs:
+            try:
+                out.append(ray.get(ref) if ref in ready else None)
+            except ray.exceptions.RayError:
+                out.append(None)
+        return out
+
+    def shard_states(self) -> list[str]:
+        """Ray's state of each shard actor: ALIVE, RESTARTING (its process died and Ray is
+        bringing it back: until its log is replayed), DEAD, PENDING_CREATION, or UNKNOWN."""
+        return [_actor_state(a) for a in self._actors]
+
+    def progress(self) -> tuple[int, int]:
+        """(done, total) bytes over all shards of the checkpoint write or restore under way."""
+        ready, _ = ray.wait([a.progress.remote() for a in self._actors], num_returns=len(self._actors), timeout=2)
+        pairs = [ray.get(r) for r in ready]
+        return sum(d for d, _ in pairs), sum(t for _, t in pairs)
+
+    def actors(self) -> list:
+        return list(self._actors)
+
+    def shutdown(self) -> None:
+        """Stops every shard server gracefully, then kills the shard actors."""
+        try:
+            ray.get([a.stop.options(max_task_retries=0).remote() for a in self._actors], timeout=30)
+        except ray.exceptions.RayError:
+            pass
+        for a in self._actors:
+            ray.kill(a, no_restart=True)
+        self._actors = []
+        if self.owns_data_dir:
+            shutil.rmtree(self.data_dir, ignore_errors=True)
+        elif not self._came_up:
+            # A new store's `up` that failed: the dir the user gave is left as found, less
+            # the record and the logs that never got a record.
+            from memstore import wal
+            from memstore.durable import LOCK_FILE
+
+            storefile.remove(self.data_dir)
+            (Path(self.data_dir) / LOCK_FILE).unlink(missing_ok=True)
+            for shard_dir in Path(self.data_dir, "wal").glob("shard-*-of-*"):
+                for _, path in wal.wal_files(shard_dir):
+                    if path.stat().st_size <= len(wal.MAGIC):
+                        path.unlink(missing_ok=True)
+                if not wal.wal_files(shard_dir):
+                    (shard_dir / LOCK_FILE).unlink(missing_ok=True)
+                with contextlib.suppress(OSError):
+                    shard_dir.rmdir()  # only if empty
