@@ -68,7 +68,7 @@ class _ShardActor:
         if not self.restarted and wal.wal_files(self.wal_dir):
             raise RuntimeError(f"{self.wal_dir} already holds a write-ahead log: another store's data "
                                "dir? Bring a new store up on a fresh --data-dir (or restore a checkpoint)")
-        self.wal_dir.mkdir(parents=True, exist_ok=True)
+        wal.make_dirs(self.wal_dir)
         # One process per log: a shard of an earlier incarnation of the store may still be dying.
         self._lock_fd = lock_directory(self.wal_dir, wait_s=30)
 

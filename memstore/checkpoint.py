@@ -546,8 +546,11 @@ def _np_view(t: torch.Tensor) -> np.ndarray:
 
 
 def _file_stem(name: str, index: int) -> str:
+    """A table's file name stem: its name, %-quoted; for a long one (or . and ..),
+    "%table-<index>", which no quoted name can be: quote() writes "%" only before two hex
+    digits, and "t" is not one."""
     stem = quote(name, safe="")
-    return stem if len(stem) <= 200 and stem not in (".", "..") else f"table-{index:05d}"
+    return stem if len(stem) <= 200 and stem not in (".", "..") else f"%table-{index:05d}"
 
 
 def _write_npy(path: Path, tensor: torch.Tensor, advance) -> tuple[int, int]:

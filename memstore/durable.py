@@ -91,7 +91,7 @@ class DurableShard:
         process per data dir), and removes what an interrupted compaction left once the base
         has loaded: other bases, staging directories, logs older than the base."""
         assert self.log is None, "recover() runs once"
-        self.directory.mkdir(parents=True, exist_ok=True)
+        wal.make_dirs(self.directory)
         self._lock_fd = lock_directory(self.directory)
         try:
             return self._recover()

@@ -16,9 +16,10 @@ File: the 8-byte magic `MSWAL001`, then one frame per record:
 A crash mid-write leaves a torn last frame: its length runs past the end of the file or its
 crc32 does not match. `replay` stops there and ignores the rest; opening the log again for
 writing truncates the file to its last whole frame, so new records never follow garbage. A
-bad frame with a whole frame right after it is damage, not a torn write (with sync "always"
-only the last frame can be unwritten): replay raises WalError naming the offset, and nothing
-is truncated, rather than drop the acknowledged records that follow. (With "group" or "none"
+bad frame with a whole frame anywhere after it (found by its payload's leading key, since
+the bad frame's own length may be what is damaged) is damage, not a torn write (with sync
+"always" only the last frame can be unwritten): replay raises WalError naming the offset,
+and nothing is truncated, rather than drop the acknowledged records that follow. (With "group" or "none"
 a machine crash may leave several frames unwritten and write back a later one before an
 earlier one; that too stops recovery, for the operator to decide.)
 
@@ -56,6 +57,7 @@ from __future__ import annotations
 
 import heapq
 import logging
+import mmap
 import os
 import struct
 import threading
@@ -330,7 +332,7 @@ class WriteAheadLog:
 def _open_for_append(path: Path) -> int:
     """Opens `path` for appending: a new file gets the magic (made durable with its directory
     entry); an existing one is truncated to its last whole frame."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_dirs(path.parent)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         size = os.fstat(fd).st_size
@@ -363,6 +365,21 @@ def _writev_all(fd: int, bufs: list) -> None:
             views[0] = views[0][n:]
 
 
+def make_dirs(path: Path | str) -> None:
+    """mkdir -p whose new entries survive a machine crash: each directory it creates is made
+    durable in its parent (a log fsynced inside a directory whose own entry never reached
+    the disk is lost with it)."""
+    path = Path(path)
+    created = []
+    at = path
+    while not at.exists():
+        created.append(at)
+        at = at.parent
+    path.mkdir(parents=True, exist_ok=True)
+    for directory in created:
+        fsync_dir(directory.parent)
+
+
 def fsync_dir(path: Path) -> None:
     """Makes a directory's entries (created, renamed files) durable."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
@@ -391,9 +408,7 @@ def _frames(path: Path | str) -> Iterator[tuple[int, dict]]:
             yield offset, record
         rest = size - offset
         if rest:
-            f.seek(offset)
-            end = offset + _FRAME.size + _FRAME.unpack(f.read(_FRAME.size))[0] if rest >= _FRAME.size else size
-            if end < size and _read_frame(f, end, size) is not None:
+            if _whole_frame_after(f, offset, size) is not None:
                 raise WalError(
                     f"{path}: the record at offset {offset} is damaged and whole records follow it: "
                     f"not a torn last write, so recovery stops rather than drop what follows. "
@@ -401,6 +416,26 @@ def _frames(path: Path | str) -> Iterator[tuple[int, dict]]:
                     f"bytes (`truncate -s {offset} {path}`); or bring the store up on a fresh data dir and "
                     f"restore a checkpoint")
             log.warning("%s: ignoring %d bytes after offset %d (a torn last record)", path, rest, offset)
+
+
+# Every record's payload is a msgpack map whose first key is "kind" (the record builders
+# above): a whole frame's payload starts with a fixmap byte and these bytes.
+_KIND_KEY = msgpack.packb("kind")
+
+
+def _whole_frame_after(f, offset: int, size: int) -> int | None:
+    """The offset of a whole frame after the bad one at `offset`, or None. Not only where
+    the bad frame's length points: that length may be what is damaged. Frames are found by
+    their payload's leading "kind" key, each candidate checked whole (crc32 and msgpack), so
+    a torn tail of any size costs one scan of it."""
+    with mmap.mmap(f.fileno(), size, access=mmap.ACCESS_READ) as data:
+        hit = data.find(_KIND_KEY, offset + 1)
+        while hit != -1:
+            start = hit - 1 - _FRAME.size  # the frame header, then the map's first byte
+            if start > offset and 0x80 <= data[hit - 1] <= 0x8F and _read_frame(f, start, size) is not None:
+                return start
+            hit = data.find(_KIND_KEY, hit + 1)
+    return None
 
 
 def _read_frame(f, offset: int, size: int) -> tuple[int, dict] | None:

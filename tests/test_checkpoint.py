@@ -310,3 +310,13 @@ def test_a_deletion_a_crash_interrupted_is_finished_by_the_next_prune(tmp_path):
     (tmp_path / "ckpt-3.tmp-4567").mkdir()  # a checkpoint being written now: kept
     ck.prune_checkpoints(tmp_path, keep=1)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["LATEST", "ckpt-2", "ckpt-3.tmp-4567"]
+
+
+def test_a_long_table_name_and_its_fallback_file_name_do_not_collide(tmp_path):
+    """A name too long to be a file name is stored under a fallback stem; a table named as
+    that stem once was made the checkpoint (and every compaction of a shard) fail."""
+    specs = [TableSpec(":" * 128, num_rows=50, dim=2, seed=5), TableSpec("table-00000", num_rows=50, dim=2, seed=6)]
+    engines = make_engines(1, specs)
+    drive(engines, steps=2, seed=7, specs=specs)
+    path = ck.save_checkpoint(engines, ck.checkpoint_dir(tmp_path, 1), {"name": "test", "version": 1})
+    assert_same_tables(engines, [ck.load_shard(path, 0, 1)], specs)

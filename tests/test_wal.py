@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import resource
 import threading
+from pathlib import Path
 
 import msgpack
 import numpy as np
@@ -134,11 +135,18 @@ def test_torn_tail_is_ignored_and_cut_on_reopen(tmp_path):
         list(wal.replay(path))
 
 
-def test_a_damaged_record_with_records_after_it_stops_replay_and_truncates_nothing(tmp_path):
+@pytest.mark.parametrize("flip", [
+    (20, 1),  # a bit of the third record's payload
+    (0, 1),  # its length's lowest bit: it ends a byte off, inside the next record
+    (2, 1),  # a high bit of its length: it runs past the end of the file, as a torn one does
+    (4, 0x80),  # its crc32
+])
+def test_a_damaged_record_with_records_after_it_stops_replay_and_truncates_nothing(tmp_path, flip):
     path, records = five_records(tmp_path, seed=2)
     ends = [end for end, _ in wal._frames(path)]
     data = bytearray(path.read_bytes())
-    data[ends[1] + 20] ^= 1  # a flipped bit in the third record's payload
+    at, bit = flip
+    data[ends[1] + at] ^= bit
     path.write_bytes(bytes(data))
     with pytest.raises(wal.WalError, match=f"offset {ends[1]} is damaged and whole records follow"):
         list(wal.replay(path))
@@ -375,3 +383,15 @@ def test_a_write_the_disk_refuses_fails_that_append_only(tmp_path):
     log.append(records[3])
     log.close()
     assert list(wal.replay(path)) == [as_plain(r) for r in (records[0], records[1], records[3])]
+
+
+def test_the_directories_a_log_creates_are_made_durable_in_their_parents(tmp_path, monkeypatch):
+    """A log fsynced in a directory whose own entry never reached the disk is lost with it
+    at a machine crash: every directory made for a log is fsynced into its parent."""
+    synced = []
+    real = wal.fsync_dir
+    monkeypatch.setattr(wal, "fsync_dir", lambda p: (synced.append(Path(p)), real(p)))
+    path = tmp_path / "data" / "shard-00000-of-00001" / "wal-0.log"
+    with wal.WriteAheadLog(path, sync="always") as log:
+        log.append(wal.drop_record("t"))
+    assert {tmp_path, tmp_path / "data", path.parent} <= set(synced)

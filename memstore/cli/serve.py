@@ -90,11 +90,11 @@ def _recover(engine, args: argparse.Namespace):
     journals its writes from now on; returns the DurableShard."""
     from pathlib import Path
 
-    from memstore import checkpoint
+    from memstore import checkpoint, wal
     from memstore.durable import DurableShard
 
     directory = Path(args.data_dir) / checkpoint.shard_dirname(args.shard_index, args.num_shards)
-    directory.mkdir(parents=True, exist_ok=True)
+    wal.make_dirs(directory)
     others = sorted(p.name for p in directory.parent.glob("shard-*-of-*")
                     if not p.name.endswith(f"-of-{args.num_shards:05d}") and any(p.iterdir()))
     if others and not any(directory.iterdir()):
