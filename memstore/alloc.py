@@ -67,3 +67,16 @@ def zeros(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     # The tensor holds the mapping through the buffer protocol; it is unmapped with the tensor.
     flat = torch.frombuffer(region, dtype=torch.uint8, count=nbytes, offset=offset)
     return flat.view(dtype).view(shape)
+
+
+def available_bytes() -> int | None:
+    """Memory the kernel says can be had now without swapping (MemAvailable), or None where
+    it does not say (not Linux)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None

@@ -31,6 +31,7 @@ from memstore.errors import (
     DeadlineExceeded,
     InvalidArgument,
     MemStoreError,
+    ResourceExhausted,
     SegmentUnreachable,
     TableChanged,
     TableExists,
@@ -38,8 +39,9 @@ from memstore.errors import (
     Unavailable,
     WrongShard,
 )
+from memstore.engine import MAX_ID_CHARS
 from memstore.server import CHANNEL_OPTIONS, ERROR_KEY, FRAMED, SERVICE
-from memstore.spec import TableSpec, as_key_array
+from memstore.spec import TableSpec, as_key_array, check_learning_rate
 from memstore.threads import serial_torch
 from memstore.v1 import memstore_pb2 as pb
 
@@ -47,6 +49,7 @@ ERROR_OF = {
     grpc.StatusCode.NOT_FOUND: TableNotFound,
     grpc.StatusCode.ALREADY_EXISTS: TableExists,
     grpc.StatusCode.INVALID_ARGUMENT: InvalidArgument,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhausted,
     grpc.StatusCode.FAILED_PRECONDITION: WrongShard,
     grpc.StatusCode.UNAVAILABLE: Unavailable,
     grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceeded,
@@ -407,9 +410,8 @@ class MemStoreClient:
     def _prepare_update(self, table: str, keys: Any, grads: Any, lr: float, update_id: str | None,
                         watch: np.ndarray | None):
         """Checks one update and splits it into parts: (spec, key plan, parts, each part's read keys)."""
-        if not (np.isfinite(lr) and lr >= 0.0):
-            raise InvalidArgument(f"learning rate must be finite and >= 0, got {lr}")
         spec = self.spec(table)
+        lr = check_learning_rate(lr, spec.optimizer)
         arr = as_key_array(keys)
         flat = arr.reshape(-1)
         grads = keyplan.as_value_tensor(grads, arr.shape, spec, "gradient")
@@ -478,6 +480,9 @@ class MemStoreClient:
         given: the same call made twice with the same id is split the same way, so its parts
         carry the same ids."""
         group = update_id if update_id is not None else f"{self._client_id}:{next(self._seq)}"
+        if len(group) > MAX_ID_CHARS - 16:  # room for ":<shard>:<part>"
+            raise InvalidArgument(f"update id {group[:40]!r}... is {len(group)} characters long; at most "
+                                  f"{MAX_ID_CHARS - 16}")
         row_bytes = values.shape[1] * values.element_size()
         chunks = []  # (shard, chunk number, first row, keys)
         for shard in range(self.num_shards):

@@ -18,12 +18,23 @@ import torch
 from memstore import wal
 from memstore.cut import WriteGate
 from memstore.errors import InvalidArgument, TableExists, TableNotFound, Unavailable, WrongShard
-from memstore.keys import check_key_range, first_non_finite_row
+from memstore.keys import check_key_range, first_non_finite_row, first_row_not_finite_as
 from memstore.partition import place_keys
-from memstore.spec import TableSpec
+from memstore.spec import TableSpec, check_learning_rate
 from memstore.table import REMEMBERED_UPDATE_IDS, ShardTable
 
 log = logging.getLogger("memstore.engine")
+
+# Longest update id or group name a write may carry: a table remembers its last
+# REMEMBERED_UPDATE_IDS ids (and a shard its cuts' groups), so their size must be bounded. The
+# client's ids are "<group>:<shard>:<part>", the group a caller's update id or its own.
+MAX_ID_CHARS = 256
+
+
+def check_ids(update_id: str, group: str) -> None:
+    for what, value in (("update id", update_id), ("group", group)):
+        if len(value) > MAX_ID_CHARS:
+            raise InvalidArgument(f"{what} {value[:40]!r}... is {len(value)} characters long; at most {MAX_ID_CHARS}")
 
 
 class ShardEngine:
@@ -36,6 +47,11 @@ class ShardEngine:
         self.num_shards = num_shards
         self._tables: dict[str, ShardTable] = {}
         self._lock = threading.Lock()  # guards _tables (the dict, not the tables)
+        # Guards _together (requests applying several writes, apply_together) and _dropping
+        # (drops waiting for those): a drop waits for them, and new ones for a waiting drop.
+        self._layout = threading.Condition(threading.Lock())
+        self._together = 0
+        self._dropping = 0
         self.gate = WriteGate()  # every write passes it; a cut closes it (memstore.cut)
         # Where a durable host logs writes (a WriteAheadLog's append): called with each
         # applied write's record inside the gate, before the write is acknowledged.
@@ -104,13 +120,38 @@ class ShardEngine:
             return list(self._tables.values())
 
     def drop_table(self, name: str) -> bool:
-        with self.gate.write("", 0), self._lock:  # the record first, as for a create
-            if name not in self._tables:
+        """Drops the table; waits for the writes of a request applying together (apply_together)."""
+        with self._layout:
+            self._dropping += 1
+            try:
+                self._layout.wait_for(lambda: not self._together)
+            except BaseException:
+                self._dropping -= 1
+                self._layout.notify_all()
+                raise
+        try:
+            return self._drop(name)
+        finally:
+            with self._layout:
+                self._dropping -= 1
+                self._layout.notify_all()
+
+    def _drop(self, name: str) -> bool:
+        # The table's ids_lock too, in _write's order (gate, ids_lock, _lock): a write that
+        # found the table current logs and applies before the drop record, never after it
+        # (replayed after a re-create, it would change the new table).
+        while True:
+            with self._lock:
+                table = self._tables.get(name)
+            if table is None:
                 return False
-            if self.journal is not None:
-                self.journal(wal.drop_record(name))
-            del self._tables[name]
-        return True
+            with self.gate.write("", 0), table.ids_lock, self._lock:  # the record first, as for a create
+                if self._tables.get(name) is not table:
+                    continue  # replaced meanwhile (a restore): drop what is there now
+                if self.journal is not None:
+                    self.journal(wal.drop_record(name))
+                del self._tables[name]
+            return True
 
     def check_route(self, shard_index: int, num_shards: int) -> None:
         if (shard_index, num_shards) != (self.shard_index, self.num_shards):
@@ -138,8 +179,9 @@ class ShardEngine:
         if unique and len(local) > 1:
             ordered = np.sort(local)
             dup = np.flatnonzero(ordered[1:] == ordered[:-1])
-            if len(dup):
-                key = int(ordered[dup[0]]) * self.num_shards + self.shard_index
+            if len(dup):  # name the first key, in request order, that appears again
+                first = np.flatnonzero(np.isin(local, ordered[dup]))[0]
+                key = int(keys[first])
                 raise InvalidArgument(
                     f"key {key} appears twice in one request to table {table.spec.name!r}; "
                     "sum the gradients of duplicate keys before sending"
@@ -181,15 +223,17 @@ class ShardEngine:
 
     def prepare_update(
         self, name: str, keys: np.ndarray, grads: torch.Tensor, lr: float, update_id: str = "",
-        group: str = "", parts: int = 0, read_keys: np.ndarray | None = None,
-    ) -> Callable[[], tuple[int, bool, torch.Tensor | None]]:
+        group: str = "", parts: int = 0, read_keys: np.ndarray | None = None, table: ShardTable | None = None,
+    ) -> "PreparedWrite":
         """Runs every check of `update` now and returns the call that applies it (and may
         still fail only as a write can: UNAVAILABLE for a table replaced meanwhile). Several
-        updates in one request are all prepared before the first applies."""
-        table = self.table(name)
+        updates in one request are all prepared before the first applies (apply_together).
+        table: the table `name` names, when the caller has looked it up already (and decoded
+        the gradients by its spec)."""
+        table = table if table is not None else self.table(name)
+        check_ids(update_id, group)
         self._check_values(table, keys, grads, "gradient")
-        if not (np.isfinite(lr) and lr >= 0.0):
-            raise InvalidArgument(f"learning rate must be finite and >= 0, got {lr}")
+        lr = check_learning_rate(lr, table.spec.optimizer)
         local = self.local_index(table, keys, unique=True)
         read = None
         if read_keys is not None:
@@ -198,10 +242,30 @@ class ShardEngine:
             read = lambda: table.gather(  # noqa: E731
                 read_local, lambda version: torch.empty(len(read_local), spec.dim, dtype=spec.wire_torch_dtype))
         grads32 = grads.float()
-        return lambda: self._write(
+        return PreparedWrite(table, lambda: self._write(
             table, update_id, group, parts, lambda: table.apply(local, grads32, lr),
             lambda version: wal.update_record(name, keys, grads, lr, update_id, version, group, parts), read,
-        )
+        ))
+
+    def apply_together(self, writes: list["PreparedWrite"]) -> list[tuple[int, bool, torch.Tensor | None]]:
+        """Applies prepared writes of one request, all or none of them as far as tables go:
+        no table of theirs is dropped until the last has applied, and one dropped or
+        replaced since they were checked makes the request UNAVAILABLE before any applies
+        (a restore may still replace them all, between two of them: the restore wins)."""
+        with self._layout:
+            while self._dropping:
+                self._layout.wait()
+            with self._lock:
+                stale = sorted({w.table.spec.name for w in writes if self._tables.get(w.table.spec.name) is not w.table})
+            if stale:
+                raise Unavailable(f"tables {stale} were replaced or dropped since the request was checked; retry")
+            self._together += 1
+        try:
+            return [write() for write in writes]
+        finally:
+            with self._layout:
+                self._together -= 1
+                self._layout.notify_all()
 
     def assign(
         self, name: str, keys: np.ndarray, values: torch.Tensor, keep_state: bool, update_id: str = "",
@@ -209,7 +273,12 @@ class ShardEngine:
     ) -> tuple[int, bool]:
         """Writes rows verbatim; returns (version, duplicate). All checks run first."""
         table = self.table(name)
+        check_ids(update_id, group)
         self._check_values(table, keys, values, "row")
+        row = first_row_not_finite_as(values, table.spec.torch_dtype)  # as they are stored
+        if row is not None:
+            raise InvalidArgument(f"row of key {int(keys[row])} for table {table.spec.name!r} is not finite "
+                                  f"once stored as {table.spec.dtype}")
         local = self.local_index(table, keys, unique=True)
         version, dup, _ = self._write(
             table, update_id, group, parts, lambda: table.assign(local, values, keep_state),
@@ -258,3 +327,15 @@ class ShardEngine:
                     table.applied_ids.popitem(last=False)
             applied[0] = True
             return version, False, read() if read is not None else None
+
+
+class PreparedWrite:
+    """A write whose checks have all passed (ShardEngine.prepare_update): call it to apply.
+    Several of one request apply through ShardEngine.apply_together."""
+
+    def __init__(self, table: ShardTable, run: Callable[[], tuple[int, bool, torch.Tensor | None]]) -> None:
+        self.table = table
+        self._run = run
+
+    def __call__(self) -> tuple[int, bool, torch.Tensor | None]:
+        return self._run()

@@ -30,6 +30,10 @@ class TableExists(MemStoreError):
     """A table of that name exists with a different spec."""
 
 
+class ResourceExhausted(MemStoreError):
+    """A shard lacks the memory a request needs (a table larger than its host can hold)."""
+
+
 class WrongShard(MemStoreError):
     """The request was routed with a shard layout the server does not have."""
 

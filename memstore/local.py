@@ -15,8 +15,7 @@ import torch
 
 from memstore import keys as keyplan
 from memstore.engine import ShardEngine
-from memstore.errors import InvalidArgument
-from memstore.spec import TableSpec, as_key_array
+from memstore.spec import TableSpec, as_key_array, check_learning_rate
 from memstore.threads import serial_torch
 
 
@@ -84,25 +83,25 @@ class InProcessStore:
                     update_ids: Mapping[str, str] | None = None) -> dict[str, tuple[np.ndarray, torch.Tensor]]:
         """As `MemStoreClient.update_many`: every table's update checked before any applies;
         {table: (changed keys, rows)} for the watched tables."""
-        applies = keyplan.prepare_many(updates, watch, update_ids,
-                                       lambda name, k, g, uid, w: self._prepare_update(name, k, g, lr, uid, w))
-        results = {name: apply() for name, apply in applies.items()}
-        return {name: results[name][1:] for name in watch or {}}
+        prepared = keyplan.prepare_many(updates, watch, update_ids,
+                                        lambda name, k, g, uid, w: self._prepare_update(name, k, g, lr, uid, w))
+        done = self.engine.apply_together([write for write, _, _ in prepared.values()])
+        return {name: (fresh, applied[2]) for (name, (_, fresh, _)), applied in zip(prepared.items(), done)
+                if name in (watch or {})}
 
     def update_many_async(self, updates: Mapping[str, tuple[Any, Any]], lr: float, *, watch: Mapping[str, Any] | None = None,
                           update_ids: Mapping[str, str] | None = None) -> Future:
         return self._executor().submit(self.update_many, updates, lr, watch=watch, update_ids=update_ids)
 
     def _update(self, table: str, keys: Any, grads: Any, lr: float, update_id: str | None, watch: np.ndarray | None):
-        return self._prepare_update(table, keys, grads, lr, update_id, watch)()
+        write, fresh, n = self._prepare_update(table, keys, grads, lr, update_id, watch)
+        return n, fresh, write()[2]
 
     def _prepare_update(self, table: str, keys: Any, grads: Any, lr: float, update_id: str | None,
                         watch: np.ndarray | None):
-        """Checks one update; returns the call that applies it: () -> (rows updated,
-        changed watched keys, their rows)."""
-        if not (np.isfinite(lr) and lr >= 0.0):
-            raise InvalidArgument(f"learning rate must be finite and >= 0, got {lr}")
+        """Checks one update: (the write that applies it, the changed watched keys, rows updated)."""
         spec = self.spec(table)
+        lr = check_learning_rate(lr, spec.optimizer)
         arr = as_key_array(keys)
         flat = arr.reshape(-1)
         grads = keyplan.as_value_tensor(grads, arr.shape, spec, "gradient")
@@ -112,8 +111,8 @@ class InProcessStore:
         # The same rounding as on the wire, so both stores apply identical gradients.
         summed = keyplan.to_wire(plan, grads, spec.wire_torch_dtype, spec, "gradient")
         fresh = None if watch is None else np.intersect1d(plan.unique, watch)
-        apply = self.engine.prepare_update(table, plan.unique, summed, lr, update_id or "", read_keys=fresh)
-        return lambda: (len(plan.unique), fresh, apply()[2])
+        write = self.engine.prepare_update(table, plan.unique, summed, lr, update_id or "", read_keys=fresh)
+        return write, fresh, len(plan.unique)
 
     def assign(self, table: str, keys: Any, rows: Any, *, keep_optimizer_state: bool = False) -> int:
         spec = self.spec(table)

@@ -29,7 +29,6 @@ a shard, a large update's chunks run side by side on a small thread pool instead
 from __future__ import annotations
 
 import functools
-import math
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -38,9 +37,8 @@ import numpy as np
 import torch
 
 from memstore import alloc
-from memstore.errors import InvalidArgument
 from memstore.keys import as_numpy
-from memstore.spec import OptimizerSpec
+from memstore.spec import OptimizerSpec, check_learning_rate
 
 ROW_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # Values per float32 temporary on CPU: 1 MiB, so a chunk's few temporaries stay in cache.
@@ -65,6 +63,10 @@ class SparseOptimizer:
         """Zeroed state for a table of num_rows x dim, on the CPU (move it with the rows)."""
         return {name: alloc.zeros((num_rows, dim), torch.float32) for name in self.state_names}
 
+    def state_row_bytes(self, dim: int) -> int:
+        """Bytes of state init_state keeps per row (without allocating it)."""
+        return sum(t.numel() * t.element_size() for t in self.init_state(1, dim).values())
+
     def step(
         self,
         rows: torch.Tensor,
@@ -75,8 +77,7 @@ class SparseOptimizer:
     ) -> None:
         """Applies one update to rows[idx] and their state, in place."""
         _check_step_args(rows, state, self.state_names, idx, grads)
-        if not (math.isfinite(lr) and lr >= 0.0):
-            raise InvalidArgument(f"learning rate must be finite and >= 0, got {lr!r}")
+        lr = check_learning_rate(lr, self.spec)
         n = idx.numel()
         if n == 0:
             return

@@ -22,13 +22,14 @@ from typing import Callable
 import grpc
 import numpy as np
 import torch
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from memstore import wire
 from memstore.alloc import keep_freed_memory
 from memstore.engine import ShardEngine
-from memstore.errors import (InvalidArgument, MemStoreError, SegmentUnreachable, TableChanged, TableExists,
-                             TableNotFound, Unavailable, WrongShard)
+from memstore.errors import (InvalidArgument, MemStoreError, ResourceExhausted, SegmentUnreachable, TableChanged,
+                             TableExists, TableNotFound, Unavailable, WrongShard)
 from memstore.metrics import ShardMetrics
 from memstore.partition import shard_of
 from memstore.segments import SegmentMap, SegmentRef
@@ -60,6 +61,7 @@ STATUS_OF: dict[type[MemStoreError], grpc.StatusCode] = {
     TableNotFound: grpc.StatusCode.NOT_FOUND,
     TableExists: grpc.StatusCode.ALREADY_EXISTS,
     InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
+    ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
     WrongShard: grpc.StatusCode.FAILED_PRECONDITION,
     SegmentUnreachable: grpc.StatusCode.FAILED_PRECONDITION,  # the client falls back to rows in replies
     Unavailable: grpc.StatusCode.UNAVAILABLE,  # retryable: a table swapped by a restore, a log that failed
@@ -241,6 +243,11 @@ class MemStoreServicer:
     def UpdateMany(self, frame: bytes, context) -> bytes:
         header, payload = wire.decode_frame(frame, pb.UpdateManyRequest)
         self._route(header.route)
+        ids = [(part.table, part.update_id) for part in header.parts if part.update_id]  # a table's ids are its own
+        if len(set(ids)) < len(ids):
+            table, again = next(i for n, i in enumerate(ids) if i in ids[:n])
+            raise InvalidArgument(f"UpdateMany carries update id {again!r} of table {table!r} in more than one part: "
+                                  "an id names one update")
         prepared, at = [], 0
         for part in header.parts:  # every part is checked before the first applies
             size = self._update_bytes(part)
@@ -251,8 +258,8 @@ class MemStoreServicer:
         if at != len(payload):
             raise InvalidArgument(f"UpdateMany payload is {len(payload)} bytes; its parts take {at}")
         head, rows = pb.UpdateManyResponse(), []
-        for apply, spec, _ in prepared:
-            version, dup, read = apply()
+        done = self.engine.apply_together([apply for apply, _, _ in prepared])
+        for (_, spec, _), (version, dup, read) in zip(prepared, done):
             head.parts.append(self._update_response(version, dup, read, spec))
             if read is not None:
                 rows.append(wire.tensor_bytes(read))
@@ -272,7 +279,8 @@ class MemStoreServicer:
     def _prepare_update(self, header: pb.UpdateRequest, payload) -> tuple[Callable, TableSpec, int]:
         """Checks one update (its header and its payload: keys || grads || read keys) without
         applying it: (the call that applies it, the table's spec, its number of keys)."""
-        spec = self.engine.table(header.table).spec
+        table = self.engine.table(header.table)  # once: the gradients are decoded by its spec
+        spec = table.spec
         if header.num_read_keys < 0:
             raise InvalidArgument(f"negative num_read_keys in header: {header.num_read_keys}")
         read_bytes = header.num_read_keys * 8
@@ -283,7 +291,7 @@ class MemStoreServicer:
         keys, grads = self._values(header, payload[:cut], spec.wire_dtype, "gradient")
         read_keys = wire.keys_from_payload(payload[cut:], header.num_read_keys) if header.num_read_keys else None
         apply = self.engine.prepare_update(header.table, keys, grads, header.lr, header.update_id, header.group,
-                                           header.parts, read_keys)
+                                           header.parts, read_keys, table=table)
         return apply, spec, len(keys)
 
     @staticmethod
@@ -374,11 +382,14 @@ def _handler(servicer: MemStoreServicer, method) -> grpc.RpcMethodHandler:
     """A unary handler for one RPC that maps engine exceptions to status codes."""
     name = method.name
     impl = getattr(servicer, name)
+    request_cls = None if name in FRAMED else getattr(pb, method.input_type.name)
 
     def call(request, context):
         t0 = time.perf_counter()
         code = grpc.StatusCode.OK
         try:
+            if request_cls is not None:  # parsed here, so a malformed message is INVALID_ARGUMENT
+                request = _parse(request_cls, request)
             return impl(request, context)
         except MemStoreError as e:
             code = next((c for t, c in STATUS_OF.items() if isinstance(e, t)), grpc.StatusCode.UNAVAILABLE)
@@ -395,10 +406,14 @@ def _handler(servicer: MemStoreServicer, method) -> grpc.RpcMethodHandler:
 
     if name in FRAMED:
         return grpc.unary_unary_rpc_method_handler(call)  # frames stay bytes both ways
-    request_cls = getattr(pb, method.input_type.name)
-    return grpc.unary_unary_rpc_method_handler(
-        call, request_deserializer=request_cls.FromString, response_serializer=lambda m: m.SerializeToString()
-    )
+    return grpc.unary_unary_rpc_method_handler(call, response_serializer=lambda m: m.SerializeToString())
+
+
+def _parse(message_cls, data: bytes):
+    try:
+        return message_cls.FromString(data)
+    except DecodeError as e:
+        raise InvalidArgument(f"malformed {message_cls.__name__}: {e}") from None
 
 
 def add_servicer(servicer: MemStoreServicer, server: grpc.Server) -> None:

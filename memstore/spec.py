@@ -26,6 +26,7 @@ DTYPES: dict[str, torch.dtype] = {
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 OPTIMIZER_KINDS = ("adam", "adagrad", "sgd")
 INIT_KINDS = ("normal", "uniform", "zeros")
+FLOAT32_MAX = float(np.finfo(np.float32).max)
 _NAME = re.compile(r"^[A-Za-z0-9_.\-:/]{1,128}$")
 
 
@@ -51,12 +52,14 @@ class OptimizerSpec:
             raise InvalidArgument(f"optimizer kind {self.kind!r} is not one of {OPTIMIZER_KINDS}")
         if not (0.0 <= self.beta1 < 1.0 and 0.0 <= self.beta2 < 1.0):
             raise InvalidArgument(f"optimizer betas must lie in [0, 1): {self.beta1}, {self.beta2}")
-        if not self.eps > 0.0:
-            raise InvalidArgument(f"optimizer eps must be > 0, got {self.eps}")
+        # eps and weight_decay meet float32 state and rows: an infinite one (or one that is
+        # infinite in float32) makes every updated row Inf or NaN.
+        if not 0.0 < self.eps <= FLOAT32_MAX:
+            raise InvalidArgument(f"optimizer eps must be > 0 and finite in float32, got {self.eps}")
         if not 0.0 <= self.momentum < 1.0:
             raise InvalidArgument(f"optimizer momentum must lie in [0, 1), got {self.momentum}")
-        if not self.weight_decay >= 0.0:
-            raise InvalidArgument(f"optimizer weight_decay must be >= 0, got {self.weight_decay}")
+        if not 0.0 <= self.weight_decay <= FLOAT32_MAX:
+            raise InvalidArgument(f"optimizer weight_decay must be >= 0 and finite in float32, got {self.weight_decay}")
 
 
 @dataclass(frozen=True)
@@ -70,11 +73,19 @@ class InitSpec:
     std: float = 1.0
     bound: float = 1.0
 
-    def validate(self) -> None:
+    def validate(self, dtype: str = "float32") -> None:
+        """Checks the kind, and that rows drawn so stay finite in the storage dtype: a
+        uniform bound up to its largest value, a normal std up to 1/8 of it (8 sigma)."""
         if self.kind not in INIT_KINDS:
             raise InvalidArgument(f"init kind {self.kind!r} is not one of {INIT_KINDS}")
         if not (self.std >= 0.0 and self.bound >= 0.0):
             raise InvalidArgument(f"init std and bound must be >= 0: {self.std}, {self.bound}")
+        largest = torch.finfo(DTYPES.get(dtype, torch.float32)).max
+        if self.kind == "normal" and not self.std <= largest / 8:
+            raise InvalidArgument(f"init std {self.std} would draw rows that are not finite in {dtype} "
+                                  f"(at most {largest / 8:.6g})")
+        if self.kind == "uniform" and not self.bound <= largest:
+            raise InvalidArgument(f"init bound {self.bound} is not finite in {dtype} (at most {largest:.6g})")
 
 
 @dataclass(frozen=True)
@@ -112,7 +123,7 @@ class TableSpec:
                 raise InvalidArgument(f"table {self.name!r}: {what} {value!r} is not one of {tuple(DTYPES)}")
         if not (isinstance(self.seed, int) and 0 <= self.seed < 2**63):
             raise InvalidArgument(f"table {self.name!r}: seed must be an integer in [0, 2**63), got {self.seed!r}")
-        self.init.validate()
+        self.init.validate(self.dtype)
         self.optimizer.validate()
         return self
 
@@ -160,6 +171,21 @@ class TableSpec:
             raise
         except (TypeError, ValueError, AttributeError) as e:
             raise InvalidArgument(f"table spec {d.get('name')!r}: {e}") from None
+
+
+def check_learning_rate(lr: Any, spec: "OptimizerSpec | None" = None) -> float:
+    """lr as a float, or InvalidArgument: it must be >= 0 and finite in float32, where the
+    optimizers compute (1e39 is finite as a Python float and Inf there), and so must the
+    weight decay factor lr * weight_decay of `spec`."""
+    try:
+        value = float(lr)
+    except (TypeError, ValueError):
+        raise InvalidArgument(f"learning rate must be a number, got {lr!r}") from None
+    if not 0.0 <= value <= FLOAT32_MAX:
+        raise InvalidArgument(f"learning rate must be >= 0 and finite in float32, got {lr}")
+    if spec is not None and not value * spec.weight_decay <= FLOAT32_MAX:
+        raise InvalidArgument(f"learning rate {lr} times weight_decay {spec.weight_decay} is not finite in float32")
+    return value
 
 
 def as_key_array(keys: Any) -> np.ndarray:

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from memstore import alloc
-from memstore.errors import TableChanged
+from memstore.errors import ResourceExhausted, TableChanged
 from memstore.keys import as_numpy
 from memstore.optim import make_optimizer
 from memstore.partition import fill_initial_rows, local_rows
@@ -82,17 +82,30 @@ class ShardTable:
         self.shard_index = shard_index
         self.num_shards = num_shards
         self.local_rows = local_rows(spec.num_rows, shard_index, num_shards)
-        self.rows = alloc.zeros((self.local_rows, spec.dim), spec.torch_dtype)
+        self.optimizer = make_optimizer(spec.optimizer)
+        # Refused up front rather than left to the kernel: an overcommitted table that fills
+        # in would get the whole shard, every table of it, killed for memory.
+        need = self.local_rows * (spec.row_bytes + self.optimizer.state_row_bytes(spec.dim))
+        room = alloc.available_bytes()
+        if room is not None and need > room:
+            raise ResourceExhausted(self._too_big(need, f"its host has {room / 2**30:.2f} GiB available"))
+        try:
+            self.rows = alloc.zeros((self.local_rows, spec.dim), spec.torch_dtype)
+            self.state = self.optimizer.init_state(self.local_rows, spec.dim)
+        except (MemoryError, OSError, RuntimeError) as e:  # RuntimeError: torch's allocator
+            raise ResourceExhausted(self._too_big(need, f"allocating it failed: {e}")) from None
         self._rows_np = as_numpy(self.rows)  # the same memory, for single-threaded gathers
         if initialise:
             fill_initial_rows(self.rows, spec.init, spec.seed, shard_index, num_shards)
-        self.optimizer = make_optimizer(spec.optimizer)
-        self.state = self.optimizer.init_state(self.local_rows, spec.dim)
         self.version = 0  # updates + assigns applied; guarded by lock
         self.lock = RWLock()
         self.telemetry = TableTelemetry(self.local_rows)  # reads per row, lookups, updates
         self.applied_ids: OrderedDict[str, int] = OrderedDict()  # update id -> version; guarded by ids_lock
         self.ids_lock = threading.Lock()  # serialises id-tagged writes: check id, apply, record id
+
+    def _too_big(self, need: int, why: str) -> str:
+        return (f"table {self.spec.name!r} needs {need / 2**30:.2f} GiB of rows and optimizer state on shard "
+                f"{self.shard_index} of {self.num_shards}; {why}")
 
     @property
     def row_bytes(self) -> int:

@@ -5,6 +5,7 @@ Run: python -m pytest tests/test_errors.py -q
 
 from __future__ import annotations
 
+import dataclasses
 import socket
 import subprocess
 import threading
@@ -17,11 +18,13 @@ import torch
 
 from memstore import (
     ClientConfig,
+    InitSpec,
     InProcessStore,
     InvalidArgument,
     MemStoreError,
     MemStoreClient,
     OptimizerSpec,
+    ResourceExhausted,
     TableChanged,
     TableExists,
     TableNotFound,
@@ -106,6 +109,8 @@ def test_shape_dtype_and_duplicate_mismatches(store, shards_2):
         code, msg = raw_code(addr, "Update", frame)
         assert code == grpc.StatusCode.INVALID_ARGUMENT, what
     assert "key 2 appears twice" in raw_code(addr, "Update", cases["duplicate"])[1]
+    # The first repeated key in request order, not the smallest.
+    assert "key 8 appears twice" in raw_code(addr, "Update", update_frame(0, [8, 4, 8, 4], np.ones((4, 4), np.float32)))[1]
     np.testing.assert_array_equal(all_rows(store), before)
 
 
@@ -303,6 +308,101 @@ def test_invalid_spec_sent_raw_is_invalid_argument(shards_2):
         with pytest.raises(grpc.RpcError) as e:
             call(pb.CreateTableRequest(spec=bad, route=pb.Route(shard_index=0, num_shards=2)), timeout=10)
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "num_rows" in e.value.details()
+
+
+def create_raw(address: str, spec: pb.TableSpec, shard: int = 0, num_shards: int = 2) -> tuple[grpc.StatusCode, str]:
+    with grpc.insecure_channel(address) as ch:
+        call = ch.unary_unary(f"/{SERVICE}/CreateTable", request_serializer=lambda m: m.SerializeToString(),
+                              response_deserializer=pb.TableInfo.FromString)
+        try:
+            call(pb.CreateTableRequest(spec=spec, route=pb.Route(shard_index=shard, num_shards=num_shards)), timeout=30)
+        except grpc.RpcError as e:
+            return e.code(), e.details()
+    return grpc.StatusCode.OK, ""
+
+
+@pytest.mark.parametrize("change, named", [
+    ({"optimizer": OptimizerSpec("adam", eps=float("inf"))}, "eps"),
+    ({"optimizer": OptimizerSpec("adam", weight_decay=float("inf"))}, "weight_decay"),
+    ({"optimizer": OptimizerSpec("adam", eps=1e39)}, "eps"),  # finite as a float, Inf in float32
+    ({"init": InitSpec(std=float("inf"))}, "std"),
+    ({"init": InitSpec("uniform", bound=1e39)}, "bound"),
+    ({"init": InitSpec(std=1e5), "dtype": "float16"}, "std"),  # rows beyond float16's 65504
+])
+def test_specs_whose_rows_or_updates_cannot_be_finite_are_refused(store, shards_2, change, named):
+    spec = dataclasses.replace(SPEC, name="infinite", **change)
+    with pytest.raises(InvalidArgument, match=named):
+        store.create_table(spec)
+    code, msg = create_raw(shards_2.addresses[0], wire.spec_to_pb(spec))  # the shard's own check
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and named in msg, (code, msg)
+    assert "infinite" not in [t.name for t in store.list_tables()]
+
+
+def test_a_learning_rate_infinite_in_float32_changes_no_row(store, shards_2):
+    before = all_rows(store)
+    with pytest.raises(InvalidArgument, match="learning rate"):
+        store.update(SPEC.name, [0, 1], np.ones((2, 4), np.float32), lr=1e39)
+    for lr in (1e39, -1.0):
+        code, msg = raw_code(shards_2.addresses[0], "Update", update_frame(0, [0], np.zeros((1, 4), np.float32), lr=lr))
+        assert code == grpc.StatusCode.INVALID_ARGUMENT and "learning rate" in msg
+    spec = dataclasses.replace(SPEC, name="decayed", optimizer=OptimizerSpec("sgd", weight_decay=1e10))
+    with MemStoreClient(shards_2.addresses) as client:
+        client.create_table(spec)
+        try:
+            with pytest.raises(InvalidArgument, match="weight_decay"):
+                client.update("decayed", [0], np.ones((1, 4), np.float32), lr=1e30)  # lr * wd = 1e40
+        finally:
+            client.drop_table("decayed")
+    np.testing.assert_array_equal(all_rows(store), before)
+
+
+def test_assigned_rows_that_overflow_the_storage_dtype_are_refused(shards_2):
+    spec = TableSpec("narrow", num_rows=100, dim=4, dtype="float16", wire_dtype="float32")
+    with MemStoreClient(shards_2.addresses) as client:
+        client.create_table(spec)
+        try:
+            before = client.lookup("narrow", np.arange(100))
+            rows = np.ones((2, 4), np.float32)
+            rows[1, 3] = 1e5  # finite in float32, Inf once stored as float16
+            with pytest.raises(InvalidArgument, match="key 2"):
+                client.assign("narrow", [0, 2], rows)
+            header = pb.AssignRequest(table="narrow", route=pb.Route(shard_index=0, num_shards=2), num_keys=2,
+                                      dim=4, dtype=pb.FLOAT32)
+            code, msg = raw_code(shards_2.addresses[0], "Assign", wire.encode_frame(header, np.array([0, 2]), rows))
+            assert code == grpc.StatusCode.INVALID_ARGUMENT and "key 2" in msg and "float16" in msg
+            np.testing.assert_array_equal(client.lookup("narrow", np.arange(100)), before)
+        finally:
+            client.drop_table("narrow")
+
+
+def test_update_ids_are_bounded_and_named_once_per_request(store, shards_2):
+    before = all_rows(store)
+    with pytest.raises(InvalidArgument, match="update id"):
+        store.update(SPEC.name, [0, 1], np.ones((2, 4), np.float32), lr=0.1, update_id="x" * 1000)
+    code, msg = raw_code(shards_2.addresses[0], "Update", update_frame(0, [0], np.ones((1, 4), np.float32), uid="y" * 300))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "300 characters" in msg
+    # One id in two parts of one request: which one would be the update?
+    part = pb.UpdateRequest(table=SPEC.name, num_keys=1, dim=4, dtype=pb.FLOAT32, lr=0.1, update_id="twice")
+    frame = wire.encode_frame(pb.UpdateManyRequest(route=pb.Route(shard_index=0, num_shards=2), parts=[part, part]),
+                              np.array([0]), np.ones((1, 4), np.float32), np.array([2]), np.ones((1, 4), np.float32))
+    code, msg = raw_code(shards_2.addresses[0], "UpdateMany", frame)
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "'twice'" in msg
+    np.testing.assert_array_equal(all_rows(store), before)
+
+
+def test_a_table_larger_than_the_host_is_resource_exhausted(shards_2):
+    huge = TableSpec("huge", num_rows=1 << 40, dim=1024)
+    with MemStoreClient(shards_2.addresses) as client:
+        with pytest.raises(ResourceExhausted, match="'huge' needs .* GiB"):
+            client.create_table(huge)
+        assert "huge" not in [t.name for t in client.list_tables()]
+    code, msg = create_raw(shards_2.addresses[1], wire.spec_to_pb(huge), shard=1)
+    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "available" in msg
+
+
+def test_a_malformed_control_message_is_invalid_argument(shards_2):
+    code, msg = raw_code(shards_2.addresses[0], "CreateTable", b"\xff\xff\xff")
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "CreateTableRequest" in msg
 
 
 def test_client_retries_until_a_shard_comes_up():

@@ -6,12 +6,16 @@ Run: python -m pytest tests/test_many.py -q
 
 from __future__ import annotations
 
+import threading
+
 import grpc
 import numpy as np
 import pytest
+import torch
 
 from memstore import ClientConfig, InProcessStore, InvalidArgument, MemStoreClient, OptimizerSpec, TableSpec
-from memstore import TableNotFound, wire
+from memstore import TableNotFound, Unavailable, wire
+from memstore.engine import ShardEngine
 from memstore.server import CHANNEL_OPTIONS, SERVICE
 from memstore.v1 import memstore_pb2 as pb
 
@@ -160,3 +164,70 @@ def test_empty_and_single_table_calls(stores):
     assert rows.shape == (0, 3, 8)
     one = client.lookup_many({NAMES[1]: [[7, 7], [8, 1]]}, as_tensor=True)[NAMES[1]]
     np.testing.assert_array_equal(one.numpy(), ref.lookup(NAMES[1], [[7, 7], [8, 1]]))
+
+
+# ---- a request's writes against drops, on one shard's engine --------------------------------------
+def sgd_table(name: str) -> TableSpec:
+    return TableSpec(name, num_rows=10, dim=4, optimizer=OptimizerSpec("sgd"))
+
+
+class HeldJournal:
+    """An engine's journal that keeps (kind, table) of each record; the first update of
+    table `held` waits for `go` before it is kept (a write on its way to the log)."""
+
+    def __init__(self, held: str) -> None:
+        self.held, self.records = held, []
+        self.entered, self.go = threading.Event(), threading.Event()
+
+    def __call__(self, record: dict) -> None:
+        if (record["kind"], record["table"]) == ("update", self.held) and not self.entered.is_set():
+            self.entered.set()
+            assert self.go.wait(30)
+        self.records.append((record["kind"], record["table"]))
+
+
+def write(engine: ShardEngine, table: str, uid: str):
+    return engine.prepare_update(table, np.array([1]), torch.ones(1, 4), 0.1, uid)
+
+
+def test_a_table_dropped_since_a_request_was_checked_applies_none_of_its_parts():
+    engine = ShardEngine()
+    for name in "ab":
+        engine.create_table(sgd_table(name))
+    prepared = [write(engine, "a", "1"), write(engine, "b", "2")]
+    engine.drop_table("b")
+    engine.create_table(sgd_table("b"))
+    with pytest.raises(Unavailable, match="'b'"):
+        engine.apply_together(prepared)
+    assert engine.table("a").version == 0 and engine.table("b").version == 0
+
+
+@pytest.mark.parametrize("together", [False, True])
+def test_a_drop_waits_for_the_writes_that_found_its_table_and_is_logged_after_them(together):
+    """A drop logged while a write that had found its table was still on its way to the log
+    put the write's record after the drop's (replayed after a re-create, it changed the new
+    table); a drop between two parts of one request failed the request with its first part
+    applied. Here the write to `a` waits in the journal while `a` (alone) or `b` (the
+    request's second part) is dropped."""
+    engine = ShardEngine()
+    for name in "ab":
+        engine.create_table(sgd_table(name))
+    engine.journal = journal = HeldJournal("a")
+    if together:
+        prepared, dropped = [write(engine, "a", "1"), write(engine, "b", "2")], "b"
+        writer = threading.Thread(target=engine.apply_together, args=(prepared,))
+    else:
+        writer, dropped = threading.Thread(target=write(engine, "a", "1")), "a"
+    writer.start()
+    assert journal.entered.wait(30)
+    dropper = threading.Thread(target=engine.drop_table, args=(dropped,))
+    dropper.start()
+    dropper.join(0.5)
+    assert dropper.is_alive(), "the drop did not wait for the write"
+    journal.go.set()
+    writer.join(30)
+    dropper.join(30)
+    applied = [("update", "a"), ("update", "b")] if together else [("update", "a")]
+    assert journal.records == applied + [("drop", dropped)]
+    if together:
+        assert engine.table("a").version == 1
