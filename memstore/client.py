@@ -17,7 +17,7 @@ import time
 import uuid
 from concurrent.futures import Future, ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import grpc
 import numpy as np
@@ -171,6 +171,7 @@ class MemStoreClient:
         self._rpc_pool: ThreadPoolExecutor | None = None  # the blocking calls of fan-outs (_send)
         self._pool_lock = threading.Lock()  # guards _pool, _rpc_pool and _segment_pool creation
         self._segment_pool: segments.SegmentPool | None = None
+        self._closed = False  # close() ran
         self._directory = None  # set by connect(): where a named store's shards serve now
         self._retired: list[tuple[float, _Shard]] = []  # (when, shard) replaced on re-resolving; under _resolve_lock
         self._resolve_lock = threading.Lock()  # serialises re-resolution; _shards is swapped whole
@@ -210,8 +211,15 @@ class MemStoreClient:
         return spec
 
     def describe(self, table: str) -> list[ShardTableInfo]:
-        """Each shard's part of the table."""
+        """Each shard's part of the table. Checks the layout too: the shard at position i of
+        the addresses must be shard i of as many (a client given them in another order would
+        have its writes refused by some shards and applied by the others)."""
         replies = self._fan_out("DescribeTable", [(s.index, pb.TableRef(name=table)) for s in self._shards])
+        for s, r in zip(self._shards, replies):
+            if (r.shard_index, r.num_shards) != (s.index, self.num_shards):
+                raise WrongShard(f"the shard at {s.address}, position {s.index} of this client's {self.num_shards} "
+                                 f"addresses, is shard {r.shard_index} of {r.num_shards}: give every shard's address, "
+                                 "in shard order")
         return [_info_from_pb(r) for r in replies]
 
     def spec(self, table: str) -> TableSpec:
@@ -222,6 +230,29 @@ class MemStoreClient:
             with self._specs_lock:
                 self._specs[table] = spec
         return spec
+
+    def _specs_changed(self, used: Mapping[str, TableSpec]) -> bool:
+        """Reads the specs of these tables anew (into the cache); whether any differs from the
+        one used. A check of ours that failed against a cached spec is run again when the
+        table was created anew since (more rows, another dim)."""
+        changed = False
+        for name, spec in used.items():
+            fresh = self.describe(name)[0].spec
+            with self._specs_lock:
+                self._specs[name] = fresh
+            changed |= fresh != spec
+        return changed
+
+    def _checked(self, tables: list[str], prepare: Callable[[], Any]) -> Any:
+        """prepare() (checks against the cached specs, nothing sent); once more when one of
+        its checks failed and a table's spec has changed since it was cached."""
+        used = {name: self.spec(name) for name in tables}
+        try:
+            return prepare()
+        except InvalidArgument:
+            if not self._specs_changed(used):
+                raise
+        return prepare()
 
     def list_tables(self) -> list[TableSpec]:
         reply = self._fan_out("ListTables", [(0, pb.ListTablesRequest())])[0]
@@ -263,7 +294,7 @@ class MemStoreClient:
         (one shard's parts packed). A shard that cannot map this client's segment is asked
         for rows in replies for a while (_Shard.cannot_deliver), and the call runs again."""
         jobs = {name: (self.spec(name), as_key_array(k)) for name, k in keys.items()}
-        retries = None
+        retries, rechecked = None, False
         while True:
             delivering = self._delivering_shards()
             try:
@@ -272,10 +303,18 @@ class MemStoreClient:
                 retries = e.retries
                 continue
             except (SegmentUnreachable, InvalidArgument) as e:
+                shard = getattr(e, "shard", None)  # None: raised here, not by a shard
+                if (shard is None or isinstance(e, TableChanged)) and isinstance(e, InvalidArgument) and not rechecked:
+                    # Our own check (a key range), or a reply's or a shard's dim: against a
+                    # spec since changed? Then once more with the table's spec now (a read).
+                    rechecked = True
+                    if self._specs_changed({name: spec for name, (spec, _) in jobs.items()}):
+                        jobs = {name: (self.spec(name), arr) for name, (_, arr) in jobs.items()}
+                        continue
+                    raise
                 # A shard that cannot map our segments, or one from before shared memory that
                 # reads the delivered request as keys missing from its payload (its error names
                 # no class): rows in replies from it for a while.
-                shard = getattr(e, "shard", None)  # None: raised here, not by a shard
                 if shard not in delivering or not (isinstance(e, SegmentUnreachable) or e.unnamed):
                     raise
                 self._shards[shard].cannot_deliver()
@@ -366,14 +405,16 @@ class MemStoreClient:
         watched rows as `update_read` does. All or nothing: every table's update is checked
         before anything is sent, and every shard checks all of a request's parts before it
         applies any. Returns {table: (sorted changed keys, rows)} for the watched tables."""
-        calls = keyplan.prepare_many(updates, watch, update_ids,
-                                     lambda name, k, g, uid, w: self._prepare_update(name, k, g, lr, uid, w))
+        calls = self._checked(list(updates), lambda: keyplan.prepare_many(
+            updates, watch, update_ids, lambda name, k, g, uid, w: self._prepare_update(name, k, g, lr, uid, w)))
         watch = watch or {}
         parts, owner = [], []  # every call's parts; owner[i]: (table, index of the part in its call)
         for name, (_, _, call_parts, _) in calls.items():
             parts += call_parts
             owner += [(name, j) for j in range(len(call_parts))]
-        frames = self._packed(parts, pb.UpdateManyRequest, lambda i: sum(memoryview(p).nbytes for p in parts[i][2]))
+        tables = [pb.TableShape(table=name, num_rows=spec.num_rows, dim=spec.dim) for name, (spec, *_) in calls.items()]
+        frames = self._packed(parts, pb.UpdateManyRequest, lambda i: sum(memoryview(p).nbytes for p in parts[i][2]),
+                              tables=tables)
         replies = self._fan_out("UpdateMany", [(shard, frame) for shard, frame, _ in frames])
         read_rows: dict[str, list] = {name: [None] * len(calls[name][2]) for name in watch}
         for (_, _, members), reply in zip(frames, replies):
@@ -397,7 +438,8 @@ class MemStoreClient:
 
     def _update(self, table: str, keys: Any, grads: Any, lr: float, update_id: str | None,
                 watch: np.ndarray | None) -> tuple[int, np.ndarray | None, torch.Tensor | None]:
-        spec, plan, parts, reads = self._prepare_update(table, keys, grads, lr, update_id, watch)
+        spec, plan, parts, reads = self._checked(
+            [table], lambda: self._prepare_update(table, keys, grads, lr, update_id, watch))
         replies = self._fan_out("Update", self._frames(parts))
         if watch is None:
             return len(plan.unique), None, None
@@ -451,16 +493,19 @@ class MemStoreClient:
     def assign(self, table: str, keys: Any, rows: Any, *, keep_optimizer_state: bool = False) -> int:
         """Writes rows verbatim (cast to the storage dtype); repeated keys are an error. The
         assigned rows' optimizer state is reset unless keep_optimizer_state. Returns rows written."""
-        spec = self.spec(table)
-        arr = as_key_array(keys)
-        flat = arr.reshape(-1)
-        values = keyplan.as_value_tensor(rows, arr.shape, spec, "row")
-        plan = keyplan.plan_keys(flat, spec, self.num_shards)
-        keyplan.check_no_duplicates(plan, spec, "assign")
-        ordered = keyplan.to_wire(plan, values, spec.torch_dtype, spec, "row")  # (U, dim)
-        header = pb.AssignRequest(table=table, dim=spec.dim, dtype=wire.DTYPE_TO_PB[spec.dtype],
-                                  keep_optimizer_state=keep_optimizer_state, num_rows=spec.num_rows)
-        self._fan_out("Assign", self._frames(self._value_parts(plan, ordered, header)[0]))
+        def prepare():
+            spec = self.spec(table)
+            arr = as_key_array(keys)
+            values = keyplan.as_value_tensor(rows, arr.shape, spec, "row")
+            plan = keyplan.plan_keys(arr.reshape(-1), spec, self.num_shards)
+            keyplan.check_no_duplicates(plan, spec, "assign")
+            ordered = keyplan.to_wire(plan, values, spec.torch_dtype, spec, "row")  # (U, dim)
+            header = pb.AssignRequest(table=table, dim=spec.dim, dtype=wire.DTYPE_TO_PB[spec.dtype],
+                                      keep_optimizer_state=keep_optimizer_state, num_rows=spec.num_rows)
+            return plan, self._value_parts(plan, ordered, header)[0]
+
+        plan, parts = self._checked([table], prepare)
+        self._fan_out("Assign", self._frames(parts))
         return len(plan.unique)
 
     # ---- helpers --------------------------------------------------------------------------
@@ -512,11 +557,13 @@ class MemStoreClient:
         """One single-part frame per part."""
         return [(shard, wire.encode_frame(head, *pieces)) for shard, head, pieces in parts]
 
-    def _packed(self, parts: list[tuple[int, Any, tuple]], many_type, size_of) -> list[tuple[int, bytes, list[int]]]:
+    def _packed(self, parts: list[tuple[int, Any, tuple]], many_type, size_of,
+                **fields) -> list[tuple[int, bytes, list[int]]]:
         """Parts of several calls packed into multi-part frames of `many_type` (LookupMany,
         UpdateMany), one shard's parts per frame, whose parts' sizes (size_of(i): the bytes
         of rows the part sends or asks for) add up to at most config.max_request_bytes (a
-        single larger part goes alone): (shard, frame, the indices of its parts)."""
+        single larger part goes alone): (shard, frame, the indices of its parts). `fields`
+        are set in every frame's header."""
         by_shard: dict[int, list[int]] = {}
         for i, (shard, _, _) in enumerate(parts):
             by_shard.setdefault(shard, []).append(i)
@@ -526,7 +573,7 @@ class MemStoreClient:
             for i in members + [None]:
                 n = None if i is None else size_of(i)
                 if batch and (i is None or size + n > self.config.max_request_bytes):
-                    head = many_type(route=self._route(shard))
+                    head = many_type(route=self._route(shard), **fields)
                     for b in batch:
                         head.parts.append(parts[b][1])
                         head.parts[-1].ClearField("route")
@@ -682,6 +729,10 @@ class MemStoreClient:
             return self._rpc_pool
 
     def close(self) -> None:
+        """Ends the client's threads, channels and segments; a second close does nothing."""
+        if self._closed:
+            return
+        self._closed = True
         if self._pool is not None:
             self._pool.shutdown(wait=True)
         if self._segment_pool is not None:

@@ -243,6 +243,8 @@ class MemStoreServicer:
     def UpdateMany(self, frame: bytes, context) -> bytes:
         header, payload = wire.decode_frame(frame, pb.UpdateManyRequest)
         self._route(header.route)
+        for shape in header.tables:  # the whole call's tables, as its client checked them
+            self._check_size(shape, self.engine.table(shape.table).spec)
         ids = [(part.table, part.update_id) for part in header.parts if part.update_id]  # a table's ids are its own
         if len(set(ids)) < len(ids):
             table, again = next(i for n, i in enumerate(ids) if i in ids[:n])
@@ -287,7 +289,7 @@ class MemStoreServicer:
         if read_bytes > len(payload):
             raise InvalidArgument(f"update payload is {len(payload)} bytes, too short for its {header.num_read_keys} read keys")
         cut = len(payload) - read_bytes
-        self._check_size(header, spec)
+        self._check_size(header, spec, spec.wire_dtype)
         keys, grads = self._values(header, payload[:cut], spec.wire_dtype, "gradient")
         read_keys = wire.keys_from_payload(payload[cut:], header.num_read_keys) if header.num_read_keys else None
         apply = self.engine.prepare_update(header.table, keys, grads, header.lr, header.update_id, header.group,
@@ -318,11 +320,17 @@ class MemStoreServicer:
         self.engine.check_route(route.shard_index, route.num_shards)
 
     @staticmethod
-    def _check_size(header, spec: TableSpec) -> None:
-        """A write checked by its client against another size of the table: TableChanged."""
-        if header.num_rows and header.num_rows != spec.num_rows:
-            raise TableChanged(f"table {spec.name!r} has {spec.num_rows:,} rows; this write's keys were checked "
-                               f"against {header.num_rows:,}: the table was created again, read its spec anew")
+    def _check_size(header, spec: TableSpec, wire_dtype: str | None = None) -> None:
+        """A write its client checked (it names the table's num_rows) against another shape
+        of the table, size or dim (or, given the table's wire dtype, gradient dtype):
+        TableChanged, so the client reads the spec anew."""
+        if not header.num_rows:
+            return
+        dtype = wire.PB_TO_DTYPE.get(getattr(header, "dtype", None))  # a TableShape has none
+        if (header.num_rows, header.dim) != (spec.num_rows, spec.dim) or (wire_dtype and dtype != wire_dtype):
+            raise TableChanged(f"table {spec.name!r} has {spec.num_rows:,} rows of dim {spec.dim} ({spec.wire_dtype} "
+                               f"on the wire); this write was checked against {header.num_rows:,} of dim {header.dim} "
+                               f"({dtype}): the table was created again, read its spec anew")
 
     @staticmethod
     def _values(header, payload, want_dtype: str | None, what: str):

@@ -199,7 +199,24 @@ def as_key_array(keys: Any) -> np.ndarray:
         if arr.size == 0:
             arr = arr.astype(np.int64)
         else:
-            raise InvalidArgument(f"keys must be integers, got dtype {arr.dtype}")
+            raise _beyond_int64(keys) or InvalidArgument(f"keys must be integers, got dtype {arr.dtype}")
     if arr.dtype == np.uint64 and arr.size and int(arr.max()) >= 2**63:
-        raise InvalidArgument(f"key {int(arr.max())} does not fit in int64")
+        first = int(arr.reshape(-1)[np.flatnonzero(arr.reshape(-1) >= 2**63)[0]])
+        raise InvalidArgument(f"key {first} is out of range: keys lie in [0, num_rows), num_rows < 2**62")
     return np.asarray(arr, dtype=np.int64, order="C")  # keeps 0-d shapes, unlike ascontiguousarray
+
+
+def _beyond_int64(keys: Any) -> InvalidArgument | None:
+    """Python integers of which some do not fit in int64 make numpy choose float64 or object:
+    the error naming the first key out of range (negative, or beyond int64), or None when
+    the keys are not all integers. Only on that error path."""
+    try:
+        flat = np.asarray(keys, dtype=object).reshape(-1)
+    except (TypeError, ValueError):
+        return None
+    if not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in flat):
+        return None
+    bad = np.flatnonzero((flat < 0) | (flat >= 2**63))
+    if not len(bad):
+        return None
+    return InvalidArgument(f"key {flat[bad[0]]} is out of range: keys lie in [0, num_rows), num_rows < 2**62")

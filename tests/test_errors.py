@@ -29,6 +29,7 @@ from memstore import (
     TableExists,
     TableNotFound,
     TableSpec,
+    WrongShard,
 )
 from memstore import wire
 from memstore.keys import first_non_finite_row
@@ -259,10 +260,70 @@ def test_gradient_layouts(shards_2):
         store.drop_table(spec.name)
 
 
-def test_uint64_keys_beyond_int64_name_the_key(store):
-    for keys in (np.array([3, 2**63 + 5], np.uint64), torch.tensor([3, 2**63 + 5], dtype=torch.uint64)):
-        with pytest.raises(InvalidArgument, match=str(2**63 + 5)):
+def test_keys_beyond_int64_name_the_first_bad_key(store):
+    for keys in (np.array([3, 2**63 + 5, 2**64 - 1], np.uint64), torch.tensor([3, 2**63 + 5], dtype=torch.uint64),
+                 [3, 2**63 + 5, -1], [3, 2**63 + 5, 2**64]):  # Python ints: numpy makes them float64 or object
+        with pytest.raises(InvalidArgument, match=f"key {2**63 + 5} is out of range"):
             store.lookup(SPEC.name, keys)
+    with pytest.raises(InvalidArgument, match="key -1 is out of range"):
+        store.lookup(SPEC.name, [3, -1, 2**63])
+
+
+def test_a_table_created_again_bigger_or_wider_is_read_anew_not_refused(shards_2):
+    """A client's cached spec of a table another client created again: its own checks (key
+    range, gradient shape) failed against the old spec, or the shards refused its writes,
+    on every call. It now reads the spec anew once such a check fails, and the shards tell
+    a write checked against another dim or dtype (TableChanged)."""
+    small, big, wide = (TableSpec("regrown", num_rows=n, dim=d, optimizer=OptimizerSpec("sgd"))
+                        for n, d in ((100, 4), (1000, 4), (1000, 8)))
+    with MemStoreClient(shards_2.addresses) as other, MemStoreClient(shards_2.addresses) as stale:
+        other.create_table(small)
+        try:
+            stale.lookup("regrown", [0])  # caches the spec
+            other.drop_table("regrown")
+            other.create_table(big)
+            assert stale.lookup("regrown", [1, 500]).shape == (2, 4)  # was: key 500 out of range [0, 100)
+            stale.update("regrown", [1, 700], np.ones((2, 4), np.float32), lr=1.0)
+            other.drop_table("regrown")
+            other.create_table(wide)
+            assert stale.lookup("regrown", [1, 500]).shape == (2, 8)  # a reply of another dim: read anew
+            other.drop_table("regrown")
+            other.create_table(big)
+            stale.update("regrown", [2, 3], np.ones((2, 4), np.float32), lr=1.0)  # caches dim 4
+            other.drop_table("regrown")
+            other.create_table(wide)
+            stale.update("regrown", [2, 3], np.ones((2, 8), np.float32), lr=1.0)  # was: refused by the client
+            other.drop_table("regrown")
+            other.create_table(big)
+            with pytest.raises(TableChanged, match="of dim 4 .* checked against 1,000 of dim 8"):
+                stale.update("regrown", [2, 3], np.ones((2, 8), np.float32), lr=1.0)  # cached dim 8: the shards say
+            np.testing.assert_array_equal(other.lookup("regrown", [2, 3]), stale.lookup("regrown", [2, 3]))
+        finally:
+            other.drop_table("regrown")
+
+
+def test_addresses_out_of_shard_order_are_refused_before_any_write(shards_3):
+    with MemStoreClient(shards_3.addresses) as good:
+        good.create_table(TableSpec("ordered", num_rows=30, dim=2, optimizer=OptimizerSpec("sgd")))
+        try:
+            before = good.lookup("ordered", np.arange(30))
+            a0, a1, a2 = shards_3.addresses
+            with MemStoreClient([a0, a2, a1]) as mixed:
+                with pytest.raises(WrongShard, match=f"the shard at {a2}, position 1 .* is shard 2 of 3"):
+                    mixed.update("ordered", np.arange(9), np.ones((9, 2), np.float32), lr=1.0)
+            np.testing.assert_array_equal(good.lookup("ordered", np.arange(30)), before)
+        finally:
+            good.drop_table("ordered")
+
+
+def test_a_client_closed_twice_with_results_held_closes_once(shards_2):
+    client = MemStoreClient(shards_2.addresses)
+    client.create_table(TableSpec("closing", num_rows=5000, dim=64))
+    rows = client.lookup("closing", np.arange(5000))  # held: its segment is released at close
+    client.drop_table("closing")
+    client.close()
+    client.close()
+    assert rows.shape == (5000, 64)
 
 
 def test_a_write_checked_against_a_table_since_re_created_applies_nowhere(shards_2):
@@ -283,7 +344,7 @@ def test_a_write_checked_against_a_table_since_re_created_applies_nowhere(shards
                 other.drop_table("shrunk")
                 other.create_table(new)
                 before = other.lookup("shrunk", np.arange(50))
-                with pytest.raises(TableChanged, match="has 50 rows; this write's keys were checked against 100"):
+                with pytest.raises(TableChanged, match="has 50 rows of dim 4 .*; this write was checked against 100 "):
                     write(stale)
                 with pytest.raises(InvalidArgument, match=r"key 61 is out of range \[0, 50\)"):
                     write(stale)  # the spec was read again

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from memstore import ClientConfig, InProcessStore, InvalidArgument, MemStoreClient, OptimizerSpec, TableSpec
-from memstore import TableNotFound, Unavailable, wire
+from memstore import TableChanged, TableNotFound, Unavailable, wire
 from memstore.engine import ShardEngine
 from memstore.server import CHANNEL_OPTIONS, SERVICE
 from memstore.v1 import memstore_pb2 as pb
@@ -231,3 +231,28 @@ def test_a_drop_waits_for_the_writes_that_found_its_table_and_is_logged_after_th
     assert journal.records == applied + [("drop", dropped)]
     if together:
         assert engine.table("a").version == 1
+
+
+@pytest.mark.parametrize("then", ["dropped", "created smaller"])
+def test_a_call_with_a_table_dropped_since_its_spec_was_read_applies_on_no_shard(shards_2, then):
+    """Another client drops table y (or creates it anew, smaller) after this client read its
+    spec. Shard 1 gets only x's keys: it applied them, while shard 0, which got y's part too,
+    refused the call. Every request now names all of the call's tables."""
+    x, y = (TableSpec(name, num_rows=100, dim=4, optimizer=OptimizerSpec("sgd")) for name in ("stale.x", "stale.y"))
+    with MemStoreClient(shards_2.addresses) as other, MemStoreClient(shards_2.addresses) as stale:
+        for spec in (x, y):
+            other.create_table(spec)
+        try:
+            stale.lookup_many({"stale.x": [0], "stale.y": [0]})  # caches both specs
+            other.drop_table("stale.y")
+            if then == "created smaller":
+                other.create_table(TableSpec("stale.y", num_rows=50, dim=4, optimizer=OptimizerSpec("sgd")))
+            before = other.lookup("stale.x", np.arange(100))
+            updates = {"stale.x": (np.arange(4), np.ones((4, 4), np.float32)),  # keys on both shards
+                       "stale.y": (np.array([60]), np.ones((1, 4), np.float32))}  # on shard 0 alone
+            with pytest.raises(TableNotFound if then == "dropped" else TableChanged):
+                stale.update_many(updates, lr=1.0)
+            np.testing.assert_array_equal(other.lookup("stale.x", np.arange(100)), before)
+        finally:
+            other.drop_table("stale.x")
+            other.drop_table("stale.y")

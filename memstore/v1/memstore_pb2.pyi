@@ -241,12 +241,24 @@ class LookupManyResponse(_message.Message):
     def __init__(self, parts: _Optional[_Iterable[_Union[LookupResponse, _Mapping]]] = ...) -> None: ...
 
 class UpdateManyRequest(_message.Message):
-    __slots__ = ("route", "parts")
+    __slots__ = ("route", "parts", "tables")
     ROUTE_FIELD_NUMBER: _ClassVar[int]
     PARTS_FIELD_NUMBER: _ClassVar[int]
+    TABLES_FIELD_NUMBER: _ClassVar[int]
     route: Route
     parts: _containers.RepeatedCompositeFieldContainer[UpdateRequest]
-    def __init__(self, route: _Optional[_Union[Route, _Mapping]] = ..., parts: _Optional[_Iterable[_Union[UpdateRequest, _Mapping]]] = ...) -> None: ...
+    tables: _containers.RepeatedCompositeFieldContainer[TableShape]
+    def __init__(self, route: _Optional[_Union[Route, _Mapping]] = ..., parts: _Optional[_Iterable[_Union[UpdateRequest, _Mapping]]] = ..., tables: _Optional[_Iterable[_Union[TableShape, _Mapping]]] = ...) -> None: ...
+
+class TableShape(_message.Message):
+    __slots__ = ("table", "num_rows", "dim")
+    TABLE_FIELD_NUMBER: _ClassVar[int]
+    NUM_ROWS_FIELD_NUMBER: _ClassVar[int]
+    DIM_FIELD_NUMBER: _ClassVar[int]
+    table: str
+    num_rows: int
+    dim: int
+    def __init__(self, table: _Optional[str] = ..., num_rows: _Optional[int] = ..., dim: _Optional[int] = ...) -> None: ...
 
 class UpdateManyResponse(_message.Message):
     __slots__ = ("parts",)
