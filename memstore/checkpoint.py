@@ -160,7 +160,7 @@ def write_shard(snapshot: ShardSnapshot, staging: Path | str, *, progress: Progr
             "local_rows": int(t.rows.shape[0]),
             "state_names": list(t.state),
             "tensors": tensors,
-            "update_ids": [[i, v] for i, v in t.update_ids],
+            "update_ids": [[i, v, d] for i, v, d in t.update_ids],  # d: write digest, null if unknown
         })
     meta = {
         "format": FORMAT_VERSION,
@@ -473,14 +473,19 @@ def _fill_table(directory: Path, plan: _TablePlan, table: ShardTable, verify: bo
                 advance((b - a) * row_bytes)
             del src  # unmaps
     table.version = max(e["version"] for e in plan.entries.values())
-    table.applied_ids.update(_merge_update_ids([e["update_ids"] for e in plan.entries.values()]))
+    ids = _merge_update_ids([e["update_ids"] for e in plan.entries.values()], same_layout=old_s == S)
+    table.applied_ids.update(ids)
 
 
-def _merge_update_ids(sources: list[list]) -> list[tuple[str, int]]:
-    """One old shard's ids as they were; several: the newest of each, oldest first overall, at
-    most REMEMBERED_UPDATE_IDS (ids are tagged with their shard, so they never collide)."""
+def _merge_update_ids(sources: list[list], same_layout: bool) -> list[tuple[str, tuple[int, int | None]]]:
+    """(id, (version, digest)) of one old shard's ids as they were; several: the newest of
+    each, oldest first overall, at most REMEMBERED_UPDATE_IDS (ids are tagged with their
+    shard, so they never collide). Into another shard count the digests are dropped: an
+    old part's id now names keys spread over other shards, so a retry of it is known by its
+    id alone, as before digests. Checkpoints before digests list [id, version]."""
+    sources = [[(e[0], (e[1], e[2] if same_layout and len(e) > 2 else None)) for e in src] for src in sources]
     if len(sources) == 1:
-        return [(i, v) for i, v in sources[0]]
+        return sources[0]
     quota = -(-REMEMBERED_UPDATE_IDS // len(sources))
     kept = [src[-quota:] for src in sources]
     ages = np.concatenate([np.arange(len(k) - 1, -1, -1) for k in kept]) if kept else np.empty(0)

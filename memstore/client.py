@@ -375,7 +375,8 @@ class MemStoreClient:
         shard, which applies it once however often it is sent (data-parallel workers each
         send the step's summed update; the first to arrive applies it); None: a fresh id.
         Senders of one id must send the same keys and gradients with the same
-        ClientConfig.max_request_bytes, so the update splits into the same parts (ids).
+        ClientConfig.max_request_bytes, so the update splits into the same parts (ids); a
+        part sent under a used id with other keys or another lr is INVALID_ARGUMENT.
         """
         return self._update(table, keys, grads, lr, update_id, None)[0]
 

@@ -9,7 +9,9 @@ key, table or shard.
 from __future__ import annotations
 
 import logging
+import struct
 import threading
+import zlib
 from typing import Callable
 
 import numpy as np
@@ -35,6 +37,17 @@ def check_ids(update_id: str, group: str) -> None:
     for what, value in (("update id", update_id), ("group", group)):
         if len(value) > MAX_ID_CHARS:
             raise InvalidArgument(f"{what} {value[:40]!r}... is {len(value)} characters long; at most {MAX_ID_CHARS}")
+
+
+def write_digest(kind: str, keys: np.ndarray, param: float) -> int:
+    """A write's fingerprint, remembered with its update id: a retry (the same keys, and the
+    same learning rate or keep-state flag) matches it; another write sent under a used id
+    does not, and is refused rather than answered as already applied (its rows would
+    silently never change). The gradients are left out: data-parallel workers send one
+    step's update under one id, and their sums may differ in the last bits. CRC-32 runs
+    at ~3 GB/s, 2 % of an Adagrad apply of the same keys."""
+    head = struct.pack("<8sqd", kind.encode(), len(keys), float(param))
+    return zlib.crc32(np.ascontiguousarray(keys, dtype=np.int64), zlib.crc32(head))
 
 
 class ShardEngine:
@@ -242,8 +255,9 @@ class ShardEngine:
             read = lambda: table.gather(  # noqa: E731
                 read_local, lambda version: torch.empty(len(read_local), spec.dim, dtype=spec.wire_torch_dtype))
         grads32 = grads.float()
+        digest = write_digest("update", keys, lr) if update_id else None
         return PreparedWrite(table, lambda: self._write(
-            table, update_id, group, parts, lambda: table.apply(local, grads32, lr),
+            table, update_id, digest, group, parts, lambda: table.apply(local, grads32, lr),
             lambda version: wal.update_record(name, keys, grads, lr, update_id, version, group, parts), read,
         ))
 
@@ -280,8 +294,9 @@ class ShardEngine:
             raise InvalidArgument(f"row of key {int(keys[row])} for table {table.spec.name!r} is not finite "
                                   f"once stored as {table.spec.dtype}")
         local = self.local_index(table, keys, unique=True)
+        digest = write_digest("assign", keys, keep_state) if update_id else None
         version, dup, _ = self._write(
-            table, update_id, group, parts, lambda: table.assign(local, values, keep_state),
+            table, update_id, digest, group, parts, lambda: table.assign(local, values, keep_state),
             lambda version: wal.assign_record(name, keys, values, keep_state, update_id, version, group, parts),
         )
         return version, dup
@@ -300,10 +315,11 @@ class ShardEngine:
                 f"{what} of key {int(keys[row])} for table {table.spec.name!r} holds NaN or Inf"
             )
 
-    def _write(self, table: ShardTable, update_id: str, group: str, parts: int, apply, record,
+    def _write(self, table: ShardTable, update_id: str, digest: int | None, group: str, parts: int, apply, record,
                read=None) -> tuple[int, bool, torch.Tensor | None]:
         """Runs `apply` at most once per update id, through the write gate (a cut may hold it
-        back), logging it first, then `read` (the rows a caller wants back). Under the table's
+        back), logging it first, then `read` (the rows a caller wants back). A remembered id
+        whose write_digest differs is INVALID_ARGUMENT, and nothing changes. Under the table's
         ids_lock: the id check, the journal append, the apply, the id record and the read —
         two concurrent retries cannot both apply, a write is durable before it changes memory
         (a failed append changes nothing), the journal holds a table's writes in the order
@@ -315,14 +331,19 @@ class ShardEngine:
                 current = self._tables.get(table.spec.name)
             if current is not table:
                 raise Unavailable(f"table {table.spec.name!r} was replaced or dropped during the write; retry")
-            version = table.applied_ids.get(update_id) if update_id else None
-            if version is not None:
+            seen = table.applied_ids.get(update_id) if update_id else None
+            if seen is not None:
+                version, was = seen
+                if was is not None and was != digest:
+                    raise InvalidArgument(
+                        f"update id {update_id!r} was already applied to table {table.spec.name!r} as another "
+                        "write (other keys, learning rate or kind); an id names one write: send a new id")
                 return version, True, read() if read is not None else None
             if self.journal is not None:
                 self.journal(record(table.version + 1))  # apply() moves the version by one
             version = apply()
             if update_id:
-                table.applied_ids[update_id] = version
+                table.applied_ids[update_id] = (version, digest)
                 while len(table.applied_ids) > REMEMBERED_UPDATE_IDS:
                     table.applied_ids.popitem(last=False)
             applied[0] = True

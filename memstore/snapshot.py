@@ -73,7 +73,7 @@ class TableSnapshot:
     version: int
     rows: torch.Tensor  # (local_rows, dim) in the table's dtype
     state: dict[str, torch.Tensor]  # name -> (local_rows, dim) or (local_rows,)
-    update_ids: list[tuple[str, int]]  # (update id, version it produced), oldest first
+    update_ids: list[tuple[str, int, int | None]]  # (update id, version it produced, write digest), oldest first
 
     @property
     def nbytes(self) -> int:
@@ -112,7 +112,7 @@ def snapshot_shard(engine: ShardEngine, *, freeze: ShardFreeze | None = None, co
             version=t.version,
             rows=take(t.rows),
             state={name: take(s) for name, s in t.state.items()},
-            update_ids=list(t.applied_ids.items()),
+            update_ids=[(i, v, d) for i, (v, d) in t.applied_ids.items()],
         )
         for t in freeze.tables
     ]

@@ -100,7 +100,8 @@ class ShardTable:
         self.version = 0  # updates + assigns applied; guarded by lock
         self.lock = RWLock()
         self.telemetry = TableTelemetry(self.local_rows)  # reads per row, lookups, updates
-        self.applied_ids: OrderedDict[str, int] = OrderedDict()  # update id -> version; guarded by ids_lock
+        # update id -> (version it produced, engine.write_digest or None: unknown); guarded by ids_lock
+        self.applied_ids: OrderedDict[str, tuple[int, int | None]] = OrderedDict()
         self.ids_lock = threading.Lock()  # serialises id-tagged writes: check id, apply, record id
 
     def _too_big(self, need: int, why: str) -> str:

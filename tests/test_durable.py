@@ -24,6 +24,7 @@ from memstore import checkpoint as ck
 from memstore import wal
 from memstore.durable import DurableShard
 from memstore.engine import ShardEngine
+from memstore.errors import InvalidArgument
 from memstore.spec import OptimizerSpec, TableSpec
 from test_checkpoint import SPECS, assert_same_tables, drive  # tests/ is on sys.path under pytest
 
@@ -71,12 +72,17 @@ def test_a_compacted_shard_recovers_every_write_from_its_base_and_the_log_since(
     second = open_shard(crashed(d, tmp_path / "crash"), compact_bytes=0)
     try:
         assert_same_shard(first.engine, second.engine)
-        # A retried update (its id remembered from before the base) applies nowhere.
+        # A retried update (its id remembered from before the base) applies nowhere; another
+        # write under its id is refused (the id's digest survived the base too).
         spec, uid = SPECS[0], "s1.0:0"
         assert uid in second.engine.table(spec.name).applied_ids
-        grads = torch.ones(3, spec.dim)
-        _, duplicate, _ = second.engine.update(spec.name, np.arange(3), grads, 0.05, uid)
+        keys = np.random.default_rng(1).choice(spec.num_rows, min(spec.num_rows, 60), replace=False)  # drive's first
+        grads = torch.ones(len(keys), spec.dim, dtype=spec.wire_torch_dtype)
+        _, duplicate, _ = second.engine.update(spec.name, keys, grads, 0.05, uid)
         assert duplicate
+        with pytest.raises(InvalidArgument, match=r"update id 's1.0:0' was already applied .* as another write"):
+            second.engine.update(spec.name, keys[:3], grads[:3], 0.05, uid)
+        assert_same_shard(first.engine, second.engine)
     finally:
         second.close()
         first.close()

@@ -529,3 +529,16 @@ def test_close_ends_calls_still_in_flight(monkeypatch):
         release.set()
         for s in servers:
             s.stop(0)
+
+
+def test_an_update_id_reused_for_another_write_is_refused(store):
+    """A retry (same keys and learning rate) is acknowledged once; another write under a used
+    id would be answered as applied while its rows never changed: it is INVALID_ARGUMENT."""
+    keys, grads = np.array([5, 6, 7, 8]), np.ones((4, 4), np.float32)
+    store.update(SPEC.name, keys, grads, lr=0.1, update_id="once")
+    before = all_rows(store)
+    assert store.update(SPEC.name, keys, 2 * grads, lr=0.1, update_id="once") == 4  # a retry: not applied again
+    for other_keys, lr in ((np.array([5, 6, 7, 9]), 0.1), (keys[:2], 0.1), (keys, 0.2)):
+        with pytest.raises(InvalidArgument, match=r"update id 'once:\d:0' was already applied .* another write"):
+            store.update(SPEC.name, other_keys, np.ones((len(other_keys), 4), np.float32), lr=lr, update_id="once")
+    np.testing.assert_array_equal(all_rows(store), before)

@@ -89,9 +89,14 @@ def _compare(reference, summary, ckpt, rows, exact: bool) -> None:
         _close(model[k], ref_model[k], f"model.{k}", rtol=1e-4, atol=1e-6)  # measured max 4e-7
     for name in rows:
         # The tables' Adam step is lr * m / (sqrt(v) + eps): where a row's gradient is near
-        # zero (~1e-9, eps 1e-8) reassociation noise in it moves the step by a visible share
-        # of lr (1.5e-2 here). Measured: max 1.2e-5; 1e-4 is still under 1 % of one step.
-        _close(rows[name], ref_rows[name], name, rtol=0, atol=1e-4)
+        # eps (1e-8), d step / d grad ~ lr / (4 eps), so reassociation noise in that gradient
+        # moves the step by a visible share of lr (1.5e-2 here), on a few elements only.
+        # Measured max: 1.2e-5 on one host, 1.57e-4 on another whose matmul kernels
+        # reassociate differently; the mean stays ~1e-8. Bound: 5 % of one step anywhere (a
+        # step skipped or applied twice moves an element by ~lr, 20x that), and a mean that
+        # says such noise stays on a few elements.
+        _close(rows[name], ref_rows[name], name, rtol=0, atol=7.5e-4)
+        assert (rows[name].double() - ref_rows[name].double()).abs().mean() < 1e-6, f"{name}: {max_diff(rows[name], ref_rows[name])}"
 
 
 @pytest.mark.parametrize("depth", [0, 1, 3])
