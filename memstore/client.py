@@ -11,6 +11,7 @@ codes come back as the typed exceptions of `memstore.errors`.
 from __future__ import annotations
 
 import itertools
+import math
 import random
 import threading
 import time
@@ -40,7 +41,7 @@ from memstore.errors import (
     WrongShard,
 )
 from memstore.engine import MAX_ID_CHARS
-from memstore.server import CHANNEL_OPTIONS, ERROR_KEY, FRAMED, SERVICE
+from memstore.server import CHANNEL_OPTIONS, ERROR_KEY, FRAMED, MAX_MESSAGE_BYTES, SERVICE
 from memstore.spec import TableSpec, as_key_array, check_learning_rate
 from memstore.threads import serial_torch
 from memstore.v1 import memstore_pb2 as pb
@@ -65,6 +66,9 @@ DELIVERY_RETRY_S = (60.0, 3600.0)
 RELEASE_TIMEOUT_S = 10.0
 # A channel replaced on re-resolving is closed this long after (calls on it may still be running).
 RETIRED_CHANNEL_S = 120.0
+# Most row bytes one request may carry (ClientConfig.max_request_bytes): a request also holds
+# 8 bytes of key per row, so rows of 8 bytes or more stay under a shard's message limit.
+MAX_REQUEST_BYTES = MAX_MESSAGE_BYTES // 2
 
 
 @dataclass(frozen=True)
@@ -80,6 +84,24 @@ class ClientConfig:
     # segment, memstore.segments) instead of sending them over the socket; shards elsewhere
     # are found out on their first lookup and reply with the rows as usual.
     shared_memory: bool = True
+
+    def __post_init__(self) -> None:
+        def bad(field: str, why: str) -> InvalidArgument:
+            return InvalidArgument(f"ClientConfig.{field} = {getattr(self, field)!r}: {why}")
+
+        seconds = lambda v: isinstance(v, (int, float)) and math.isfinite(v)  # noqa: E731
+        if not (seconds(self.timeout_s) and self.timeout_s > 0):
+            raise bad("timeout_s", "must be a finite number of seconds above 0")
+        if not (seconds(self.retry_s) and self.retry_s >= 0):
+            raise bad("retry_s", "must be a finite number of seconds, 0 or more")
+        b = self.backoff_s
+        if (not isinstance(b, (tuple, list)) or len(b) != 2 or not all(isinstance(x, (int, float)) for x in b)
+                or not (0 < b[0] <= b[1] < math.inf)):
+            raise bad("backoff_s", "must be (first, largest) pause in seconds, 0 < first <= largest, both finite")
+        m = self.max_request_bytes
+        if not isinstance(m, int) or isinstance(m, bool) or not 1 <= m <= MAX_REQUEST_BYTES:
+            raise bad("max_request_bytes", f"must be an int in [1, {MAX_REQUEST_BYTES}] (half the largest message "
+                                           "a shard accepts, leaving room for the keys)")
 
 
 @dataclass
@@ -287,7 +309,8 @@ class MemStoreClient:
 
     def lookup_many_async(self, keys: Mapping[str, Any], *, as_tensor: bool = False) -> Future:
         """`lookup_many` on a background thread; the future's result is its return value."""
-        return self._executor().submit(self.lookup_many, keys, as_tensor=as_tensor)
+        return self._executor().submit(self.lookup_many, {t: keyplan.owned(k) for t, k in keys.items()},
+                                       as_tensor=as_tensor)
 
     def _lookup(self, keys: dict[str, Any], method: str, as_tensor: bool) -> dict[str, np.ndarray | torch.Tensor]:
         """Lookups of {table: keys} by `method`: Lookup (a request per part) or LookupMany
@@ -363,8 +386,9 @@ class MemStoreClient:
         return out.numpy() if out.dtype != torch.bfloat16 else out.float().numpy()
 
     def lookup_async(self, table: str, keys: Any, *, as_tensor: bool = False) -> Future:
-        """`lookup` on a background thread; the future's result is its return value."""
-        return self._executor().submit(self.lookup, table, keys, as_tensor=as_tensor)
+        """`lookup` on a background thread; the future's result is its return value. Inputs
+        are copied first (as in every *_async call): the caller may reuse its buffers at once."""
+        return self._executor().submit(self.lookup, table, keyplan.owned(keys), as_tensor=as_tensor)
 
     def update(self, table: str, keys: Any, grads: Any, lr: float, *, update_id: str | None = None) -> int:
         """Applies the table's optimizer with learning rate `lr` to the rows of `keys`.
@@ -381,7 +405,8 @@ class MemStoreClient:
         return self._update(table, keys, grads, lr, update_id, None)[0]
 
     def update_async(self, table: str, keys: Any, grads: Any, lr: float, *, update_id: str | None = None) -> Future:
-        return self._executor().submit(self.update, table, keys, grads, lr, update_id=update_id)
+        return self._executor().submit(self.update, table, keyplan.owned(keys), keyplan.owned(grads), lr,
+                                       update_id=update_id)
 
     def update_read(self, table: str, keys: Any, grads: Any, lr: float, watch: Any, *,
                     update_id: str | None = None) -> tuple[np.ndarray, torch.Tensor]:
@@ -395,7 +420,8 @@ class MemStoreClient:
 
     def update_read_async(self, table: str, keys: Any, grads: Any, lr: float, watch: Any, *,
                           update_id: str | None = None) -> Future:
-        return self._executor().submit(self.update_read, table, keys, grads, lr, watch, update_id=update_id)
+        return self._executor().submit(self.update_read, table, keyplan.owned(keys), keyplan.owned(grads), lr,
+                                       keyplan.owned(watch), update_id=update_id)
 
     def update_many(self, updates: Mapping[str, tuple[Any, Any]], lr: float, *, watch: Mapping[str, Any] | None = None,
                     update_ids: Mapping[str, str] | None = None) -> dict[str, tuple[np.ndarray, torch.Tensor]]:
@@ -435,6 +461,7 @@ class MemStoreClient:
 
     def update_many_async(self, updates: Mapping[str, tuple[Any, Any]], lr: float, *, watch: Mapping[str, Any] | None = None,
                           update_ids: Mapping[str, str] | None = None) -> Future:
+        updates, watch, update_ids = keyplan.owned_many(updates, watch, update_ids)
         return self._executor().submit(self.update_many, updates, lr, watch=watch, update_ids=update_ids)
 
     def _update(self, table: str, keys: Any, grads: Any, lr: float, update_id: str | None,

@@ -7,6 +7,7 @@ summed (torch `index_add_`, measured 20x+ faster than `np.add.at`) into one row 
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
@@ -263,3 +264,21 @@ def prepare_many(updates: Mapping[str, tuple[Any, Any]], watch: Mapping[str, Any
     return {name: prepare(name, keys, grads, update_ids.get(name),
                           np.unique(as_key_array(watch[name])) if name in watch else None)
             for name, (keys, grads) in updates.items()}
+
+
+def owned(x: Any) -> Any:
+    """A copy of an *_async call's input, taken on the caller's thread: the call reads it on
+    another thread later, and the caller may already be filling the same buffer again."""
+    if isinstance(x, torch.Tensor):
+        return x.detach().clone()
+    if isinstance(x, np.ndarray):
+        return x.copy()
+    return copy.deepcopy(x)  # lists and other sequences; rare on hot paths
+
+
+def owned_many(updates: Mapping[str, tuple[Any, Any]], watch: Mapping[str, Any] | None,
+               update_ids: Mapping[str, str] | None) -> tuple[dict, dict | None, dict | None]:
+    """`owned` copies of update_many's inputs, for update_many_async."""
+    return ({t: (owned(k), owned(g)) for t, (k, g) in updates.items()},
+            None if watch is None else {t: owned(k) for t, k in watch.items()},
+            None if update_ids is None else dict(update_ids))

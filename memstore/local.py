@@ -52,7 +52,7 @@ class InProcessStore:
         return rows.numpy() if rows.dtype != torch.bfloat16 else rows.float().numpy()
 
     def lookup_async(self, table: str, keys: Any, *, as_tensor: bool = False) -> Future:
-        return self._executor().submit(self.lookup, table, keys, as_tensor=as_tensor)
+        return self._executor().submit(self.lookup, table, keyplan.owned(keys), as_tensor=as_tensor)
 
     def lookup_many(self, keys: Mapping[str, Any], *, as_tensor: bool = False) -> dict[str, np.ndarray | torch.Tensor]:
         """As `MemStoreClient.lookup_many`: {table: keys} -> {table: rows}."""
@@ -61,13 +61,15 @@ class InProcessStore:
         return {name: self.lookup(name, k, as_tensor=as_tensor) for name, k in keys.items()}
 
     def lookup_many_async(self, keys: Mapping[str, Any], *, as_tensor: bool = False) -> Future:
-        return self._executor().submit(self.lookup_many, keys, as_tensor=as_tensor)
+        return self._executor().submit(self.lookup_many, {t: keyplan.owned(k) for t, k in keys.items()},
+                                       as_tensor=as_tensor)
 
     def update(self, table: str, keys: Any, grads: Any, lr: float, *, update_id: str | None = None) -> int:
         return self._update(table, keys, grads, lr, update_id, None)[0]
 
     def update_async(self, table: str, keys: Any, grads: Any, lr: float, *, update_id: str | None = None) -> Future:
-        return self._executor().submit(self.update, table, keys, grads, lr, update_id=update_id)
+        return self._executor().submit(self.update, table, keyplan.owned(keys), keyplan.owned(grads), lr,
+                                       update_id=update_id)
 
     def update_read(self, table: str, keys: Any, grads: Any, lr: float, watch: Any, *,
                     update_id: str | None = None) -> tuple[np.ndarray, torch.Tensor]:
@@ -77,7 +79,8 @@ class InProcessStore:
 
     def update_read_async(self, table: str, keys: Any, grads: Any, lr: float, watch: Any, *,
                           update_id: str | None = None) -> Future:
-        return self._executor().submit(self.update_read, table, keys, grads, lr, watch, update_id=update_id)
+        return self._executor().submit(self.update_read, table, keyplan.owned(keys), keyplan.owned(grads), lr,
+                                       keyplan.owned(watch), update_id=update_id)
 
     def update_many(self, updates: Mapping[str, tuple[Any, Any]], lr: float, *, watch: Mapping[str, Any] | None = None,
                     update_ids: Mapping[str, str] | None = None) -> dict[str, tuple[np.ndarray, torch.Tensor]]:
@@ -91,6 +94,7 @@ class InProcessStore:
 
     def update_many_async(self, updates: Mapping[str, tuple[Any, Any]], lr: float, *, watch: Mapping[str, Any] | None = None,
                           update_ids: Mapping[str, str] | None = None) -> Future:
+        updates, watch, update_ids = keyplan.owned_many(updates, watch, update_ids)
         return self._executor().submit(self.update_many, updates, lr, watch=watch, update_ids=update_ids)
 
     def _update(self, table: str, keys: Any, grads: Any, lr: float, update_id: str | None, watch: np.ndarray | None):

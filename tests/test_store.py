@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from memstore import ClientConfig, InProcessStore, MemStoreClient, OptimizerSpec, TableSpec
+from memstore import ClientConfig, InProcessStore, InvalidArgument, MemStoreClient, OptimizerSpec, TableSpec
 from memstore.lookups import chunks
 from memstore.spec import InitSpec
 
@@ -211,3 +211,42 @@ def test_concurrent_lookups_never_see_torn_rows(shards_2, shared_memory):
         client.drop_table("torn")
     assert not errors, errors
     assert final.min() < -1  # the writer really ran during the reads
+
+
+@pytest.mark.parametrize("where", ["client", "in-process"])
+def test_async_calls_copy_their_inputs(shards_2, where):
+    """A caller may refill its buffers as soon as an *_async call returns (a prefetcher
+    reuses one key buffer per step): each call keeps the inputs it was given. The calls
+    may run in any order, so each updates its own keys, once."""
+    spec = TableSpec("refilled", num_rows=400, dim=8, seed=5, optimizer=OptimizerSpec("adagrad"))
+    store = MemStoreClient(shards_2.addresses) if where == "client" else InProcessStore()
+    with store, InProcessStore() as ref:
+        for s in (store, ref):
+            s.create_table(spec)
+        initial = ref.lookup(spec.name, np.arange(400))
+        rng = np.random.default_rng(0)
+        steps = [(k, rng.standard_normal((32, 8)).astype(np.float32)) for k in np.split(rng.permutation(400)[:384], 12)]
+        keys, grads = np.empty(32, np.int64), torch.empty(32, 8)
+        updates, lookups = [], []
+        for k, g in steps:
+            keys[:], grads[:] = k, torch.from_numpy(g)
+            updates.append(store.update_async(spec.name, keys, grads, lr=0.1))
+            lookups.append(store.lookup_async(spec.name, keys))
+        keys[:] = 0
+        for (k, g), f in zip(steps, updates):
+            ref.update(spec.name, k, g, lr=0.1)
+            assert f.result() == 32
+        final = ref.lookup(spec.name, np.arange(400))
+        np.testing.assert_array_equal(store.lookup(spec.name, np.arange(400)), final)
+        for (k, _), f in zip(steps, lookups):  # each row read before or after its one update
+            rows = f.result()
+            assert ((rows == initial[k]).all(1) | (rows == final[k]).all(1)).all()
+        store.drop_table(spec.name)
+
+
+def test_client_config_values_are_checked():
+    for bad, field in ((dict(timeout_s=0), "timeout_s"), (dict(retry_s=float("inf")), "retry_s"),
+                       (dict(backoff_s=(2.0, 1.0)), "backoff_s"), (dict(max_request_bytes=0), "max_request_bytes"),
+                       (dict(max_request_bytes=1 << 30), "max_request_bytes")):
+        with pytest.raises(InvalidArgument, match=f"ClientConfig.{field} = "):
+            ClientConfig(**bad)
