@@ -167,6 +167,8 @@ class _Coordinator:
         restoring, self.restoring = self.restoring, None
         self.tables = dict(restoring["tables"])
         self.recovery = {k: restoring[k] for k in ("checkpoint", "wal_since", "version", "created")}
+        if restoring.get("request"):  # a restore() that Ray runs again on a restarted coordinator: done
+            self.recovery |= {"request": restoring["request"], "result": restoring["result"]}
         self._persist()
 
     def _persist_shards(self) -> None:
@@ -182,7 +184,13 @@ class _Coordinator:
         a checkpoint Ray retries on it, comes first) finishes the restore its predecessor was
         swapping in, ends what that one's cut left (prepared copies, frozen gates: writes flow
         again now, not when the freeze lapses), and asks its shards where they serve."""
+        from memstore import checkpoint as ckpt
+
         try:
+            own_root = Path(self.data_dir) / "checkpoints"
+            if own_root.is_dir():  # what a cut or restore of the predecessor was writing is dead
+                with contextlib.suppress(OSError):
+                    ckpt.prune_checkpoints(own_root, keep=2, remove_staging=True)
             finished = self._finish_restore_live() if self.restoring else True
             for a in self._actors:
                 with contextlib.suppress(ray.exceptions.RayError):
@@ -258,7 +266,9 @@ class _Coordinator:
             self._actors = []
             for i in range(self.num_shards):  # one by one: a failure leaves those made for shutdown()
                 self._actors.append(self._shard(i, recover=resuming))
-            infos = ray.get([a.info.remote() for a in self._actors])
+            # Not retried: a shard whose creation failed (a table too large for its host) is
+            # dead, and every retry would print its traceback to the operator's terminal.
+            infos = ray.get([a.info.options(max_task_retries=0).remote() for a in self._actors])
             with self._lock:
                 self.shards = infos
                 self.epoch += 1
@@ -347,9 +357,11 @@ class _Coordinator:
 
     # ---- checkpoints -------------------------------------------------------------------------
     def checkpoint(self, root: str | None = None, deadline_s: float = 30.0) -> dict:
-        """One consistent cut of every shard, written under root (default: the data dir's
-        checkpoints/) as ckpt-<version>; it becomes the recovery point. Returns its facts. A
-        cut that a shard's restart voided is taken again (its version is not reused)."""
+        """One consistent cut of every shard, written as ckpt-<version> under the data dir's
+        checkpoints/, where it becomes the recovery point; with `root`, also linked there
+        (hard links where the disk allows), so the copy given to the operator may be deleted
+        or moved without costing the store its recovery point. Returns its facts. A cut that
+        a shard's restart voided is taken again (its version is not reused)."""
         from memstore.cut import CutLost
 
         with self._cut_lock:
@@ -362,16 +374,21 @@ class _Coordinator:
             return self._checkpoint(root, deadline_s) | {"attempts": CUT_ATTEMPTS}
 
     def _checkpoint(self, root: str | None, deadline_s: float) -> dict:
-        """checkpoint()'s one attempt (under _cut_lock)."""
+        """checkpoint()'s one attempt (under _cut_lock: no other cut writes meanwhile, so any
+        staging left in the own checkpoints/ is a dead attempt's, a coordinator's killed mid-write)."""
         from memstore import checkpoint as ckpt
         from memstore.cut import take_cut
 
         if self.restoring and not self._finish_restore_live():  # a cut now would hold a half-restored store
             raise RuntimeError(f"a restore of {self.restoring['checkpoint']} is half done and its shards do not "
                                "take it: restore again, or see the shards' state in `memstore status`")
-        own_root = root is None
-        root = root or os.path.join(self.data_dir, "checkpoints")
-        existing = [v for v, _ in ckpt._numbered_checkpoints(Path(root))] if os.path.isdir(root) else []
+        if root is not None:  # a root that cannot hold it fails before the cut, changing nothing
+            Path(root).mkdir(parents=True, exist_ok=True)
+        own_root = Path(self.data_dir) / "checkpoints"
+        if own_root.is_dir():
+            ckpt.prune_checkpoints(own_root, keep=2, remove_staging=True)
+        roots = [own_root] + ([Path(root)] if root is not None else [])
+        existing = [v for r in roots if r.is_dir() for v, _ in ckpt._numbered_checkpoints(r)]
         version = self._next_generation(*existing)
         t0 = time.monotonic()
         staging = None
@@ -382,7 +399,7 @@ class _Coordinator:
                 deadline_s=deadline_s,
             )
             frozen_s = time.monotonic() - t0
-            staging = ckpt.begin_checkpoint(ckpt.checkpoint_dir(root, version))
+            staging = ckpt.begin_checkpoint(ckpt.checkpoint_dir(own_root, version))
             summaries = ray.get([a.write_snapshot.remote(str(staging)) for a in self._actors])
             final = ckpt.commit_checkpoint(staging, summaries, {"name": self.store, "version": version})
         except BaseException:
@@ -397,15 +414,20 @@ class _Coordinator:
             self.restoring = None  # one left half-done is superseded: this cut holds what the store serves
             self._persist()  # the logs before it go only once the record points past them
         ray.get([a.prune_log.remote(version) for a in self._actors])
-        if own_root:  # the store's own checkpoints: keep the last two
-            ckpt.prune_checkpoints(root, keep=2)
-        return {"path": str(final), "version": version, "bytes": nbytes, "frozen_s": frozen_s,
+        ckpt.prune_checkpoints(own_root, keep=2)
+        given = final if root is None else ckpt.link_checkpoint(final, ckpt.checkpoint_dir(root, version),
+                                                                set_latest=True)
+        return {"path": str(given), "version": version, "bytes": nbytes, "frozen_s": frozen_s,
                 "seconds": time.monotonic() - t0, "completed_in_cut": len(completed), "abandoned": len(abandoned)}
 
-    def restore(self, directory: str) -> dict:
+    def restore(self, directory: str, request: str | None = None) -> dict:
         """Replaces every shard's tables with a checkpoint's (of any shard count), atomically
         for clients (writes wait while it loads), and makes it the recovery point: a copy
-        of it in the data dir (link_checkpoint), so the one given may go away."""
+        of it in the data dir (link_checkpoint), so the one given may go away.
+
+        request: the caller's id of this restore. Ray runs a call again on a coordinator it
+        restarted; a restore whose swap the restarted one finished (_after_restart) must
+        not run again, over the writes acknowledged since: it returns what it returned."""
         from memstore import checkpoint as ckpt
         from memstore.cut import take_cut
 
@@ -421,14 +443,20 @@ class _Coordinator:
                                        "alone (a standalone shard's base): a store restores from a checkpoint of "
                                        "every shard", path)
         with self._cut_lock:
+            with self._lock:
+                if request and self.recovery.get("request") == request:
+                    return dict(self.recovery["result"])
             own_root = Path(self.data_dir) / "checkpoints"
             version = self._next_generation(*(v for v, _ in ckpt._numbered_checkpoints(own_root)))
             t0 = time.monotonic()
             # The recovery point must outlive the directory given (pruned, deleted, another
             # store's): the store keeps its own copy, hard-linked where the disk allows.
             pinned = ckpt.link_checkpoint(path, ckpt.checkpoint_dir(own_root, version))
+            result = {"path": str(path), "tables": len(manifest["tables"]),
+                      "from_shards": manifest["store"]["num_shards"]}
             pending = {"checkpoint": str(pinned), "wal_since": version, "version": version,
-                       "created": manifest["store"].get("created", time.time()), "tables": dict(manifest["tables"])}
+                       "created": manifest["store"].get("created", time.time()), "tables": dict(manifest["tables"]),
+                       "request": request, "result": result}
             begun = False
 
             def swap() -> None:  # while every shard is frozen
@@ -458,8 +486,7 @@ class _Coordinator:
                 raise RuntimeError(f"the restore of {path} reached only some shards ({e}); the store's record "
                                    "finishes it at the next recovery: restore again") from e
             ray.get([a.prune_log.remote(version) for a in self._actors])  # only once recovery points past them
-            return {"path": str(path), "tables": len(manifest["tables"]), "from_shards": manifest["store"]["num_shards"],
-                    "seconds": time.monotonic() - t0}
+            return result | {"seconds": time.monotonic() - t0}
 
     def _next_generation(self, *taken: int) -> int:
         """The version of a new cut (checkpoint or restore): above every one handed out, and so

@@ -27,7 +27,8 @@ import ray
 from cluster import storefile
 from cluster.actors import NAMESPACE, RESOURCE, coordinator_name, shard_actor_name
 from cluster.coordinator import _Coordinator
-from memstore.errors import InvalidArgument, StoreNotFound, Unavailable
+from memstore import errors
+from memstore.errors import InvalidArgument, MemStoreError, StoreNotFound, Unavailable
 from memstore.spec import TableSpec
 
 
@@ -36,6 +37,8 @@ CURRENT_CLUSTER_FILE = os.path.join(tempfile.gettempdir(), "ray", "ray_current_c
 # Every Ray head offers this resource: the coordinator lives there, with the GCS it depends on,
 # not on a memory node that may be removed.
 HEAD_NODE_RESOURCE = "node:__internal_head__"
+# A store's name: it goes into actor names ("shard:NAME/i") and a default data dir's path.
+STORE_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,99}")
 
 
 class _QuietTokenNotice(logging.Filter):
@@ -253,7 +256,8 @@ def deploy(name: str, num_shards: int, specs: list[TableSpec], *, data_dir: str 
             ray.get(coordinator.shutdown.options(max_task_retries=0).remote(), timeout=60)
         ray.kill(coordinator, no_restart=True)
         _kill_shard_actors(name, num_shards)
-        raise Unavailable(f"store {name!r} did not come up: {_root_cause(e)}") from None
+        cause = _root_cause(e)
+        raise _error_class(cause)(f"store {name!r} did not come up: {cause}") from None
 
 
 def _join(existing, name: str, num_shards: int, specs: list[TableSpec], data_dir: str | None = None) -> dict:
@@ -281,6 +285,9 @@ def check_deploy(num_shards: int, specs: list[TableSpec], wal_sync: str = "alway
                  data_dir: str | None = None) -> None:
     """deploy's argument checks, which callers run before they start anything (a local Ray);
     with name and data_dir, also that the data dir holds no other store."""
+    if name is not None and not STORE_NAME.fullmatch(name):
+        raise InvalidArgument(f"store name {name!r} must be 1-100 letters, digits, '.', '_' or '-', not starting "
+                              "with '.' (it names Ray actors and a data dir)")
     if not 1 <= num_shards <= 4096:
         raise InvalidArgument(f"a store needs 1..4096 shards, got {num_shards}")
     if wal_sync not in ("always", "group", "none"):
@@ -292,10 +299,11 @@ def check_deploy(num_shards: int, specs: list[TableSpec], wal_sync: str = "alway
 
 
 def _kill_orphaned_shards(name: str) -> int:
-    """Kills every shard actor of store `name`, found by name; returns how many."""
+    """Kills every shard actor of store `name`, found by name; returns how many. Only
+    "shard:NAME/<i>": the shards of a store "NAME/b" (named before names were checked) are not its."""
     prefix = shard_actor_name(name, 0).rsplit("/", 1)[0] + "/"
     names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
-             if a.get("namespace") == NAMESPACE and a["name"].startswith(prefix)]
+             if a.get("namespace") == NAMESPACE and a["name"].startswith(prefix) and a["name"][len(prefix):].isdigit()]
     for n in names:
         with contextlib.suppress(ValueError):
             ray.kill(ray.get_actor(n, namespace=NAMESPACE), no_restart=True)
@@ -318,10 +326,22 @@ def _root_cause(e: BaseException) -> str:
         e = e.cause
     lines = [ln.strip() for ln in re.sub(r"\x1b\[[0-9;]*m", "", str(e)).splitlines() if ln.strip()]
     if "raised in its creation task" in str(e):  # ActorDiedError: the creation task's exception is only in its text
-        errors = [ln for ln in lines if re.match(r"^[A-Za-z_.]*(Error|Exception)\b", ln)]
-        if errors:
-            return errors[-1]
+        raised = [ln for ln in lines if _EXCEPTION_LINE.match(ln)]
+        if raised:
+            return raised[-1]
     return lines[0] if lines else type(e).__name__
+
+
+# A traceback's last line: "ValueError: ...", "memstore.errors.ResourceExhausted: ...".
+_EXCEPTION_LINE = re.compile(r"^(?:[A-Za-z_.]*(?:Error|Exception)\b|(?:[a-z_]\w*\.)+(?P<cls>[A-Z]\w*): )")
+
+
+def _error_class(cause: str) -> type[MemStoreError]:
+    """The memstore error a shard raised, named in `cause` (so a table too large for its host
+    stays ResourceExhausted, bad input InvalidArgument); Unavailable for any other failure."""
+    m = _EXCEPTION_LINE.match(cause)
+    cls = getattr(errors, m.group("cls") or "", None) if m else None
+    return cls if isinstance(cls, type) and issubclass(cls, MemStoreError) else Unavailable
 
 
 def layout(name: str) -> dict:
@@ -376,7 +396,8 @@ def restore(name: str, directory: str, *, progress=None) -> dict:
     """Loads a checkpoint (a ckpt-<n> directory, or a root whose LATEST names one) into every
     shard of the store, whatever shard count wrote it."""
     coordinator = find(name)
-    return _wait(coordinator, coordinator.restore.remote(os.path.abspath(directory)), progress)
+    # The id keeps a restore that Ray runs again on a restarted coordinator from running twice.
+    return _wait(coordinator, coordinator.restore.remote(os.path.abspath(directory), uuid.uuid4().hex), progress)
 
 
 def _wait(coordinator, ref, progress, poll_s: float = 0.5):

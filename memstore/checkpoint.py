@@ -282,10 +282,11 @@ def save_checkpoint(
         raise
 
 
-def link_checkpoint(source: Path | str, directory: Path | str) -> Path:
+def link_checkpoint(source: Path | str, directory: Path | str, *, set_latest: bool = False) -> Path:
     """A copy of the complete checkpoint `source` at `directory`, committed by rename, its files
     hard-linked where the filesystem allows (a checkpoint's files are never written again, so
-    the copy costs no disk and outlives the original's deletion). LATEST is left alone."""
+    the copy costs no disk and outlives the original's deletion). LATEST is left alone unless
+    set_latest (then it moves forward to the copy, as commit_checkpoint's does)."""
     source = Path(source)
     read_manifest(source)  # complete, of a known format
     staging = begin_checkpoint(directory)
@@ -299,6 +300,8 @@ def link_checkpoint(source: Path | str, directory: Path | str) -> Path:
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    if set_latest:
+        _advance_latest(final, read_manifest(final).get("store", {}).get("version"))
     return final
 
 

@@ -151,9 +151,23 @@ def take_cut(shards: list, snapshot, deadline_s: float = 30.0, poll_s: float = 0
         completed = [g for g, (parts, applied) in seen.items() if 0 < applied < parts and g not in partial]
         result = snapshot()
     except BaseException:
-        for shard in frozen:
-            shard.unfreeze(forget=False)
+        _thaw(frozen, forget=False, raising=False)  # the cut's own error is the one to raise
         raise
-    for shard in frozen:
-        shard.unfreeze()
+    _thaw(frozen, forget=True, raising=True)
     return result, completed, partial
+
+
+def _thaw(frozen: list, forget: bool, raising: bool) -> None:
+    """Unfreezes every shard, even past one that fails (a full disk refusing its cut record,
+    a dead shard): the others' writes must not wait out the freeze's lease. Then raises the
+    first failure, or only logs them (raising=False)."""
+    errors = []
+    for shard in frozen:
+        try:
+            shard.unfreeze(forget=forget)
+        except Exception as e:  # noqa: BLE001 -- raised or logged below, after the rest are thawed
+            errors.append(e)
+    for e in errors if not raising else ():
+        log.warning("a shard failed to thaw after a failed cut: %s", e)
+    if errors and raising:
+        raise errors[0]

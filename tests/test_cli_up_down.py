@@ -121,6 +121,20 @@ def test_bad_arguments_start_nothing_and_the_last_down_stops_the_ray(tmp_path):
     assert not _local_ray_answers()
 
 
+def test_an_up_that_fails_on_its_shards_names_why_and_stops_the_ray_it_started(tmp_path):
+    from cluster.store import _local_ray_answers
+
+    assert not _local_ray_answers(), "a local Ray is already running"
+    config = tmp_path / "huge.toml"
+    config.write_text('[[tables]]\nname = "huge"\nnum_rows = 1099511627776\ndim = 1024\n')
+    r = memstore("up", "--name", "huge", "--shards", "1", "--config", str(config))
+    last = r.stderr.strip().splitlines()[-1]
+    assert r.returncode == 1 and "'huge' needs" in last and "GiB" in last, r.stderr  # ResourceExhausted's own words
+    assert not _local_ray_answers(), "a failed `up` left the local Ray it started running"
+    bad = memstore("up", "--name", "a/b", "--shards", "1")
+    assert bad.returncode == 64 and "store name 'a/b'" in bad.stderr, bad.stderr
+
+
 def test_config_of_the_wrong_types_is_one_clear_line(tmp_path):
     config = tmp_path / "bad.toml"
     for body, message in (('[[tables]]\nname = "x"\nnum_rows = 10\ndim = 4\noptimizer = "adam"\n',

@@ -10,6 +10,7 @@ import threading
 import time
 
 import numpy as np
+import pytest
 import torch
 
 from memstore.cut import WriteGate, take_cut
@@ -181,3 +182,23 @@ def test_a_freeze_without_a_lease_holds_writes_until_it_is_ended():
     gate.unfreeze(forget=False)
     writer.join(5)
     assert done.is_set()
+
+
+class _FullDiskGate(WriteGate):
+    """A shard whose thaw fails as one on a full disk does (its cut record is refused)."""
+
+    def unfreeze(self, forget: bool = True) -> None:
+        super().unfreeze(forget)  # the gate itself opens; the record after it fails
+        raise OSError(28, "No space left on device")
+
+
+def test_one_shard_failing_to_thaw_leaves_no_other_frozen():
+    for failing in (0, 1):
+        gates = [WriteGate(), WriteGate(), WriteGate()]
+        gates[failing] = _FullDiskGate()
+        with pytest.raises(OSError, match="No space"):  # a cut that completed: its thaw's failure
+            take_cut(gates, lambda: None)
+        assert [g.frozen for g in gates] == [False] * 3, f"shard {failing} failing left others frozen"
+        with pytest.raises(ZeroDivisionError):  # a cut that failed: its own error, not the thaw's
+            take_cut(gates, lambda: 1 / 0)
+        assert [g.frozen for g in gates] == [False] * 3, f"shard {failing} failing left others frozen"

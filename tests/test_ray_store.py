@@ -11,6 +11,7 @@ import shutil
 import signal
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -148,6 +149,17 @@ def test_checkpoint_restore_and_reshard(engram_store, tmp_path):
         stream_updates(client, ref, "ckpt", 4, seed=3)
         facts = store.checkpoint("engram", str(tmp_path))
         assert facts["version"] >= 1 and os.path.isdir(facts["path"])
+        # The store recovers from its own copy: the one given to the operator may go away.
+        recovery = store.layout("engram")["recovery"]["checkpoint"]
+        assert not recovery.startswith(str(tmp_path)) and os.path.isdir(recovery)
+        moved = shutil.copytree(facts["path"], tmp_path / "kept")
+        shutil.rmtree(facts["path"])
+        victim = store.layout("engram")["shards"][0]
+        os.kill(victim["pid"], signal.SIGKILL)
+        wait_for_new_pid("engram", 0, victim["pid"])
+        with MemStoreClient.connect("engram", config=ClientConfig(retry_s=120)) as again:
+            assert_same_table(again, ref, "ckpt")
+        moved.rename(facts["path"])
         # A standalone shard's base holds one shard: no store restores from it, and nothing changes.
         alone = DurableShard(ShardEngine(0, 4), tmp_path / "standalone", compact_bytes=0)
         alone.recover()
@@ -207,8 +219,19 @@ def test_recovery_after_a_failed_checkpoint_a_restore_and_a_re_created_table(eng
         at_checkpoint = client.lookup("regen", np.arange(regen.num_rows))
         not_a_dir = tmp_path / "file"
         not_a_dir.write_text("")
-        with pytest.raises(Exception):  # fails writing, after the cut rotated every shard's log
+        version = store.layout("engram")["recovery"]["version"]
+        with pytest.raises(Exception, match="exists"):  # a root that cannot hold it: refused before the cut
             store.checkpoint("engram", str(not_a_dir))
+        assert store.layout("engram")["recovery"]["version"] == version
+        own = Path(store.layout("engram")["data_dir"]) / "checkpoints"
+        own.rename(own.with_name("aside"))
+        own.write_text("")  # where the shards write the cut: fails after it rotated every shard's log
+        try:
+            with pytest.raises(Exception):
+                store.checkpoint("engram")
+        finally:
+            own.unlink()
+            own.with_name("aside").rename(own)
         stream_updates(client, None, "regen", 3, seed=12)  # acknowledged, then undone by the restore
         store.restore("engram", good["path"])
         np.testing.assert_array_equal(client.lookup("regen", np.arange(regen.num_rows)), at_checkpoint)
@@ -544,14 +567,14 @@ def _edit_record(data: str, **changes) -> dict:
     return record
 
 
-def _restoring(data: str, source: str, version: int) -> dict:
+def _restoring(data: str, source: str, version: int, request: str | None = None) -> dict:
     """The record's entry for a restore of `source` whose swap began at `version`."""
     from memstore import checkpoint
 
     pinned = checkpoint.link_checkpoint(source, checkpoint.checkpoint_dir(os.path.join(data, "checkpoints"), version))
     manifest = checkpoint.read_manifest(pinned)
     return {"checkpoint": str(pinned), "wal_since": version, "version": version, "created": 1.0,
-            "tables": manifest["tables"]}
+            "tables": manifest["tables"], "request": request, "result": {"path": source, "tables": 1}}
 
 
 def test_a_restore_cut_short_mid_swap_is_finished_by_the_next_recovery(cluster, tmp_path):
@@ -572,7 +595,7 @@ def test_a_restore_cut_short_mid_swap_is_finished_by_the_next_recovery(cluster, 
             at_saved = client.lookup("t", np.arange(2_001))
             stream_updates(client, None, "t", 2, seed=52)  # undone by the restore
             version = store.layout("midswap")["recovery"]["version"] + 10
-            _edit_record(data, restoring=_restoring(data, saved["path"], version))
+            _edit_record(data, restoring=_restoring(data, saved["path"], version, request="r1"))
             for a in ray.get(store.find("midswap").actors.remote()):
                 ray.get(a.cut_freeze.remote())  # as the dead incarnation's cut left them
             ray.kill(store.find("midswap"), no_restart=False)
@@ -581,6 +604,12 @@ def test_a_restore_cut_short_mid_swap_is_finished_by_the_next_recovery(cluster, 
                 time.sleep(0.5)
             np.testing.assert_array_equal(client.lookup("t", np.arange(2_001)), at_saved)
             client.update("t", np.arange(5), np.ones((5, 8), np.float32), lr=0.1)  # writes flow again
+            # Ray runs the dead incarnation's restore() call again on the restarted one: it was
+            # finished, so it returns its result and does not swap over the write just made.
+            acknowledged = client.lookup("t", np.arange(2_001))
+            assert ray.get(store.find("midswap").restore.remote(saved["path"], "r1"))["path"] == saved["path"]
+            np.testing.assert_array_equal(client.lookup("t", np.arange(2_001)), acknowledged)
+            assert store.layout("midswap")["recovery"]["version"] == version
 
             # Now across a lost cluster: a restore begun, shard 0 swapped and wrote since.
             stream_updates(client, None, "t", 2, seed=53)
@@ -630,3 +659,28 @@ def test_an_unborn_record_is_brought_up_anew_and_down_finds_orphaned_shards(clus
     assert not _alive(pid)
     with pytest.raises(StoreNotFound):
         store.shutdown("unborn")
+
+
+def test_a_run_resumed_on_a_store_shared_with_another_run_changes_nothing(cluster, tmp_path):
+    """A run's store checkpoint is a cut of the whole store: resuming it where another run's
+    tables live would roll those back. It is refused, and nothing changes; once the store
+    holds only the run's tables it resumes."""
+    from test_train import tiny_config, write_corpus
+    from trainer.train import train
+
+    corpus = (write_corpus(tmp_path / "corpus"), tmp_path / "cache")
+    cfg = tiny_config(corpus, steps=4, eval_every=2, table_prefix="runA.")
+    other = TableSpec("runB.t", num_rows=64, dim=4, optimizer=OptimizerSpec("sgd"))
+    store.deploy("shared", 2, [other])
+    try:
+        with MemStoreClient.connect("shared") as client:
+            train(cfg, client, progress=False, until_step=2, checkpoint_dir=tmp_path / "A", store_name="shared")
+            client.update("runB.t", np.arange(64), np.ones((64, 4), np.float32), lr=1.0)  # after A's checkpoint
+            before = client.lookup("runB.t", np.arange(64))
+            with pytest.raises(ValueError, match=r"holds tables of other runs \(runB.t\)"):
+                train(cfg, client, progress=False, resume=tmp_path / "A", store_name="shared")
+            np.testing.assert_array_equal(client.lookup("runB.t", np.arange(64)), before)
+            client.drop_table("runB.t")
+            assert train(cfg, client, progress=False, resume=tmp_path / "A", store_name="shared")["step"] == 4
+    finally:
+        store.shutdown("shared")

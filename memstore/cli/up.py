@@ -47,8 +47,13 @@ def run(args: argparse.Namespace) -> int:
     # Before a local Ray is started for nothing.
     store.check_deploy(args.shards, specs, args.wal_sync, name=args.name, data_dir=args.data_dir)
     started = store.ensure_ray(args.address, start_local=True)
-    layout = store.deploy(args.name, args.shards, specs, data_dir=args.data_dir, wal_sync=args.wal_sync,
-                          started_local_ray=started)
+    try:
+        layout = store.deploy(args.name, args.shards, specs, data_dir=args.data_dir, wal_sync=args.wal_sync,
+                              started_local_ray=started)
+    except BaseException:
+        if started and not store.list_stores():  # the Ray started for this store serves nothing
+            store.stop_local_ray(started)
+        raise
     print(f"store {args.name!r} is up: {layout['num_shards']} shards, {len(layout['tables'])} tables, "
           f"epoch {layout['epoch']}, data in {layout['data_dir']}")
     if layout.get("resumed"):
