@@ -40,10 +40,14 @@ def test_hand_checked_plan():
     # per worker: 500 tokens; 2-gram heads 250 distinct keys each, 3-gram heads 400 -> 1,300
     assert p.keys_per_step == 2 * 500 * 4 == 4000 and p.rows_per_step == 2 * 1300
     assert p.dedup_rate == pytest.approx(1 - 2600 / 4000)
-    assert (p.lookup_out_bytes, p.lookup_in_bytes, p.update_out_bytes) == (1300 * 8, 1300 * 64, 1300 * 72)
+    # The push is the whole step's update, sent by each worker: without the step's distinct
+    # share, the bound of no key shared between the workers: 2 x 1,300 keys
+    assert (p.lookup_out_bytes, p.lookup_in_bytes, p.update_out_bytes) == (1300 * 8, 1300 * 64, 2600 * 72)
     # 0.008 Gbit/s = 1e6 B/s; two workers over two store nodes: each link carries one worker's worth
-    assert p.lookup_s == pytest.approx(0.0832) and p.push_s == pytest.approx(0.0936)
-    assert p.link_utilisation == pytest.approx((10_400 + 93_600) / 1e6)
+    assert p.lookup_s == pytest.approx(0.0832) and p.push_s == pytest.approx(0.1872)
+    assert p.link_utilisation == pytest.approx((10_400 + 187_200) / 1e6)
+    # Measured at the step's 1,000 tokens: 2-gram heads 300 distinct keys each, 3-gram heads 600
+    assert plan(HAND, [0.5, 0.8], [0.3, 0.6]).update_out_bytes == (2 * 300 + 2 * 600) * 72
     assert p.prefetch_hides_lookups
     assert not plan(PlanConfig(**{**HAND.__dict__, "step_time_s": 0.05}), [0.5, 0.8]).prefetch_hides_lookups
     assert not plan(PlanConfig(**{**HAND.__dict__, "prefetch_depth": 0}), [0.5, 0.8]).prefetch_hides_lookups

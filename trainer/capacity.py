@@ -12,9 +12,12 @@ network bandwidth), `plan` works out:
   (at least one per node, none larger than max_shard_gib, the same number on every node);
 - the rows a step moves after de-duplication: every worker hashes its own tokens_per_step /
   workers tokens; each of its (layer, head) tables gets one key per token, and the client
-  sends each distinct key once (`unique_fraction[n]`, the distinct share of an order-n
+  looks up each distinct key once (`unique_fraction[n]`, the distinct share of an order-n
   head's keys at that many tokens, measured on a corpus by trainer.dedup). Workers do not
-  de-duplicate against each other;
+  de-duplicate their lookups against each other. The push is the whole step's update: the
+  workers all-gather their keys and gradients (trainer.parallel) and every worker sends the
+  summed update of all the step's distinct keys (`step_unique_fraction`, at tokens_per_step
+  tokens; the store applies the first copy), so W copies of it cross the wire;
 - the bytes on the wire (framing ignored): a lookup sends 8-byte keys and gets rows back in
   the wire dtype; an update sends keys and one gradient row per key, in the wire dtype;
 - whether prefetch hides the transfer. Every NIC is full duplex at `bandwidth_gbps` each way.
@@ -158,11 +161,12 @@ class Plan:
     nodes: int
     shards: int
     unique_fraction: tuple[float, ...]  # per order n = 2..max_ngram_size, at tokens_per_worker tokens
+    step_unique_fraction: tuple[float, ...]  # the same at tokens_per_step tokens (the push's keys)
     keys_per_step: int  # before de-duplication, all workers
     rows_per_step: int  # after de-duplication, all workers
     lookup_out_bytes: int  # keys sent, per worker
     lookup_in_bytes: int  # rows received, per worker
-    update_out_bytes: int  # keys and gradients sent, per worker
+    update_out_bytes: int  # keys and gradients sent, per worker: the whole step's update
 
     @property
     def held_bytes(self) -> int:
@@ -218,7 +222,8 @@ class Plan:
                 "table_params": self.table_params, "table_bytes": self.table_bytes,
                 "optimizer_bytes": self.optimizer_bytes, "held_bytes": self.held_bytes, "nodes": self.nodes,
                 "shards": self.shards, "bytes_per_shard": self.bytes_per_shard,
-                "unique_fraction": list(self.unique_fraction), "keys_per_step": self.keys_per_step,
+                "unique_fraction": list(self.unique_fraction), "step_unique_fraction": list(self.step_unique_fraction),
+                "keys_per_step": self.keys_per_step,
                 "rows_per_step": self.rows_per_step, "dedup_rate": self.dedup_rate,
                 "lookup_out_bytes_per_worker": self.lookup_out_bytes, "lookup_in_bytes_per_worker": self.lookup_in_bytes,
                 "update_out_bytes_per_worker": self.update_out_bytes, "wire_bytes_per_step": self.wire_bytes_per_step,
@@ -243,13 +248,18 @@ def place(held_bytes: int, cfg: PlanConfig) -> tuple[int, int]:
     return nodes, nodes * per_node
 
 
-def plan(cfg: PlanConfig, unique_fraction: Sequence[float]) -> Plan:
+def plan(cfg: PlanConfig, unique_fraction: Sequence[float], step_unique_fraction: Sequence[float] | None = None) -> Plan:
     """The plan for `cfg`; unique_fraction[i] is the distinct share of an order-(i + 2) head's
-    keys among tokens_per_worker tokens (1.0 = no de-duplication)."""
-    if len(unique_fraction) != cfg.max_ngram_size - 1:
-        raise ValueError(f"need one unique fraction per order 2..{cfg.max_ngram_size}, got {list(unique_fraction)}")
-    if not all(0.0 < u <= 1.0 for u in unique_fraction):
-        raise ValueError(f"unique fractions must lie in (0, 1], got {list(unique_fraction)}")
+    keys among tokens_per_worker tokens (1.0 = no de-duplication), step_unique_fraction[i]
+    the same among tokens_per_step tokens. Without it, the push counts each worker's distinct
+    keys as distinct across workers too: an upper bound (no key shared between workers)."""
+    for what, fractions in (("unique", unique_fraction), ("step unique", step_unique_fraction)):
+        if fractions is None:
+            continue
+        if len(fractions) != cfg.max_ngram_size - 1:
+            raise ValueError(f"need one {what} fraction per order 2..{cfg.max_ngram_size}, got {list(fractions)}")
+        if not all(0.0 < u <= 1.0 for u in fractions):
+            raise ValueError(f"{what} fractions must lie in (0, 1], got {list(fractions)}")
     rows = sum(table_rows(cfg))
     table_bytes = rows * cfg.row_bytes
     optimizer_bytes = rows * cfg.optimizer_bytes_per_row()
@@ -257,11 +267,16 @@ def plan(cfg: PlanConfig, unique_fraction: Sequence[float]) -> Plan:
     t = cfg.tokens_per_worker
     heads = cfg.engram_layers * cfg.n_head_per_ngram  # heads of one order, over all layers
     unique_per_worker = sum(min(t, round(u * t)) * heads for u in unique_fraction)
+    if step_unique_fraction is None:  # the bound: no key shared between workers
+        step_unique_fraction = [min(1.0, round(u * t) * cfg.workers / cfg.tokens_per_step) for u in unique_fraction]
+    ts = cfg.tokens_per_step
+    unique_per_step = sum(min(ts, round(u * ts)) * heads for u in step_unique_fraction)
     keys = cfg.workers * t * cfg.num_tables
     return Plan(cfg=cfg, rows=rows, table_params=rows * cfg.head_dim, table_bytes=table_bytes,
                 optimizer_bytes=optimizer_bytes, nodes=nodes, shards=shards,
-                unique_fraction=tuple(float(u) for u in unique_fraction), keys_per_step=keys,
+                unique_fraction=tuple(float(u) for u in unique_fraction),
+                step_unique_fraction=tuple(float(u) for u in step_unique_fraction), keys_per_step=keys,
                 rows_per_step=cfg.workers * unique_per_worker,
                 lookup_out_bytes=unique_per_worker * KEY_BYTES,
                 lookup_in_bytes=unique_per_worker * cfg.wire_row_bytes,
-                update_out_bytes=unique_per_worker * (KEY_BYTES + cfg.wire_row_bytes))
+                update_out_bytes=unique_per_step * (KEY_BYTES + cfg.wire_row_bytes))

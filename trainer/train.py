@@ -127,9 +127,14 @@ class TrainConfig:
             raise ValueError(f"prefetch_depth must be >= 0, got {self.prefetch_depth}")
         if self.metrics_port is not None and not 0 <= self.metrics_port < 65536:
             raise ValueError(f"metrics_port must be a port number, got {self.metrics_port}")
-        for name in ("steps", "batch_size", "seq_len", "eval_every", "eval_batches"):
+        for name in ("steps", "batch_size", "seq_len", "eval_every", "eval_batches", "d_model", "n_layers",
+                     "n_heads", "d_expert", "n_routed_experts", "top_k"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if not 0 <= self.seed < 2**63:  # numpy's generators take no negative seed
+            raise ValueError(f"seed must lie in [0, 2**63), got {self.seed}")
+        if self.engram and (not self.engram_vocab_size or min(self.engram_vocab_size) < 2):
+            raise ValueError(f"engram_vocab_size (rows per head) must be at least 2 each, got {self.engram_vocab_size}")
         if not 0 <= self.warmup_steps <= self.steps:
             raise ValueError(f"warmup_steps must lie in [0, steps={self.steps}], got {self.warmup_steps}")
         if not self.lr > 0 or not 0 <= self.min_lr_ratio <= 1:
@@ -537,6 +542,15 @@ class StoreCheckpoint:
                                  f"on Ray whose cluster.store offers restore()")
             from cluster import store as cluster_store
 
+            # A store's cut restores every table it holds: on a store shared with other runs it
+            # would roll theirs back and drop those made since, losing their acknowledged updates.
+            ours = {s.name for s in self.specs}
+            others = sorted(set(cluster_store.layout(self.store_name)["tables"]) - ours)
+            if others:
+                shown = ", ".join(others[:5]) + (f" and {len(others) - 5} more" if len(others) > 5 else "")
+                raise ValueError(f"store {self.store_name!r} holds tables of other runs ({shown}): resuming "
+                                 f"{directory}, a cut of the whole store, would roll them back; resume on a "
+                                 "store of this run's own, or once the others' tables are dropped")
             cluster_store.restore(self.store_name, str(directory))  # the root: its LATEST names the cut
             return
         for spec in self.specs:

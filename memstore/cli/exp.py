@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 from pathlib import Path
 
 # flag dest -> TrainConfig field, for flags both experiments share
@@ -28,14 +29,23 @@ ALLOCATION_EXPERTS = 12  # E_0: 10 inactive experts make the budget, so rho move
 
 
 def _floats(text: str) -> list[float]:
+    """A sweep's values: one or more finite numbers, none repeated (a point trains once)."""
     try:
-        return [float(x) for x in text.split(",") if x.strip()]
+        values = [float(x) for x in text.split(",") if x.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+    if not values or not all(math.isfinite(v) for v in values):
+        raise argparse.ArgumentTypeError(f"expected one or more finite numbers, got {text!r}")
+    if len(set(values)) != len(values):
+        raise argparse.ArgumentTypeError(f"a value is repeated in {text!r}")
+    return values
 
 
 def _ints(text: str) -> list[int]:
-    return [int(round(x)) for x in _floats(text)]  # 1e6 reads as 1000000
+    values = [int(round(x)) for x in _floats(text)]  # 1e6 reads as 1000000
+    if len(set(values)) != len(values):
+        raise argparse.ArgumentTypeError(f"a value is repeated in {text!r} (once rounded to integers)")
+    return values
 
 
 def _common(p: argparse.ArgumentParser, experts_default: int) -> None:

@@ -83,10 +83,12 @@ def resolve(args: argparse.Namespace):
     return preset(args.preset, name=name, **given)
 
 
-def unique_fractions(args: argparse.Namespace, cfg) -> tuple[list[float], dict]:
-    """Per order: the given shares, or the corpus estimate at tokens_per_worker; and where they came from."""
+def unique_fractions(args: argparse.Namespace, cfg) -> tuple[list[float], list[float] | None, dict]:
+    """Per order: the given shares, or the corpus estimates at tokens_per_worker (lookups) and
+    tokens_per_step (the push; None when given by hand: the planner's bound); and where they
+    came from."""
     if args.unique_fraction is not None:
-        return list(args.unique_fraction), {"source": "--unique-fraction"}
+        return list(args.unique_fraction), None, {"source": "--unique-fraction"}
     from trainer.data import DataConfig
     from trainer.dedup import DedupConfig, estimate
 
@@ -98,7 +100,8 @@ def unique_fractions(args: argparse.Namespace, cfg) -> tuple[list[float], dict]:
     est = estimate(dedup_cfg, data_cfg)
     t = cfg.tokens_per_worker
     fractions = [est.unique_fraction(n, t) for n in range(2, cfg.max_ngram_size + 1)]
-    return fractions, {"source": "corpus", "corpus": est.corpus, "corpus_tokens": est.corpus_tokens,
+    step = [est.unique_fraction(n, cfg.tokens_per_step) for n in range(2, cfg.max_ngram_size + 1)]
+    return fractions, step, {"source": "corpus", "corpus": est.corpus, "corpus_tokens": est.corpus_tokens,
                        "cached": est.cache_hit, "sizes": est.sizes,
                        "distinct_share": {str(n): v for n, v in est.distinct_share.items()},
                        "beta": {str(n): est.beta(n) for n in est.distinct_share},
@@ -137,7 +140,8 @@ def render(p, source: dict) -> str:
         f"(de-dup rate {p.dedup_rate:.1%}; distinct share "
         + ", ".join(f"{n}-grams {u:.1%}" for n, u in zip(range(2, c.max_ngram_size + 1), p.unique_fraction)) + ")",
         f"  wire        per worker: lookup {_mib(p.lookup_out_bytes)} out, {_mib(p.lookup_in_bytes)} in; "
-        f"push {_mib(p.update_out_bytes)} out; all workers {_gib(p.wire_bytes_per_step)} per step",
+        f"push {_mib(p.update_out_bytes)} out (the whole step's update, from every worker); all workers "
+        f"{_gib(p.wire_bytes_per_step)} per step",
         f"  time        lookups {p.lookup_s:.3f} s of the {c.prefetch_depth} x {c.step_time_s:g} s prefetch "
         f"has ({p.lookup_s / max(c.prefetch_depth * c.step_time_s, 1e-12):.1%}); push {p.push_s:.3f} s "
         f"({p.push_s / c.step_time_s:.1%} of a step); busiest link {p.link_utilisation:.1%} busy "
@@ -161,8 +165,8 @@ def run(args: argparse.Namespace) -> int:
     from trainer.capacity import plan
 
     cfg = resolve(args)
-    fractions, source = unique_fractions(args, cfg)
-    p = plan(cfg, fractions)
+    fractions, step, source = unique_fractions(args, cfg)
+    p = plan(cfg, fractions, step)
     print(render(p, source))
     print(json.dumps({"plan": p.to_dict(), "dedup": source}))
     return 0

@@ -172,6 +172,8 @@ def run(args: argparse.Namespace) -> int:
     if args.store and not args.resume and not cfg.table_prefix:
         cfg = dataclasses.replace(cfg, table_prefix=f"train-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.")
     out = args.out or Path("runs") / time.strftime("%Y%m%d-%H%M%S")
+    if out.exists() and not out.is_dir():  # found before training, not when the checkpoint is written
+        raise ValueError(f"--out {out} is not a directory")
     data = load_data(cfg.data_config())
     print(f"data: {len(data.tokens):,} tokens from {data.num_files} files, vocabulary {data.vocab_size} "
           f"({'cached' if data.cache_hit else 'trained'}: {data.directory})", flush=True)
