@@ -121,8 +121,8 @@ class _ShardActor:
         self.engine.create_table(TableSpec.from_dict(spec))
 
     # ---- the cut protocol (memstore.cut), driven by the coordinator ---------------------------
-    def cut_freeze(self) -> dict:
-        return self.engine.gate.freeze()
+    def cut_freeze(self, drain_s: float = 60.0) -> dict:
+        return self.engine.gate.freeze(timeout_s=drain_s)
 
     def cut_release(self, groups: list[str]) -> None:
         self.engine.gate.release(groups)

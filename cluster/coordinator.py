@@ -23,12 +23,17 @@ from pathlib import Path
 import ray
 
 from cluster import storefile
+from memstore.cut import FREEZE_LEASE_S
+from memstore.errors import Unavailable
 from cluster.actors import NAMESPACE, RESOURCE_SHARE, _ShardActor, shard_actor_name
 
 log = logging.getLogger(__name__)
 
 CUT_ATTEMPTS = 3  # a checkpoint's cuts, when shards restart under them
 COORDINATOR_LOCK_WAIT_S = 300.0  # for a dying predecessor (NFS I/O can hold one up)
+# Deadline of a shard's answer to one step of a cut; a freeze also waits as long for the
+# shard's running writes to drain.
+CUT_CALL_S = 60.0
 RESTORE_FINISH_S = 120.0  # how long a restore whose swap began keeps trying shards that restart
 
 
@@ -44,22 +49,35 @@ def _actor_state(actor) -> str:
 
 
 class _ShardCut:
-    """A shard actor as memstore.cut.take_cut sees a participant (blocking calls)."""
+    """A shard actor as memstore.cut.take_cut sees a participant (blocking calls, each with a
+    deadline: a wedged shard fails the cut, which then thaws the others, instead of holding
+    every shard's writes until the freeze's lease lapses)."""
 
-    def __init__(self, actor) -> None:
+    def __init__(self, actor, index: int, timeout_s: float = CUT_CALL_S) -> None:
         self.actor = actor
+        self.index = index
+        self.timeout_s = timeout_s
+
+    def _get(self, ref, timeout_s: float | None = None, cancel: bool = True):
+        timeout_s = timeout_s or self.timeout_s
+        try:
+            return ray.get(ref, timeout=timeout_s)
+        except ray.exceptions.GetTimeoutError:
+            if cancel:  # a freeze still queued must not reach the shard after the cut gave up
+                ray.cancel(ref)
+            raise Unavailable(f"shard {self.index} did not answer the cut within {timeout_s:.0f} s") from None
 
     def freeze(self):
-        return ray.get(self.actor.cut_freeze.remote())
+        return self._get(self.actor.cut_freeze.remote(self.timeout_s), 2 * self.timeout_s)
 
     def release(self, groups):
-        ray.get(self.actor.cut_release.remote(groups))
+        self._get(self.actor.cut_release.remote(groups))
 
     def applied(self, groups):
-        return ray.get(self.actor.cut_applied.remote(groups))
+        return self._get(self.actor.cut_applied.remote(groups))
 
     def unfreeze(self, forget: bool = True):
-        ray.get(self.actor.cut_unfreeze.remote(forget))
+        self._get(self.actor.cut_unfreeze.remote(forget), cancel=False)  # still wanted once it wakes
 
 
 class _Coordinator:
@@ -298,6 +316,7 @@ class _Coordinator:
                 "created": self.created,
                 "started_local_ray": self.started_local_ray,
                 "data_dir": self.data_dir,
+                "wal_sync": self.wal_sync,
                 "recovery": dict(self.recovery),
                 "restoring": self.restoring,
                 "resumed": self.resumed,
@@ -394,8 +413,9 @@ class _Coordinator:
         staging = None
         try:
             nbytes, completed, abandoned = take_cut(
-                [_ShardCut(a) for a in self._actors],
-                lambda: sum(ray.get([a.cut_snapshot.remote(version) for a in self._actors])),
+                [_ShardCut(a, i) for i, a in enumerate(self._actors)],
+                # Past the freeze's lease the shards' gates lapse and the cut is void anyway.
+                lambda: sum(self._all([a.cut_snapshot.remote(version) for a in self._actors], FREEZE_LEASE_S)),
                 deadline_s=deadline_s,
             )
             frozen_s = time.monotonic() - t0
@@ -475,7 +495,7 @@ class _Coordinator:
 
             try:
                 ray.get([a.prepare_restore.remote(str(path)) for a in self._actors])  # loads outside the cut
-                take_cut([_ShardCut(a) for a in self._actors], swap)
+                take_cut([_ShardCut(a, i) for i, a in enumerate(self._actors)], swap)
             except BaseException as e:
                 for a in self._actors:  # no shard keeps a prepared copy of every table
                     with contextlib.suppress(ray.exceptions.RayError):
@@ -487,6 +507,17 @@ class _Coordinator:
                                    "finishes it at the next recovery: restore again") from e
             ray.get([a.prune_log.remote(version) for a in self._actors])  # only once recovery points past them
             return result | {"seconds": time.monotonic() - t0}
+
+    @staticmethod
+    def _all(refs: list, timeout_s: float) -> list:
+        """ray.get of one call per shard, within timeout_s; Unavailable naming the shards
+        that did not answer."""
+        ready, late = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
+        if late:
+            for ref in late:
+                ray.cancel(ref)
+            raise Unavailable(f"shards {[refs.index(r) for r in late]} did not answer within {timeout_s:.0f} s")
+        return ray.get(refs)
 
     def _next_generation(self, *taken: int) -> int:
         """The version of a new cut (checkpoint or restore): above every one handed out, and so

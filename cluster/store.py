@@ -37,6 +37,8 @@ CURRENT_CLUSTER_FILE = os.path.join(tempfile.gettempdir(), "ray", "ray_current_c
 # Every Ray head offers this resource: the coordinator lives there, with the GCS it depends on,
 # not on a memory node that may be removed.
 HEAD_NODE_RESOURCE = "node:__internal_head__"
+# How long a coordinator may take to answer a question beyond the call's own deadline.
+COORDINATOR_WAIT_S = 5.0
 # A store's name: it goes into actor names ("shard:NAME/i") and a default data dir's path.
 STORE_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,99}")
 
@@ -171,14 +173,20 @@ def _running(pid: int) -> bool:
         return False
 
 
+def _local_ray_address() -> str | None:
+    """The GCS address in Ray's address file (the Ray `ray start` last started here)."""
+    try:
+        with open(CURRENT_CLUSTER_FILE) as f:
+            return f.read().strip() or None
+    except OSError:
+        return None
+
+
 def _local_ray_answers(timeout_s: float = 1.0) -> bool:
     """Whether the Ray that `address="auto"` would pick (Ray's address file) accepts a TCP
     connection: a Ray stopped without `ray stop` leaves the file behind."""
-    try:
-        with open(CURRENT_CLUSTER_FILE) as f:
-            return _answers(f.read().strip(), timeout_s)
-    except OSError:
-        return False
+    address = _local_ray_address()
+    return address is not None and _answers(address, timeout_s)
 
 
 def _answers(address: str, timeout_s: float = 5.0) -> bool:
@@ -215,7 +223,7 @@ def default_data_dir(name: str) -> str:
 
 
 def deploy(name: str, num_shards: int, specs: list[TableSpec], *, data_dir: str | None = None,
-           wal_sync: str = "always", started_local_ray: str | None = None) -> dict:
+           wal_sync: str | None = None, started_local_ray: str | None = None) -> dict:
     """Brings store `name` up (Ray must be connected); idempotent for the same shard count.
 
     data_dir holds the shards' write-ahead logs and, by default, their checkpoints (one chosen
@@ -223,13 +231,14 @@ def deploy(name: str, num_shards: int, specs: list[TableSpec], *, data_dir: str 
     store.json: the store went down, or its whole Ray cluster did) resumes it: every shard
     loads the recovery checkpoint and replays its log, so no acknowledged write is lost;
     `specs` new to it are created, the others must match. wal_sync
-    is the log's durability: "always" (fsync per write), "group" (shared fsyncs) or "none".
+    is the log's durability: "always" (fsync per write; the default), "group" (shared fsyncs)
+    or "none"; given to a store that is up already, it must be the store's.
     started_local_ray: the GCS address of a local Ray started for this store, for `down`."""
     data_dir = os.path.abspath(data_dir) if data_dir else None  # the actors' working dir is not ours
-    check_deploy(num_shards, specs, wal_sync, name=name, data_dir=data_dir)  # the coordinator checks again
+    check_deploy(num_shards, specs, wal_sync or "always", name=name, data_dir=data_dir)  # the coordinator checks again
     for attempt in range(10):  # another deploy or shutdown of the name may be under way
         try:
-            return _join(find(name), name, num_shards, specs, data_dir)
+            return _join(find(name), name, num_shards, specs, data_dir, wal_sync)
         except StoreNotFound:
             pass
         try:
@@ -238,7 +247,7 @@ def deploy(name: str, num_shards: int, specs: list[TableSpec], *, data_dir: str 
                 .options(name=coordinator_name(name), namespace=NAMESPACE, lifetime="detached", num_cpus=0,
                          max_concurrency=16, max_restarts=-1, max_task_retries=-1,
                          resources={HEAD_NODE_RESOURCE: 0.001})
-                .remote(name, num_shards, data_dir or default_data_dir(name), wal_sync, started_local_ray,
+                .remote(name, num_shards, data_dir or default_data_dir(name), wal_sync or "always", started_local_ray,
                         data_dir is None)
             )
             break
@@ -260,9 +269,10 @@ def deploy(name: str, num_shards: int, specs: list[TableSpec], *, data_dir: str 
         raise _error_class(cause)(f"store {name!r} did not come up: {cause}") from None
 
 
-def _join(existing, name: str, num_shards: int, specs: list[TableSpec], data_dir: str | None = None) -> dict:
+def _join(existing, name: str, num_shards: int, specs: list[TableSpec], data_dir: str | None = None,
+          wal_sync: str | None = None) -> dict:
     """deploy() of a store that is up, or being brought up by another deploy: its layout once
-    whole, with `specs` created."""
+    whole, with `specs` created, and "joined": True."""
     try:
         started = ray.get(existing.started.remote())
     except ray.exceptions.RayActorError:  # that deploy failed, and took its coordinator down
@@ -274,11 +284,13 @@ def _join(existing, name: str, num_shards: int, specs: list[TableSpec], data_dir
         raise InvalidArgument(f"store {name!r} is already up with {layout['num_shards']} shards, not {num_shards}")
     if data_dir is not None and os.path.realpath(data_dir) != os.path.realpath(layout["data_dir"]):
         raise InvalidArgument(f"store {name!r} is already up on data dir {layout['data_dir']}, not {data_dir}")
+    if wal_sync is not None and wal_sync != layout.get("wal_sync", wal_sync):
+        raise InvalidArgument(f"store {name!r} is already up with wal sync {layout['wal_sync']}, not {wal_sync}")
     if not layout["shards"]:
         raise Unavailable(f"store {name!r} did not come up (another deploy of it failed): try again")
     for spec in specs:
         ray.get(existing.create_table.remote(spec.to_dict()))
-    return ray.get(existing.layout.remote())
+    return ray.get(existing.layout.remote()) | {"joined": True}
 
 
 def check_deploy(num_shards: int, specs: list[TableSpec], wal_sync: str = "always", *, name: str | None = None,
@@ -344,13 +356,22 @@ def _error_class(cause: str) -> type[MemStoreError]:
     return cls if isinstance(cls, type) and issubclass(cls, MemStoreError) else Unavailable
 
 
-def layout(name: str) -> dict:
-    return ray.get(find(name).layout.remote())
+def _ask(name: str, ref, timeout_s: float):
+    """ray.get of a call to store `name`'s coordinator, within timeout_s: a coordinator that
+    does not answer (its process stopped, its node gone) must not hang `health`, a probe."""
+    try:
+        return ray.get(ref, timeout=timeout_s)
+    except ray.exceptions.GetTimeoutError:
+        raise Unavailable(f"the coordinator of store {name!r} did not answer within {timeout_s:g} s") from None
 
 
-def shard_states(name: str) -> list[str]:
+def layout(name: str, timeout_s: float = COORDINATOR_WAIT_S) -> dict:
+    return _ask(name, find(name).layout.remote(), timeout_s)
+
+
+def shard_states(name: str, timeout_s: float = COORDINATOR_WAIT_S) -> list[str]:
     """Ray's state of each shard actor of store `name` (ALIVE, RESTARTING, ...)."""
-    return ray.get(find(name).shard_states.remote())
+    return _ask(name, find(name).shard_states.remote(), timeout_s)
 
 
 def shutdown(name: str) -> str | None:
@@ -372,16 +393,16 @@ def shutdown(name: str) -> str | None:
         _kill_shard_actors(name, layout["num_shards"])
     for other in list_stores() if started else ():
         try:
-            ray.get(find(other["store"]).adopt_local_ray.remote(started))
+            _ask(other["store"], find(other["store"]).adopt_local_ray.remote(started), COORDINATOR_WAIT_S)
             return None
-        except (StoreNotFound, ray.exceptions.RayError):
-            continue  # going down meanwhile itself: the next one
+        except (StoreNotFound, Unavailable, ray.exceptions.RayError):
+            continue  # going down meanwhile itself, or not answering: the next one
     return started
 
 
-def refresh_layout(name: str) -> dict:
-    """The layout after asking every shard where it serves now."""
-    return ray.get(find(name).refresh.remote())
+def refresh_layout(name: str, timeout_s: float = 30.0) -> dict:
+    """The layout after asking every shard where it serves now (each within timeout_s)."""
+    return _ask(name, find(name).refresh.remote(timeout_s), timeout_s + COORDINATOR_WAIT_S)
 
 
 def checkpoint(name: str, root: str | None = None, *, progress=None) -> dict:
@@ -412,10 +433,13 @@ def list_stores() -> list[dict]:
              if a.get("namespace") == NAMESPACE and a["name"].startswith("store:")]
     out = []
     for n in sorted(names):
+        name = n.split(":", 1)[1]
         try:
-            out.append(layout(n.split(":", 1)[1]))
+            out.append(layout(name))
         except (StoreNotFound, ray.exceptions.RayError):
             continue  # taken down while we listed
+        except Unavailable as e:  # listed, so that no caller takes it for gone
+            out.append({"store": name, "unreachable": str(e)})
     return out
 
 
@@ -464,18 +488,20 @@ def status(name: str, timeout_s: float = 2.0) -> dict:
     """One document about store `name`: per shard its place, state, tables, rows, bytes held
     next to process RSS, recent call rates and latencies, and log bytes since the last
     checkpoint; then a summary. States: SERVING, NOT_SERVING, RESTARTING (Ray is bringing the
-    shard's actor back: states are Ray's when the call starts), UNREACHABLE. A restarting
+    shard's actor back: states are Ray's when the call starts), DEAD (its recovery failed for
+    good), PENDING_CREATION (no node places it), UNREACHABLE. A restarting
     shard holds the call up to timeout_s."""
     from memstore.status import shard_status
 
     coordinator = find(name)
-    states = ray.get(coordinator.shard_states.remote())
+    states = _ask(name, coordinator.shard_states.remote(), COORDINATOR_WAIT_S)
     refreshed, logs = coordinator.refresh.remote(timeout_s), coordinator.log_bytes.remote(timeout_s)
-    layout, log_bytes = ray.get(refreshed), ray.get(logs)
+    wait_s = timeout_s + COORDINATOR_WAIT_S
+    layout, log_bytes = _ask(name, refreshed, wait_s), _ask(name, logs, wait_s)
     shards = [
         ({"shard_index": s["shard_index"], "address": s["address"], "node_id": s.get("node_id", ""),
-          "metrics_address": s.get("metrics_address"), "state": "RESTARTING"}
-         if state == "RESTARTING" else shard_status(s, timeout_s)) | {"log_bytes": b}
+          "metrics_address": s.get("metrics_address"), "state": state}
+         if state in ("RESTARTING", "DEAD", "PENDING_CREATION") else shard_status(s, timeout_s)) | {"log_bytes": b}
         for s, b, state in zip(layout["shards"], log_bytes, states)
     ]
     recovery = layout["recovery"]

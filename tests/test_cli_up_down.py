@@ -41,6 +41,10 @@ def test_up_ls_health_down_round_trip(tmp_path):
             assert client.spec("engram.l1").optimizer.beta2 == 0.999
         ls = memstore("ls")
         assert ls.returncode == 0 and "cli-store" in ls.stdout and "2 shards" in ls.stdout
+        again = memstore("up", "--name", "cli-store", "--shards", "2")
+        assert again.returncode == 0 and "it was up already: joined it" in again.stdout, again.stderr
+        other = memstore("up", "--name", "cli-store", "--shards", "2", "--wal-sync", "none")
+        assert other.returncode == 64 and "already up with wal sync always, not none" in other.stderr, other.stderr
         ckpt = memstore("checkpoint", "cli-store", str(tmp_path / "ckpts"))
         assert ckpt.returncode == 0 and "checkpoint 1 of store 'cli-store'" in ckpt.stdout, ckpt.stderr
         with MemStoreClient(addresses) as client:
@@ -72,6 +76,14 @@ def test_bad_config_is_one_clear_line(tmp_path):
     config.write_text('[[tables]]\nname = "x"\nnum_rows = 10\ndim = 4\ncolour = "red"\n')
     r = memstore("up", "--name", "bad", "--shards", "1", "--config", str(config))
     assert r.returncode != 0 and "unknown fields ['colour']" in r.stderr and "Traceback" not in r.stderr
+    twice = tmp_path / "twice.toml"
+    twice.write_text('[[tables]]\nname = "a"\nnum_rows = 10\ndim = 4\n[[tables]]\nname = "a"\nnum_rows = 20\ndim = 4\n')
+    r = memstore("up", "--name", "bad", "--shards", "1", "--config", str(twice))
+    assert r.returncode == 64 and "names table(s) ['a'] more than once" in r.stderr, r.stderr
+    binary = tmp_path / "binary.toml"
+    binary.write_bytes(b"\xff\xfe\x00")
+    r = memstore("up", "--name", "bad", "--shards", "1", "--config", str(binary))
+    assert r.returncode == 64 and f"cannot read store config {binary}" in r.stderr, r.stderr
 
 
 def test_bad_arguments_start_nothing_and_the_last_down_stops_the_ray(tmp_path):

@@ -105,3 +105,22 @@ def test_an_unknown_store_exits_2(probe_store, capsys, command):
     code, _, err = cli(capsys, command, "no-such-store")
     assert code == ExitStatus.UNAVAILABLE == 2
     assert err.strip() == f"memstore {command}: error: no store named 'no-such-store' on this Ray cluster"
+
+
+def test_a_coordinator_that_does_not_answer_fails_health_within_its_deadline(probe_store, capsys):
+    """`health` is a probe: a stopped coordinator process (SIGSTOP, as a hung node) must not
+    hang it, nor `ls` or `status`."""
+    from ray._private import state
+
+    pid = state.actors(store.find(NAME)._actor_id.hex())["Pid"]
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        for argv, code in ((("health", NAME, "--timeout", "1"), ExitStatus.UNAVAILABLE),
+                           (("status", NAME), ExitStatus.UNAVAILABLE), (("ls",), 1)):
+            t0 = time.monotonic()
+            got, out, err = cli(capsys, *argv)
+            assert got == code and "did not answer within" in out + err, (argv, got, out, err)
+            assert time.monotonic() - t0 < 20, f"{argv} took {time.monotonic() - t0:.0f} s"
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    assert cli(capsys, "health", NAME)[0] == ExitStatus.OK

@@ -684,3 +684,26 @@ def test_a_run_resumed_on_a_store_shared_with_another_run_changes_nothing(cluste
             assert train(cfg, client, progress=False, resume=tmp_path / "A", store_name="shared")["step"] == 4
     finally:
         store.shutdown("shared")
+
+
+def test_a_wedged_shard_fails_the_cut_and_leaves_no_other_frozen(engram_store):
+    """A shard that stops answering (SIGSTOP: a hung disk, a swapped-out host) fails a cut
+    within its deadline, naming the shard; the shards frozen before it are thawed at once
+    rather than holding their writes until the freeze's lease lapses."""
+    from cluster.coordinator import _ShardCut
+    from memstore.cut import take_cut
+
+    actors = ray.get(store.find("engram").actors.remote())
+    layout = store.layout("engram")
+    with MemStoreClient([s["address"] for s in layout["shards"]], ClientConfig(timeout_s=5, retry_s=0)) as client:
+        client.spec("engram.l1")  # read while every shard answers
+        os.kill(layout["shards"][2]["pid"], signal.SIGSTOP)
+        try:
+            t0 = time.monotonic()
+            with pytest.raises(Unavailable, match="shard 2 did not answer the cut within 6 s"):
+                take_cut([_ShardCut(a, i, timeout_s=3.0) for i, a in enumerate(actors)], lambda: None)
+            assert time.monotonic() - t0 < 30
+            client.update("engram.l1", np.array([0, 1, 4, 5]), np.ones((4, 16), np.float32), lr=0.01)  # shards 0, 1
+        finally:
+            os.kill(layout["shards"][2]["pid"], signal.SIGCONT)
+        client.update("engram.l1", np.arange(8), np.ones((8, 16), np.float32), lr=0.01)  # every shard

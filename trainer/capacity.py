@@ -50,6 +50,7 @@ DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}  # memstore.spec.DTYPE
 OPTIMIZERS = ("adam", "adagrad", "sgd")
 KEY_BYTES = 8  # int64 keys on the wire
 GIB = 1 << 30
+MAX_SHARDS = 4096  # the most shards a store may have (cluster.store.check_deploy)
 
 
 @dataclass(frozen=True)
@@ -102,6 +103,8 @@ class PlanConfig:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
         if not 0 < self.usable_fraction <= 1:
             raise ValueError(f"usable_fraction must lie in (0, 1], got {self.usable_fraction}")
+        if not 0 <= self.momentum < 1:
+            raise ValueError(f"momentum must lie in [0, 1), got {self.momentum}")
 
     @property
     def num_heads_per_layer(self) -> int:
@@ -264,6 +267,9 @@ def plan(cfg: PlanConfig, unique_fraction: Sequence[float], step_unique_fraction
     table_bytes = rows * cfg.row_bytes
     optimizer_bytes = rows * cfg.optimizer_bytes_per_row()
     nodes, shards = place(table_bytes + optimizer_bytes, cfg)
+    if shards > MAX_SHARDS:
+        raise ValueError(f"the tables need {shards:,} shards of at most {cfg.max_shard_gib:g} GiB; a store has at most "
+                         f"{MAX_SHARDS} (raise max_shard_gib)")
     t = cfg.tokens_per_worker
     heads = cfg.engram_layers * cfg.n_head_per_ngram  # heads of one order, over all layers
     unique_per_worker = sum(min(t, round(u * t)) * heads for u in unique_fraction)

@@ -39,11 +39,13 @@ def run(args: argparse.Namespace) -> int:
     if not 0 < args.timeout < math.inf:
         raise ValueError(f"--timeout must be > 0 seconds and finite, got {args.timeout}")
     store.ensure_ray(args.address)
-    layout = store.layout(args.name)
+    layout = store.layout(args.name, args.timeout + store.COORDINATOR_WAIT_S)
     states = [check(s["address"], args.timeout) for s in layout["shards"]]
     if any(st != "SERVING" for st in states):  # name the shards Ray is bringing back (not serving yet)
-        ray_states = store.shard_states(args.name)
-        states = ["RESTARTING" if st != "SERVING" and r == "RESTARTING" else st
+        ray_states = store.shard_states(args.name, args.timeout + store.COORDINATOR_WAIT_S)
+        # Ray's word where it has one: RESTARTING (coming back), DEAD (its recovery failed for
+        # good: the cause is in the shard's Ray log), PENDING_CREATION (no node can place it).
+        states = [r if st != "SERVING" and r in ("RESTARTING", "DEAD", "PENDING_CREATION") else st
                   for st, r in zip(states, ray_states, strict=True)]
     for s, state in zip(layout["shards"], states):
         print(f"shard {s['shard_index']:>3}  {s['address']:<22} {state}")

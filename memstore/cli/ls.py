@@ -23,5 +23,8 @@ def run(args: argparse.Namespace) -> int:
     if not stores:
         print("no stores")
     for s in stores:
+        if "unreachable" in s:
+            print(f"{s['store']:<24} UNREACHABLE: {s['unreachable']}")
+            continue
         print(f"{s['store']:<24} {s['num_shards']:>4} shards  {len(s['tables']):>3} tables  epoch {s['epoch']}")
-    return 0
+    return 1 if any("unreachable" in s for s in stores) else 0

@@ -50,6 +50,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             traceback.print_exc()
         e = getattr(e, "cause", None) or e  # a failure inside a Ray actor: report its cause
+        ray = sys.modules.get("ray")
+        if ray is not None and isinstance(e, ray.exceptions.RayActorError):  # a shard or coordinator is dead
+            from cluster.store import _root_cause
+
+            print(f"memstore {args.command}: error: an actor of the store died: {_root_cause(e)}", file=sys.stderr)
+            return ExitStatus.UNAVAILABLE
         if isinstance(e, (Unavailable, StoreNotFound, TableNotFound)):
             status = ExitStatus.UNAVAILABLE
         elif isinstance(e, (ValueError, InvalidArgument)):

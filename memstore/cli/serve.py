@@ -59,6 +59,8 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("--wal-sync and --compact-log-bytes apply to a shard with --data-dir only")
     if args.port:
         _check_bindable(args.host, args.port)
+    if args.workers < 1:
+        raise ValueError(f"--workers must be >= 1, got {args.workers}")
     if args.torch_threads < 0:
         raise ValueError(f"--torch-threads must be >= 0, got {args.torch_threads}")
     if args.torch_threads:

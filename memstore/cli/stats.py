@@ -88,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
         from cluster import store
 
         store.ensure_ray(args.address)
-        addresses = [s["address"] for s in store.refresh_layout(args.name)["shards"]]
+        addresses = [s["address"] for s in store.refresh_layout(args.name, args.timeout)["shards"]]
     tables = collect(addresses, args.table, args.timeout)
     # A table some shards lack (a create that failed part-way, a shard still replaying its log)
     # is reported from the shards that have it, and the store counts as degraded.

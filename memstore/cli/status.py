@@ -21,6 +21,10 @@ def _mib(n) -> str:
     return f"{n / 2**20:,.1f}" if n is not None else "-"
 
 
+def _rate(r) -> str:
+    return f"{r:.1f}" if r is not None else "-"
+
+
 def render(doc: dict) -> str:
     lines = [f"{'shard':>5}  {'address':<22} {'state':<12} {'tables':>6} {'rows':>12} {'held MiB':>9} "
              f"{'RSS MiB':>8} {'shm MiB':>8} {'lookup/s':>9} {'update/s':>9} {'lookup p50/p99 ms':>18} {'log MiB':>8}"]
@@ -28,10 +32,14 @@ def render(doc: dict) -> str:
         lat = s.get("latency_ms", {})
         lat = lat.get("LookupMany") or lat.get("Lookup")  # a trainer's lookups are LookupMany
         p = f"{lat['p50']:.1f}/{lat['p99']:.1f}" if lat else "-"
+        # A shard that did not answer has no figures: "-", not a 0 that reads as an empty shard.
+        rows, lk, up = (f"{s['rows']:,}" if "rows" in s else "-", _rate(s.get("lookups_per_s")),
+                        _rate(s.get("updates_per_s")))
         lines.append(f"{s['shard_index']:>5}  {s['address']:<22} {s['state']:<12} {s.get('tables', '-'):>6} "
-                     f"{s.get('rows', 0):>12,} {_mib(s.get('bytes_held')):>9} {_mib(s.get('rss_bytes')):>8} "
-                     f"{_mib(s.get('mapped_segment_bytes')):>8} {s.get('lookups_per_s', 0):>9.1f} "
-                     f"{s.get('updates_per_s', 0):>9.1f} {p:>18} {_mib(s['log_bytes']):>8}")
+                     f"{rows:>12} {_mib(s.get('bytes_held')):>9} {_mib(s.get('rss_bytes')):>8} "
+                     f"{_mib(s.get('mapped_segment_bytes')):>8} {lk:>9} {up:>9} {p:>18} {_mib(s['log_bytes']):>8}")
+    if missing := [s["shard_index"] for s in doc["shards"] if "rows" not in s]:
+        lines.append(f"shards {missing} did not answer: the totals below leave them out")
     for s in doc["shards"]:  # what an operator must act on, under the table
         if (log := s.get("log")) and log["failed"]:
             lines.append(f"shard {s['shard_index']}: its write-ahead log failed ({log['failed']}): it refuses every "

@@ -16,8 +16,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     durability = p.add_argument_group("durability")
     durability.add_argument("--data-dir", help="write-ahead logs and checkpoints; shared storage for shards to recover "
                                                "on other nodes; one that holds this store resumes it (default $MEMSTORE_DATA_DIR/NAME-<id>, else under /tmp)")
-    durability.add_argument("--wal-sync", choices=("always", "group", "none"), default="always",
-                            help="log durability: fsync per write (default), shared fsyncs, or page cache only")
+    durability.add_argument("--wal-sync", choices=("always", "group", "none"),
+                            help="log durability: fsync per write (default), shared fsyncs, or page cache only; "
+                                 "for a store that is up, it must be the store's")
 
 
 def load_config(path: Path) -> list:
@@ -26,7 +27,7 @@ def load_config(path: Path) -> list:
 
     try:
         doc = tomllib.loads(path.read_text())
-    except (OSError, tomllib.TOMLDecodeError) as e:
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
         raise InvalidArgument(f"cannot read store config {path}: {e}") from None
     unknown = set(doc) - {"tables"}
     if unknown:
@@ -35,9 +36,13 @@ def load_config(path: Path) -> list:
     if not isinstance(tables, list) or not all(isinstance(t, dict) for t in tables):
         raise InvalidArgument(f"store config {path}: `tables` must be [[tables]] entries, got {tables!r}")
     try:
-        return [TableSpec.from_dict(t) for t in tables]
+        specs = [TableSpec.from_dict(t) for t in tables]
     except InvalidArgument as e:
         raise InvalidArgument(f"store config {path}: {e}") from None
+    names = [s.name for s in specs]
+    if repeated := sorted({n for n in names if names.count(n) > 1}):
+        raise InvalidArgument(f"store config {path} names table(s) {repeated} more than once")
+    return specs
 
 
 def run(args: argparse.Namespace) -> int:
@@ -45,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
 
     specs = load_config(args.config) if args.config else []
     # Before a local Ray is started for nothing.
-    store.check_deploy(args.shards, specs, args.wal_sync, name=args.name, data_dir=args.data_dir)
+    store.check_deploy(args.shards, specs, args.wal_sync or "always", name=args.name, data_dir=args.data_dir)
     started = store.ensure_ray(args.address, start_local=True)
     try:
         layout = store.deploy(args.name, args.shards, specs, data_dir=args.data_dir, wal_sync=args.wal_sync,
@@ -56,7 +61,9 @@ def run(args: argparse.Namespace) -> int:
         raise
     print(f"store {args.name!r} is up: {layout['num_shards']} shards, {len(layout['tables'])} tables, "
           f"epoch {layout['epoch']}, data in {layout['data_dir']}")
-    if layout.get("resumed"):
+    if layout.get("joined"):
+        print("  it was up already: joined it")
+    elif layout.get("resumed"):
         resumed = layout["resumed"]
         base = f"checkpoint {resumed['version']}" if resumed["checkpoint"] else "no checkpoint"
         print(f"  resumed from its data dir: {base} + {resumed['replayed']} logged writes replayed")
