@@ -12,6 +12,7 @@ named ("shard:NAME/i") and detached, so that they serve on while their coordinat
 
 from __future__ import annotations
 
+import collections
 import math
 import os
 import threading
@@ -88,6 +89,11 @@ class _ShardActor:
         self._restore = None  # a checkpoint's tables loaded for a restore, swapped in at its cut
         self._progress = (0, 0)  # (done, total) bytes of the checkpoint write or restore under way
         self._restoring = threading.Lock()  # one restore swap at a time (a finishing one may race the first)
+        # Orders a cut's freeze and thaw here (the actor runs calls on several threads), and
+        # guards _ended_cuts: the cuts already thawed, whose freeze arriving late (a shard
+        # that was stopped while the cut gave up on it) must not freeze it again.
+        self._cut_lock = threading.Lock()
+        self._ended_cuts: collections.deque[str] = collections.deque(maxlen=64)
 
         self.server = _serve_in_port_range(self.engine, ray.util.get_node_ip_address())
         settle_shard_process()
@@ -121,8 +127,11 @@ class _ShardActor:
         self.engine.create_table(TableSpec.from_dict(spec))
 
     # ---- the cut protocol (memstore.cut), driven by the coordinator ---------------------------
-    def cut_freeze(self, drain_s: float = 60.0) -> dict:
-        return self.engine.gate.freeze(timeout_s=drain_s)
+    def cut_freeze(self, drain_s: float = 60.0, cut: str = "") -> dict:
+        with self._cut_lock:
+            if cut and cut in self._ended_cuts:
+                return {}  # that cut is over: nobody waits for this answer
+            return self.engine.gate.freeze(timeout_s=drain_s)
 
     def cut_release(self, groups: list[str]) -> None:
         self.engine.gate.release(groups)
@@ -130,14 +139,17 @@ class _ShardActor:
     def cut_applied(self, groups: list[str]) -> dict:
         return self.engine.gate.applied(groups)
 
-    def cut_unfreeze(self, forget: bool = True) -> None:
+    def cut_unfreeze(self, forget: bool = True, cut: str = "") -> None:
         from memstore import wal
 
-        try:
-            if forget:  # before any later write reaches the log: replay forgets the groups here too
-                self.wal.append(wal.cut_record())
-        finally:
-            self.engine.gate.unfreeze(forget)
+        with self._cut_lock:
+            if cut:
+                self._ended_cuts.append(cut)
+            try:
+                if forget:  # before any later write reaches the log: replay forgets the groups here too
+                    self.wal.append(wal.cut_record())
+            finally:
+                self.engine.gate.unfreeze(forget)
 
     def cut_snapshot(self, generation: int) -> int:
         """While frozen: copy the tables and start the log's next generation, both under one

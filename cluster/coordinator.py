@@ -18,14 +18,15 @@ import os
 import shutil
 import threading
 import time
+import uuid
 from pathlib import Path
 
 import ray
 
 from cluster import storefile
+from cluster.actors import NAMESPACE, RESOURCE_SHARE, _ShardActor, shard_actor_name
 from memstore.cut import FREEZE_LEASE_S
 from memstore.errors import Unavailable
-from cluster.actors import NAMESPACE, RESOURCE_SHARE, _ShardActor, shard_actor_name
 
 log = logging.getLogger(__name__)
 
@@ -53,10 +54,11 @@ class _ShardCut:
     deadline: a wedged shard fails the cut, which then thaws the others, instead of holding
     every shard's writes until the freeze's lease lapses)."""
 
-    def __init__(self, actor, index: int, timeout_s: float = CUT_CALL_S) -> None:
+    def __init__(self, actor, index: int, timeout_s: float = CUT_CALL_S, cut: str | None = None) -> None:
         self.actor = actor
         self.index = index
         self.timeout_s = timeout_s
+        self.cut = cut or uuid.uuid4().hex  # one id for the cut's freeze and thaw on this shard
 
     def _get(self, ref, timeout_s: float | None = None, cancel: bool = True):
         timeout_s = timeout_s or self.timeout_s
@@ -68,7 +70,7 @@ class _ShardCut:
             raise Unavailable(f"shard {self.index} did not answer the cut within {timeout_s:.0f} s") from None
 
     def freeze(self):
-        return self._get(self.actor.cut_freeze.remote(self.timeout_s), 2 * self.timeout_s)
+        return self._get(self.actor.cut_freeze.remote(self.timeout_s, self.cut), 2 * self.timeout_s)
 
     def release(self, groups):
         self._get(self.actor.cut_release.remote(groups))
@@ -77,7 +79,8 @@ class _ShardCut:
         return self._get(self.actor.cut_applied.remote(groups))
 
     def unfreeze(self, forget: bool = True):
-        self._get(self.actor.cut_unfreeze.remote(forget), cancel=False)  # still wanted once it wakes
+        # Still wanted once a stopped shard wakes; a freeze of this cut it meets after is void.
+        self._get(self.actor.cut_unfreeze.remote(forget, self.cut), cancel=False)
 
 
 class _Coordinator:

@@ -132,9 +132,9 @@ def take_cut(shards: list, snapshot, deadline_s: float = 30.0, poll_s: float = 0
     try:
         seen: dict[str, list[int]] = {}  # group -> [parts, applied on all shards]
         for shard in shards:
+            frozen.append(shard)  # thawed on failure even if its freeze failed: it may yet arrive
             for group, (parts, applied) in shard.freeze().items():
                 seen.setdefault(group, [parts, 0])[1] += applied
-            frozen.append(shard)
         partial = [g for g, (parts, applied) in seen.items() if 0 < applied < parts]
         if partial:
             for shard in shards:

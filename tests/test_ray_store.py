@@ -706,4 +706,7 @@ def test_a_wedged_shard_fails_the_cut_and_leaves_no_other_frozen(engram_store):
             client.update("engram.l1", np.array([0, 1, 4, 5]), np.ones((4, 16), np.float32), lr=0.01)  # shards 0, 1
         finally:
             os.kill(layout["shards"][2]["pid"], signal.SIGCONT)
+    # The stopped shard wakes to the cut's freeze and thaw, in either order: it must not stay
+    # frozen (for the 300 s lease) when the freeze comes last.
+    with MemStoreClient([s["address"] for s in layout["shards"]], ClientConfig(timeout_s=30, retry_s=0)) as client:
         client.update("engram.l1", np.arange(8), np.ones((8, 16), np.float32), lr=0.01)  # every shard
