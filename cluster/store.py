@@ -37,8 +37,11 @@ CURRENT_CLUSTER_FILE = os.path.join(tempfile.gettempdir(), "ray", "ray_current_c
 # Every Ray head offers this resource: the coordinator lives there, with the GCS it depends on,
 # not on a memory node that may be removed.
 HEAD_NODE_RESOURCE = "node:__internal_head__"
-# How long a coordinator may take to answer a question beyond the call's own deadline.
+# How long a coordinator may take to answer an operator's question beyond the call's own
+# deadline (health, status, ls), and a program's (a restarted coordinator answers only once
+# it is back: that can take a while).
 COORDINATOR_WAIT_S = 5.0
+COORDINATOR_CALL_S = 120.0
 # A store's name: it goes into actor names ("shard:NAME/i") and a default data dir's path.
 STORE_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,99}")
 
@@ -365,11 +368,11 @@ def _ask(name: str, ref, timeout_s: float):
         raise Unavailable(f"the coordinator of store {name!r} did not answer within {timeout_s:g} s") from None
 
 
-def layout(name: str, timeout_s: float = COORDINATOR_WAIT_S) -> dict:
+def layout(name: str, timeout_s: float = COORDINATOR_CALL_S) -> dict:
     return _ask(name, find(name).layout.remote(), timeout_s)
 
 
-def shard_states(name: str, timeout_s: float = COORDINATOR_WAIT_S) -> list[str]:
+def shard_states(name: str, timeout_s: float = COORDINATOR_CALL_S) -> list[str]:
     """Ray's state of each shard actor of store `name` (ALIVE, RESTARTING, ...)."""
     return _ask(name, find(name).shard_states.remote(), timeout_s)
 
@@ -435,7 +438,7 @@ def list_stores() -> list[dict]:
     for n in sorted(names):
         name = n.split(":", 1)[1]
         try:
-            out.append(layout(name))
+            out.append(layout(name, COORDINATOR_WAIT_S))
         except (StoreNotFound, ray.exceptions.RayError):
             continue  # taken down while we listed
         except Unavailable as e:  # listed, so that no caller takes it for gone
