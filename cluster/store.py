@@ -71,6 +71,8 @@ def ensure_ray(address: str | None = None, *, start_local: bool = False) -> str 
     # wait a long time on it, as on any address nothing listens at: look first.
     if target != "auto" and not _answers(target):
         raise Unavailable(f"cannot reach Ray at {target}: nothing accepts a connection there")
+    if target != "auto" and not _speaks_grpc(target):  # ray.init would wait on it for minutes
+        raise Unavailable(f"cannot reach Ray at {target}: what listens there is not a Ray GCS (no gRPC)")
     if target != "auto" or _local_ray_answers():
         try:
             ray.init(address=target, namespace=NAMESPACE, log_to_driver=False, logging_level="WARNING")
@@ -203,6 +205,22 @@ def _answers(address: str, timeout_s: float = 5.0) -> bool:
             return True
     except OSError:
         return False
+
+
+def _speaks_grpc(address: str, timeout_s: float = 5.0) -> bool:
+    """Whether HOST:PORT answers gRPC, as a Ray GCS does: a call of a method no server has
+    comes back UNIMPLEMENTED (or refused as unauthenticated) from one; a server of another
+    protocol fails it as UNAVAILABLE. ray:// and other forms are left for ray.init: True."""
+    import grpc
+
+    if address.startswith("ray://") or not address.rpartition(":")[2].isdigit():
+        return True
+    with grpc.insecure_channel(address) as channel:
+        try:
+            channel.unary_unary("/memstore.v1.Probe/Ping")(b"", timeout=timeout_s)
+        except grpc.RpcError as e:
+            return e.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+    return True
 
 
 def memory_resource() -> str | None:

@@ -7,8 +7,10 @@ Run: python -m pytest tests/test_cli_up_down.py -q
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
+import time
 
 import numpy as np
 
@@ -99,6 +101,24 @@ def test_bad_arguments_start_nothing_and_the_last_down_stops_the_ray(tmp_path):
         assert r.returncode == 64 and message in r.stderr, r.stderr
     nobody = memstore("health", "x", "--address", "127.0.0.1:1", timeout=60)
     assert nobody.returncode == 2 and "cannot reach Ray at 127.0.0.1:1" in nobody.stderr, nobody.stderr
+    # Something that accepts connections but is not Ray: refused at once (ray.init waited minutes).
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    web = subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1"],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            with socket.socket() as probe:
+                if probe.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            time.sleep(0.1)
+        other = memstore("health", "x", "--address", f"127.0.0.1:{port}", timeout=60)
+        assert other.returncode == 2 and "is not a Ray GCS" in other.stderr, other.stderr
+    finally:
+        web.kill()
+        web.wait()
 
     first = memstore("up", "--name", "first", "--shards", "1")  # starts the local Ray
     try:
