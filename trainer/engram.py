@@ -276,19 +276,19 @@ class EngramRows:
         self._keys, self._leaf = ids, e
         return e
 
-    def push(self, lr: float, *, watch: Mapping[str, np.ndarray] | None = None, exchange=None,
+    def push(self, lr: float, *, watch: Mapping[str, np.ndarray] | None = None, parallel: Any = None,
              update_id: str | None = None) -> dict[str, tuple[np.ndarray, torch.Tensor]]:
         """Sends the rows' gradients, one update per table; lr is the backbone's learning
         rate (the tables get lr * cfg.table_lr_multiplier). Call after backward().
 
         watch: {table: keys} whose rows, where this update changes them, come back in the
         update's reply (`update_read`); returns {table: (sorted changed keys, rows)} for the
-        watched tables. exchange(keys (B, T, H), grads (B, T, H, d)) -> the same for all
-        data-parallel workers' batches, in rank order (trainer.parallel): every worker then
-        sends that whole update under `update_id` + table, which the store applies once."""
-        assert (exchange is None) == (update_id is None), (
-            "data-parallel pushes need both exchange and update_id: without the id the summed update "
-            "applies W times, without the exchange only one worker's part applies")
+        watched tables. parallel: the run's trainer.parallel.DataParallel; then the workers
+        together push the summed update of all their batches, each worker one piece of it
+        under `update_id` + table + piece, and each gets the changed rows it watches."""
+        assert (parallel is None) == (update_id is None), (
+            "data-parallel pushes need both parallel and update_id: without the id a retried piece "
+            "could apply twice, without parallel only this worker's part applies")
         if self._leaf is None:
             raise RuntimeError(f"Engram layer {self.layer_id}: push() without a fetch()")
         if self._leaf.grad is None:
@@ -298,15 +298,13 @@ class EngramRows:
         keys = self._keys
         grads = self._leaf.grad.detach().to("cpu", torch.float32).view(B, T, H, -1)  # (B, T, H, d)
         self._keys = self._leaf = None  # the step is over even if an update fails
-        if exchange is not None:
-            keys, grads = exchange(keys, grads)  # (W*B, T, H), (W*B, T, H, d)
         table_lr = float(lr) * self.cfg.table_lr_multiplier
-        watch = watch or {}
+        watch = {name: watch[name] for name in self.tables if name in watch} if watch else {}
+        if parallel is not None:
+            return parallel.push(self.store, self.tables, keys, grads, table_lr, watch, update_id)
         # One call for every head (one request per shard), each head's update its own.
         return self.store.update_many(
-            {name: (keys[..., h], grads[:, :, h]) for h, name in enumerate(self.tables)}, table_lr,
-            watch={name: watch[name] for name in self.tables if name in watch},
-            update_ids=None if update_id is None else {name: f"{update_id}/{name}" for name in self.tables})
+            {name: (keys[..., h], grads[:, :, h]) for h, name in enumerate(self.tables)}, table_lr, watch=watch)
 
     def discard(self) -> None:
         """Forgets a fetched step without pushing (e.g. a skipped batch)."""

@@ -29,8 +29,9 @@ to date, without a second round trip:
   shards only affects touched keys, which are refreshed).
 - This relies on the store's optimizer touching only the updated rows (memstore.optim: sparse
   Adam, decoupled weight decay on the updated rows only) and on every update to these tables
-  passing through `acknowledge`: with data-parallel workers each worker sends (and so
-  acknowledges) the step's whole summed update (trainer.parallel).
+  passing through `acknowledge`: with data-parallel workers each worker pushes one piece of
+  the step's summed update and acknowledges all of it, with the changed rows it watches
+  routed back from the workers that pushed the other pieces (trainer.parallel).
 
 Accounting: `wait_s` counts only the time blocked on rows (Future.result of the lookups), not
 hashing or concatenation; `rows_fetched` counts unique keys per table and step looked up,

@@ -310,7 +310,7 @@ def train_step(run: Run, step: int, x: torch.Tensor, y: torch.Tensor) -> tuple[f
     run.opt.zero_grad(set_to_none=True)
     (loss if dp is None else loss / dp.world).backward()  # W workers' sum: the whole batch's mean
     watch = run.prefetch.watch() if run.rows else {}
-    push = {} if dp is None else {"exchange": dp.exchange, "update_id": dp.update_id(step)}
+    push = {} if dp is None else {"parallel": dp, "update_id": dp.update_id(step)}
     pushes = run.pusher.submit(_push_layers, run.rows, lr, watch, push)
     loss_value = loss.item() if dp is None else dp.all_reduce_grads(run.model.parameters(), loss.item())
     torch.nn.utils.clip_grad_norm_(run.model.parameters(), run.cfg.grad_clip)
