@@ -40,14 +40,23 @@ def test_hand_checked_plan():
     # per worker: 500 tokens; 2-gram heads 250 distinct keys each, 3-gram heads 400 -> 1,300
     assert p.keys_per_step == 2 * 500 * 4 == 4000 and p.rows_per_step == 2 * 1300
     assert p.dedup_rate == pytest.approx(1 - 2600 / 4000)
-    # The push is the whole step's update, sent by each worker: without the step's distinct
-    # share, the bound of no key shared between the workers: 2 x 1,300 keys
-    assert (p.lookup_out_bytes, p.lookup_in_bytes, p.update_out_bytes) == (1300 * 8, 1300 * 64, 2600 * 72)
+    # Each worker pushes its piece, half of the step's update; without the step's distinct
+    # share, the bound of no key shared between the workers: 2 x 1,300 keys, 1,300 each
+    assert (p.lookup_out_bytes, p.lookup_in_bytes, p.update_out_bytes) == (1300 * 8, 1300 * 64, 1300 * 72)
+    # Among the workers, half of each worker's traffic goes to the other: its 1,300 float32
+    # sums with keys (72 bytes), the 1,300 watched keys of 1 prefetched step, and 10 % of its
+    # 1,300 rows back refreshed: (93,600 + 10,400 + 9,360) / 2
+    assert p.exchange_bytes == 56_680 and p.exchange_bytes_per_step == 2 * 56_680
     # 0.008 Gbit/s = 1e6 B/s; two workers over two store nodes: each link carries one worker's worth
-    assert p.lookup_s == pytest.approx(0.0832) and p.push_s == pytest.approx(0.1872)
-    assert p.link_utilisation == pytest.approx((10_400 + 187_200) / 1e6)
+    assert p.lookup_s == pytest.approx(0.0832) and p.push_s == pytest.approx(0.0936)
+    assert p.exchange_s == pytest.approx(0.05668) and p.sync_s == pytest.approx(0.0936 + 0.05668)
+    # The busiest link: a worker's NIC outbound, its lookup keys and piece plus the exchange
+    assert p.link_utilisation == pytest.approx((10_400 + 93_600 + 56_680) / 1e6)
     # Measured at the step's 1,000 tokens: 2-gram heads 300 distinct keys each, 3-gram heads 600
-    assert plan(HAND, [0.5, 0.8], [0.3, 0.6]).update_out_bytes == (2 * 300 + 2 * 600) * 72
+    assert plan(HAND, [0.5, 0.8], [0.3, 0.6]).update_out_bytes == (2 * 300 + 2 * 600) // 2 * 72
+    # One worker: no exchange, the whole update its piece
+    solo = plan(PlanConfig(**{**HAND.__dict__, "workers": 1}), [0.5, 0.8])
+    assert solo.exchange_bytes == 0 and solo.update_out_bytes == solo.rows_per_step * 72
     assert p.prefetch_hides_lookups
     assert not plan(PlanConfig(**{**HAND.__dict__, "step_time_s": 0.05}), [0.5, 0.8]).prefetch_hides_lookups
     assert not plan(PlanConfig(**{**HAND.__dict__, "prefetch_depth": 0}), [0.5, 0.8]).prefetch_hides_lookups

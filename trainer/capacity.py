@@ -14,17 +14,24 @@ network bandwidth), `plan` works out:
   workers tokens; each of its (layer, head) tables gets one key per token, and the client
   looks up each distinct key once (`unique_fraction[n]`, the distinct share of an order-n
   head's keys at that many tokens, measured on a corpus by trainer.dedup). Workers do not
-  de-duplicate their lookups against each other. The push is the whole step's update: the
-  workers all-gather their keys and gradients (trainer.parallel) and every worker sends the
-  summed update of all the step's distinct keys (`step_unique_fraction`, at tokens_per_step
-  tokens; the store applies the first copy), so W copies of it cross the wire;
+  de-duplicate their lookups against each other. The push is one copy of the step's summed
+  update (trainer.parallel): every worker sums its own gradients per distinct key, sends
+  each sum to the worker of its key's piece (key mod W) and pushes its piece, 1/W of the
+  step's distinct keys (`step_unique_fraction`, at tokens_per_step tokens);
+- the exchange among workers that this takes, per worker and each direction (a worker's
+  traffic to the others, balanced, (W - 1)/W of it crossing its NIC): its distinct keys'
+  float32 sums with their keys; the watched keys of its prefetched steps (at most
+  prefetch_depth steps' distinct keys); and the changed watched rows coming back, a share
+  `refresh_fraction` of the rows it looks up (trainer.prefetch measured 6.8 % at depth 1 and
+  11.5 % at depth 2 on the default model);
 - the bytes on the wire (framing ignored): a lookup sends 8-byte keys and gets rows back in
   the wire dtype; an update sends keys and one gradient row per key, in the wire dtype;
 - whether prefetch hides the transfer. Every NIC is full duplex at `bandwidth_gbps` each way.
   The lookups of a step start prefetch_depth steps early, so they are hidden when they take
   at most prefetch_depth * step_time and no link carries more than one step's traffic per
-  step. The gradient push is not hidden in sync mode: the step ends when the store has
-  applied it (trainer.train), so its transfer time is reported as exposed.
+  step. The row sync is not hidden in sync mode: the step ends when the store has applied
+  the update and the changed rows are back (trainer.train), so the exchange's and the
+  push's transfer times are reported as exposed.
 
 The presets are the paper's (arXiv 2601.07372): Engram at 2 layers, N-grams 2 and 3, 8 heads
 per order, d_mem 1280 (80 values per row), Adam, 1280 sequences of 4096 tokens per step.
@@ -74,6 +81,7 @@ class PlanConfig:
     workers: int = 64  # data-parallel trainer processes, each de-duplicating its own keys
     step_time_s: float = 12.0
     prefetch_depth: int = 1
+    refresh_fraction: float = 0.1  # of a worker's looked-up rows, refreshed from update replies
     # the machines
     node_memory_gib: float = 512.0
     usable_fraction: float = 0.8  # of a node's memory for rows and optimizer state
@@ -103,6 +111,8 @@ class PlanConfig:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
         if not 0 < self.usable_fraction <= 1:
             raise ValueError(f"usable_fraction must lie in (0, 1], got {self.usable_fraction}")
+        if not 0 <= self.refresh_fraction <= 1:
+            raise ValueError(f"refresh_fraction must lie in [0, 1], got {self.refresh_fraction}")
         if not 0 <= self.momentum < 1:
             raise ValueError(f"momentum must lie in [0, 1), got {self.momentum}")
 
@@ -169,7 +179,8 @@ class Plan:
     rows_per_step: int  # after de-duplication, all workers
     lookup_out_bytes: int  # keys sent, per worker
     lookup_in_bytes: int  # rows received, per worker
-    update_out_bytes: int  # keys and gradients sent, per worker: the whole step's update
+    update_out_bytes: int  # keys and gradients sent, per worker: its piece of the step's update
+    exchange_bytes: int  # to the other workers, per worker and each direction
 
     @property
     def held_bytes(self) -> int:
@@ -199,6 +210,22 @@ class Plan:
         return max(per_worker, self.cfg.workers * per_worker / self.nodes) / self.bandwidth_bytes_s
 
     @property
+    def exchange_bytes_per_step(self) -> int:
+        """Among the workers, all of them, one direction."""
+        return self.cfg.workers * self.exchange_bytes
+
+    @property
+    def exchange_s(self) -> float:
+        """One step's exchange among workers (sums out, changed rows back): each worker's NIC
+        carries it both ways at once."""
+        return self.exchange_bytes / self.bandwidth_bytes_s
+
+    @property
+    def sync_s(self) -> float:
+        """One step's row sync, exposed in sync mode: the exchange, then the push."""
+        return self.exchange_s + self.push_s
+
+    @property
     def lookup_s(self) -> float:
         """One step's rows coming back from the lookups (store -> workers)."""
         return self._busiest_s(self.lookup_in_bytes)
@@ -210,10 +237,13 @@ class Plan:
 
     @property
     def link_utilisation(self) -> float:
-        """The busiest link direction's share of a step spent carrying one step's traffic."""
-        inbound = self.lookup_s
-        outbound = self._busiest_s(self.lookup_out_bytes + self.update_out_bytes)
-        return max(inbound, outbound) / self.cfg.step_time_s
+        """The busiest link direction's share of a step spent carrying one step's traffic:
+        a worker's NIC (the store's traffic and the exchange) or a store node's."""
+        bw, workers, nodes = self.bandwidth_bytes_s, self.cfg.workers, self.nodes
+        store_out, store_in = self.lookup_in_bytes, self.lookup_out_bytes + self.update_out_bytes
+        busiest = max(store_out + self.exchange_bytes, store_in + self.exchange_bytes,  # a worker's NIC
+                      workers * store_out / nodes, workers * store_in / nodes)  # a store node's
+        return busiest / bw / self.cfg.step_time_s
 
     @property
     def prefetch_hides_lookups(self) -> bool:
@@ -230,9 +260,11 @@ class Plan:
                 "rows_per_step": self.rows_per_step, "dedup_rate": self.dedup_rate,
                 "lookup_out_bytes_per_worker": self.lookup_out_bytes, "lookup_in_bytes_per_worker": self.lookup_in_bytes,
                 "update_out_bytes_per_worker": self.update_out_bytes, "wire_bytes_per_step": self.wire_bytes_per_step,
-                "lookup_s": self.lookup_s, "push_s": self.push_s, "link_utilisation": self.link_utilisation,
-                "prefetch_hides_lookups": self.prefetch_hides_lookups,
-                "push_share_of_step": self.push_s / self.cfg.step_time_s}
+                "exchange_bytes_per_worker": self.exchange_bytes, "exchange_bytes_per_step": self.exchange_bytes_per_step,
+                "lookup_s": self.lookup_s, "push_s": self.push_s, "exchange_s": self.exchange_s, "sync_s": self.sync_s,
+                "link_utilisation": self.link_utilisation, "prefetch_hides_lookups": self.prefetch_hides_lookups,
+                "push_share_of_step": self.push_s / self.cfg.step_time_s,
+                "sync_share_of_step": self.sync_s / self.cfg.step_time_s}
 
 
 def table_rows(cfg: PlanConfig) -> list[int]:
@@ -278,6 +310,10 @@ def plan(cfg: PlanConfig, unique_fraction: Sequence[float], step_unique_fraction
     ts = cfg.tokens_per_step
     unique_per_step = sum(min(ts, round(u * ts)) * heads for u in step_unique_fraction)
     keys = cfg.workers * t * cfg.num_tables
+    others = (cfg.workers - 1) / cfg.workers  # the share of a worker's keys whose piece is another's
+    exchange = others * (unique_per_worker * (KEY_BYTES + 4 * cfg.head_dim)  # float32 sums
+                         + cfg.prefetch_depth * unique_per_worker * KEY_BYTES  # watched keys
+                         + cfg.refresh_fraction * unique_per_worker * (KEY_BYTES + cfg.wire_row_bytes))  # rows back
     return Plan(cfg=cfg, rows=rows, table_params=rows * cfg.head_dim, table_bytes=table_bytes,
                 optimizer_bytes=optimizer_bytes, nodes=nodes, shards=shards,
                 unique_fraction=tuple(float(u) for u in unique_fraction),
@@ -285,4 +321,5 @@ def plan(cfg: PlanConfig, unique_fraction: Sequence[float], step_unique_fraction
                 rows_per_step=cfg.workers * unique_per_worker,
                 lookup_out_bytes=unique_per_worker * KEY_BYTES,
                 lookup_in_bytes=unique_per_worker * cfg.wire_row_bytes,
-                update_out_bytes=unique_per_step * (KEY_BYTES + cfg.wire_row_bytes))
+                update_out_bytes=round(unique_per_step / cfg.workers) * (KEY_BYTES + cfg.wire_row_bytes),
+                exchange_bytes=round(exchange))
