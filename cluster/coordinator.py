@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import shutil
 import threading
 import time
@@ -47,6 +48,39 @@ def _actor_state(actor) -> str:
         return state.actors(actor._actor_id.hex()).get("State", "UNKNOWN")
     except Exception:  # a private API: never let its changes break `memstore status`
         return "UNKNOWN"
+
+
+def _death_cause(actor) -> str | None:
+    """Why a DEAD actor died, in one line (its creation task's exception, e.g. a shard whose
+    log could not be replayed, or Ray's word on its process), from the GCS actor table; None
+    when the table does not say."""
+    from ray._private import state
+
+    try:
+        cause = state.actors(actor._actor_id.hex()).get("DeathCause")
+        if cause is None:
+            return None
+        if cause.HasField("creation_task_failure_context"):
+            text = cause.creation_task_failure_context.formatted_exception_string
+        elif cause.HasField("actor_died_error_context"):
+            text = cause.actor_died_error_context.error_message
+        else:
+            text = str(cause)
+    except Exception:  # a private API: never let its changes break `memstore status`
+        return None
+    return raised_line(text)
+
+
+# A traceback's last line: "ValueError: ...", "memstore.errors.ResourceExhausted: ...".
+EXCEPTION_LINE = re.compile(r"^(?:[A-Za-z_.]*(?:Error|Exception)\b|(?:[a-z_]\w*\.)+(?P<cls>[A-Z]\w*): )")
+
+
+def raised_line(text: str) -> str | None:
+    """The line of Ray's failure text that names the exception raised at its origin (not
+    Ray's own wrappers), without colour codes; else its first line; None for no text."""
+    lines = [ln.strip() for ln in re.sub(r"\x1b\[[0-9;]*m", "", text).splitlines() if ln.strip()]
+    raised = [ln for ln in lines if EXCEPTION_LINE.match(ln) and not ln.startswith("ray.exceptions.")]
+    return raised[-1] if raised else (lines[0] if lines else None)
 
 
 class _ShardCut:
@@ -548,6 +582,10 @@ class _Coordinator:
         """Ray's state of each shard actor: ALIVE, RESTARTING (its process died and Ray is
         bringing it back: until its log is replayed), DEAD, PENDING_CREATION, or UNKNOWN."""
         return [_actor_state(a) for a in self._actors]
+
+    def death_causes(self) -> list[str | None]:
+        """For each DEAD shard actor, why it died (one line); None for the others."""
+        return [_death_cause(a) if _actor_state(a) == "DEAD" else None for a in self._actors]
 
     def progress(self) -> tuple[int, int]:
         """(done, total) bytes over all shards of the checkpoint write or restore under way."""

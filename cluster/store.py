@@ -26,7 +26,7 @@ import ray
 
 from cluster import storefile
 from cluster.actors import NAMESPACE, RESOURCE, coordinator_name, shard_actor_name
-from cluster.coordinator import _Coordinator
+from cluster.coordinator import EXCEPTION_LINE, _Coordinator, raised_line
 from memstore import errors
 from memstore.errors import InvalidArgument, MemStoreError, StoreNotFound, Unavailable
 from memstore.spec import TableSpec
@@ -357,22 +357,16 @@ def _root_cause(e: BaseException) -> str:
     task's exception), without Ray's traceback and colour codes."""
     while getattr(e, "cause", None) is not None and e.cause is not e:
         e = e.cause
-    lines = [ln.strip() for ln in re.sub(r"\x1b\[[0-9;]*m", "", str(e)).splitlines() if ln.strip()]
     if "raised in its creation task" in str(e):  # ActorDiedError: the creation task's exception is only in its text
-        raised = [ln for ln in lines if _EXCEPTION_LINE.match(ln)]
-        if raised:
-            return raised[-1]
+        return raised_line(str(e)) or type(e).__name__
+    lines = [ln.strip() for ln in re.sub(r"\x1b\[[0-9;]*m", "", str(e)).splitlines() if ln.strip()]
     return lines[0] if lines else type(e).__name__
-
-
-# A traceback's last line: "ValueError: ...", "memstore.errors.ResourceExhausted: ...".
-_EXCEPTION_LINE = re.compile(r"^(?:[A-Za-z_.]*(?:Error|Exception)\b|(?:[a-z_]\w*\.)+(?P<cls>[A-Z]\w*): )")
 
 
 def _error_class(cause: str) -> type[MemStoreError]:
     """The memstore error a shard raised, named in `cause` (so a table too large for its host
     stays ResourceExhausted, bad input InvalidArgument); Unavailable for any other failure."""
-    m = _EXCEPTION_LINE.match(cause)
+    m = EXCEPTION_LINE.match(cause)
     cls = getattr(errors, m.group("cls") or "", None) if m else None
     return cls if isinstance(cls, type) and issubclass(cls, MemStoreError) else Unavailable
 
@@ -388,6 +382,11 @@ def _ask(name: str, ref, timeout_s: float):
 
 def layout(name: str, timeout_s: float = COORDINATOR_CALL_S) -> dict:
     return _ask(name, find(name).layout.remote(), timeout_s)
+
+
+def death_causes(name: str, timeout_s: float = COORDINATOR_CALL_S) -> list[str | None]:
+    """For each DEAD shard of store `name`, why it died (one line); None for the others."""
+    return _ask(name, find(name).death_causes.remote(), timeout_s)
 
 
 def shard_states(name: str, timeout_s: float = COORDINATOR_CALL_S) -> list[str]:
@@ -510,7 +509,7 @@ def status(name: str, timeout_s: float = 2.0) -> dict:
     next to process RSS, recent call rates and latencies, and log bytes since the last
     checkpoint; then a summary. States: SERVING, NOT_SERVING, RESTARTING (Ray is bringing the
     shard's actor back: states are Ray's when the call starts), DEAD (its recovery failed for
-    good), PENDING_CREATION (no node places it), UNREACHABLE. A restarting
+    good; "cause" says why, in one line), PENDING_CREATION (no node places it), UNREACHABLE. A restarting
     shard holds the call up to timeout_s."""
     from memstore.status import shard_status
 
@@ -525,6 +524,11 @@ def status(name: str, timeout_s: float = 2.0) -> dict:
          if state in ("RESTARTING", "DEAD", "PENDING_CREATION") else shard_status(s, timeout_s)) | {"log_bytes": b}
         for s, b, state in zip(layout["shards"], log_bytes, states)
     ]
+    if "DEAD" in states:  # why, from Ray's record of the actor (else only in its worker's log)
+        causes = _ask(name, coordinator.death_causes.remote(), COORDINATOR_WAIT_S)
+        for shard, cause in zip(shards, causes):
+            if shard["state"] == "DEAD":
+                shard["cause"] = cause
     recovery = layout["recovery"]
     serving = sum(s["state"] == "SERVING" for s in shards)
     return {

@@ -22,6 +22,7 @@ from ray.cluster_utils import Cluster
 from cluster import store
 from memstore import ClientConfig, InProcessStore, MemStoreClient, OptimizerSpec, TableSpec
 from memstore.checkpoint import CheckpointError
+from memstore.cli.main import main as cli_main
 from memstore.durable import DurableShard
 from memstore.engine import ShardEngine
 from memstore.errors import StoreNotFound, Unavailable
@@ -359,7 +360,7 @@ def test_two_deploys_of_one_name_at_once_get_the_same_store(cluster):
         store.shutdown("twin")
 
 
-def test_a_shard_restarted_where_its_log_is_not_fails_instead_of_serving_fresh_rows(cluster, tmp_path):
+def test_a_shard_restarted_where_its_log_is_not_fails_instead_of_serving_fresh_rows(cluster, tmp_path, capsys):
     """As after losing a node with a node-local data dir: the restarted shard must not come
     up empty as if nothing had been acknowledged."""
     layout = store.deploy("lost", 1, [TableSpec("t", num_rows=100, dim=2)], data_dir=str(tmp_path))
@@ -374,6 +375,17 @@ def test_a_shard_restarted_where_its_log_is_not_fails_instead_of_serving_fresh_r
             assert store.shard_states("lost") == ["DEAD"]
             with pytest.raises(Unavailable):
                 client.lookup("t", np.arange(100))
+        # The operator sees why, in one line, without reading the shard's Ray worker log.
+        (shard,) = store.status("lost")["shards"]
+        assert shard["state"] == "DEAD"
+        assert shard["cause"].startswith("RuntimeError: shard 0 of store 'lost' restarted on "), shard["cause"]
+        assert "where its write-ahead log is not" in shard["cause"] and "\x1b" not in shard["cause"]
+        assert store.death_causes("lost") == [shard["cause"]]
+        capsys.readouterr()
+        assert cli_main(["health", "lost"]) == 1
+        assert f"DEAD: {shard['cause']}" in capsys.readouterr().out
+        assert cli_main(["status", "lost"]) == 0
+        assert f"shard 0: dead for good, Ray will not restart it: {shard['cause']}" in capsys.readouterr().out
     finally:
         store.shutdown("lost")
 

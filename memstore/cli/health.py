@@ -44,11 +44,13 @@ def run(args: argparse.Namespace) -> int:
     if any(st != "SERVING" for st in states):  # name the shards Ray is bringing back (not serving yet)
         ray_states = store.shard_states(args.name, args.timeout + store.COORDINATOR_WAIT_S)
         # Ray's word where it has one: RESTARTING (coming back), DEAD (its recovery failed for
-        # good: the cause is in the shard's Ray log), PENDING_CREATION (no node can place it).
+        # good: why, from Ray's record of it), PENDING_CREATION (no node can place it).
         states = [r if st != "SERVING" and r in ("RESTARTING", "DEAD", "PENDING_CREATION") else st
                   for st, r in zip(states, ray_states, strict=True)]
-    for s, state in zip(layout["shards"], states):
-        print(f"shard {s['shard_index']:>3}  {s['address']:<22} {state}")
+    causes = store.death_causes(args.name, args.timeout + store.COORDINATOR_WAIT_S) if "DEAD" in states else []
+    for i, (s, state) in enumerate(zip(layout["shards"], states)):
+        cause = f": {causes[i] or 'no cause on record (see its Ray worker log)'}" if state == "DEAD" else ""
+        print(f"shard {s['shard_index']:>3}  {s['address']:<22} {state}{cause}")
     serving = sum(st == "SERVING" for st in states)
     print(f"store {args.name!r}: {serving}/{len(states)} shards serving")
     return 0 if states and serving == len(states) else DEGRADED  # no shards (yet) is not healthy

@@ -41,6 +41,9 @@ def render(doc: dict) -> str:
     if missing := [s["shard_index"] for s in doc["shards"] if "rows" not in s]:
         lines.append(f"shards {missing} did not answer: the totals below leave them out")
     for s in doc["shards"]:  # what an operator must act on, under the table
+        if s["state"] == "DEAD":
+            lines.append(f"shard {s['shard_index']}: dead for good, Ray will not restart it: "
+                         f"{s.get('cause') or 'no cause on record (see its Ray worker log)'}")
         if (log := s.get("log")) and log["failed"]:
             lines.append(f"shard {s['shard_index']}: its write-ahead log failed ({log['failed']}): it refuses every "
                          "write until it restarts")
