@@ -96,8 +96,8 @@ def worker(rank: int, world: int, port: int, addresses: list[str], steps: int, o
             dist.barrier()  # the step's sync is done when every worker's part is acknowledged
             timings[way].append(time.perf_counter() - t0)
             if rank == 0:
-                sent[way] += update_bytes_in(client) - before
-                before = update_bytes_in(client)
+                now = update_bytes_in(client)
+                sent[way], before = sent[way] + now - before, now
     if rank == 0:
         out.update({way: (statistics.median(t[3:]), sent[way] / steps) for way, t in timings.items()})
     client.close()

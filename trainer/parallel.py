@@ -17,7 +17,7 @@ reassociation. What crosses between workers, per step:
   thread; one group per thread keeps each group's collectives in the same order on every
   worker), `DataParallel.push`:
   1. sums this worker's gradients per distinct key and head (b*T positions -> its distinct
-     keys, index_add_ in position order);
+     keys, memstore.keys as the client sums repeats);
   2. routes each sum to the worker of its key's piece (all-to-all), with this worker's
      watched keys (the keys of its prefetched steps, trainer.prefetch) alongside;
   3. sends its piece: per table, the sums it received, concatenated in rank order, which
@@ -32,16 +32,17 @@ reassociation. What crosses between workers, per step:
   have to hold partial updates until all W arrive (state that a crash could lose after
   acknowledging a part); bench/bench_row_sync.py measures the ways side by side. Step 4
   ends only when every piece has been applied, so no worker sends the next step's update
-  to a table before the whole of this step's update is in. An id names the run, this start of it (rank 0 draws it at init: a
-  resumed run repeats step numbers, and the store would drop those steps as duplicates),
-  the step and the piece. A worker pushes its layers in order and stops at the first that
+  to a table before the whole of this step's update is in. An id names the run, this start
+  of it (rank 0 draws it at init: a resumed run repeats step numbers, and the store would
+  drop those steps as duplicates), the step and the piece. A worker pushes its layers in order and stops at the first that
   fails, so no exchange of one layer pairs with another worker's exchange of another; a
   failed piece leaves the step's other pieces applied, and the run ends with the error
   (a resume restarts from a checkpoint's cut, where no piece of the step is applied).
 - The routers' balancing biases: their load counts are all-reduced (trainer.model).
 
 Backends: gloo for the rows (CPU tensors); the dense group is gloo on CPU, nccl on GPU.
-Relies on torch.distributed and the row source's update_many; the launcher that places workers is cluster.train.
+Relies on torch.distributed, memstore.keys and the row source's update_many; the launcher
+that places workers is cluster.train.
 """
 
 from __future__ import annotations
@@ -56,6 +57,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from memstore import keys as keyplan
 from memstore.partition import shard_of
 
 _NO_KEYS = np.empty(0, dtype=np.int64)
@@ -113,14 +115,14 @@ class DataParallel:
         tables in `watch`: the rows among its keys that this step's update changed, as the
         store holds them right after applying it."""
         t0 = time.perf_counter()
-        W, H, d = self.world, len(tables), grads.shape[-1]
+        H, d = len(tables), grads.shape[-1]
         k = np.ascontiguousarray(keys, dtype=np.int64).reshape(-1, H)  # (N, H)
         g = grads.reshape(-1, H, d)  # (N, H, d)
         sums_keys, sums = [], []
-        for h in range(H):  # one vectorised sum per head
-            unique, inverse = np.unique(k[:, h], return_inverse=True)
-            sums_keys.append(unique)
-            sums.append(torch.zeros(len(unique), d).index_add_(0, torch.from_numpy(inverse.reshape(-1)), g[:, h].float()))
+        for h, name in enumerate(tables):  # the client's own de-duplication and sum, per head
+            plan = keyplan.plan_keys(k[:, h], store.spec(name), 1, group=False)
+            sums_keys.append(plan.unique)
+            sums.append(plan.to_unique_order(g[:, h]))
         watch = watch or {}
         watched = [np.asarray(watch.get(name, _NO_KEYS), dtype=np.int64) for name in tables]
         # Sums of head h go out as section h, watched keys of head h as section H + h.
