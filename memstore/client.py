@@ -281,7 +281,11 @@ class MemStoreClient:
         return [wire.spec_from_pb(t.spec) for t in reply.tables]
 
     def drop_table(self, table: str) -> bool:
-        replies = self._fan_out("DropTable", [(s.index, pb.TableRef(name=table)) for s in self._shards])
+        """Drops the table on every shard; whether any held it. Its retries carry the call's
+        id, so a shard whose first try dropped it drops nothing more (a table created again
+        meanwhile stays)."""
+        request = pb.DropTableRequest(name=table, drop_id=f"{self._client_id}:drop:{next(self._seq)}")
+        replies = self._fan_out("DropTable", [(s.index, request) for s in self._shards])
         with self._specs_lock:
             self._specs.pop(table, None)
         if self._directory is not None:

@@ -12,6 +12,7 @@ import logging
 import struct
 import threading
 import zlib
+from collections import OrderedDict
 from typing import Callable
 
 import numpy as np
@@ -33,8 +34,13 @@ log = logging.getLogger("memstore.engine")
 MAX_ID_CHARS = 256
 
 
-def check_ids(update_id: str, group: str) -> None:
-    for what, value in (("update id", update_id), ("group", group)):
+# How many drop ids a shard remembers (DropTable's drop_id): a client retries a drop within
+# seconds, and drops are rare.
+REMEMBERED_DROP_IDS = 4096
+
+
+def check_ids(update_id: str, group: str = "", what_id: str = "update id") -> None:
+    for what, value in ((what_id, update_id), ("group", group)):
         if len(value) > MAX_ID_CHARS:
             raise InvalidArgument(f"{what} {value[:40]!r}... is {len(value)} characters long; at most {MAX_ID_CHARS}")
 
@@ -65,6 +71,8 @@ class ShardEngine:
         self._layout = threading.Condition(threading.Lock())
         self._together = 0
         self._dropping = 0
+        # drop id -> whether that drop found the table (under _lock): a retry answers the same.
+        self._drop_ids: OrderedDict[str, bool] = OrderedDict()
         self.gate = WriteGate()  # every write passes it; a cut closes it (memstore.cut)
         # Where a durable host logs writes (a WriteAheadLog's append): called with each
         # applied write's record inside the gate, before the write is acknowledged.
@@ -132,8 +140,13 @@ class ShardEngine:
         with self._lock:
             return list(self._tables.values())
 
-    def drop_table(self, name: str) -> bool:
-        """Drops the table; waits for the writes of a request applying together (apply_together)."""
+    def drop_table(self, name: str, drop_id: str = "") -> bool:
+        """Drops the table; waits for the writes of a request applying together (apply_together).
+
+        drop_id: the call's id. A drop under an id this shard has seen (its last
+        REMEMBERED_DROP_IDS, logged with the drop) answers as the first did and drops nothing:
+        a retry whose first try did drop must not drop a table created again since."""
+        check_ids(drop_id, what_id="drop id")
         with self._layout:
             self._dropping += 1
             try:
@@ -143,28 +156,41 @@ class ShardEngine:
                 self._layout.notify_all()
                 raise
         try:
-            return self._drop(name)
+            return self._drop(name, drop_id)
         finally:
             with self._layout:
                 self._dropping -= 1
                 self._layout.notify_all()
 
-    def _drop(self, name: str) -> bool:
+    def _drop(self, name: str, drop_id: str) -> bool:
         # The table's ids_lock too, in _write's order (gate, ids_lock, _lock): a write that
         # found the table current logs and applies before the drop record, never after it
         # (replayed after a re-create, it would change the new table).
         while True:
             with self._lock:
+                if drop_id in self._drop_ids:  # a retry (or the same id's try running alongside)
+                    return self._drop_ids[drop_id]
                 table = self._tables.get(name)
-            if table is None:
-                return False
+                if table is None:
+                    self._remember_drop(drop_id, False)
+                    return False
             with self.gate.write("", 0), table.ids_lock, self._lock:  # the record first, as for a create
                 if self._tables.get(name) is not table:
                     continue  # replaced meanwhile (a restore): drop what is there now
+                if drop_id in self._drop_ids:
+                    return self._drop_ids[drop_id]
                 if self.journal is not None:
-                    self.journal(wal.drop_record(name))
+                    self.journal(wal.drop_record(name, drop_id))
                 del self._tables[name]
+                self._remember_drop(drop_id, True)
             return True
+
+    def _remember_drop(self, drop_id: str, dropped: bool) -> None:
+        """Under _lock."""
+        if drop_id:
+            self._drop_ids[drop_id] = dropped
+            while len(self._drop_ids) > REMEMBERED_DROP_IDS:
+                self._drop_ids.popitem(last=False)
 
     def check_route(self, shard_index: int, num_shards: int) -> None:
         if (shard_index, num_shards) != (self.shard_index, self.num_shards):

@@ -110,8 +110,8 @@ class MemStoreServicer:
     def ListTables(self, request: pb.ListTablesRequest, context) -> pb.ListTablesResponse:
         return pb.ListTablesResponse(tables=[self._info(t) for t in self.engine.tables()])
 
-    def DropTable(self, request: pb.TableRef, context) -> pb.DropTableResponse:
-        return pb.DropTableResponse(dropped=self.engine.drop_table(request.name))
+    def DropTable(self, request: pb.DropTableRequest, context) -> pb.DropTableResponse:
+        return pb.DropTableResponse(dropped=self.engine.drop_table(request.name, request.drop_id))
 
     def Stats(self, request: pb.StatsRequest, context) -> pb.StatsResponse:
         now = time.monotonic()

@@ -11,7 +11,7 @@ File: the 8-byte magic `MSWAL001`, then one frame per record:
     cut:        nothing more: a completed cut, after which the write gate forgot its groups
     update:     lr (float), dtype (of values), dim, keys (int64 LE bytes), values (bytes)
     assign:     keep_state (bool), dtype, dim, keys, values
-    create:     spec (TableSpec.to_dict());  drop: nothing more
+    create:     spec (TableSpec.to_dict());  drop: optional drop_id (DropTable's, for its retries)
 
 A crash mid-write leaves a torn last frame: its length runs past the end of the file or its
 crc32 does not match. `replay` stops there and ignores the rest; opening the log again for
@@ -145,8 +145,8 @@ def create_record(spec: TableSpec) -> dict:
     return {"kind": "create", "table": spec.name, "spec": spec.to_dict()}
 
 
-def drop_record(table: str) -> dict:
-    return {"kind": "drop", "table": table}
+def drop_record(table: str, drop_id: str = "") -> dict:
+    return {"kind": "drop", "table": table} | ({"drop_id": drop_id} if drop_id else {})
 
 
 def cut_record() -> dict:
@@ -597,7 +597,7 @@ def _apply(engine: "ShardEngine", rec: dict, stats: ReplayStats) -> None:
         stats.tables += 1
         return
     if kind == "drop":
-        engine.drop_table(name)
+        engine.drop_table(name, rec.get("drop_id", ""))  # its id remembered again: a retry drops nothing
         stats.tables += 1
         return
     if kind not in ("update", "assign"):

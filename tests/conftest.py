@@ -19,7 +19,7 @@ HEAD_ATTEMPTS = 3
 
 
 def start_ray_head(start):
-    """start() (a Ray Cluster, or ray.init), again after a head that never came up: its GCS
+    """start() (a Ray Cluster and its nodes, or ray.init), again after a head or node that never came up: its GCS
     never published its port, or its raylet never registered with the GCS (Ray waits 30 s,
     not configurable; seen once on a loaded 2-core host). What the failed attempt started is
     killed first."""

@@ -393,6 +393,25 @@ def test_a_create_or_drop_the_disk_refuses_changes_nothing(tmp_path):
         first.close()
 
 
+def test_a_drop_id_outlives_a_crash_so_its_retry_drops_nothing(tmp_path):
+    d = tmp_path / "shard"
+    first = open_shard(d, compact_bytes=0)
+    try:
+        spec = SPECS[2]
+        first.engine.create_table(spec)
+        assert first.engine.drop_table(spec.name, "call-1")
+        again = open_shard(crashed(d, tmp_path / "crash"), compact_bytes=0)  # crashed before the reply
+        try:
+            again.engine.create_table(spec)  # created again before the retry arrives
+            assert again.engine.drop_table(spec.name, "call-1")  # answered as the first was
+            assert [t.spec.name for t in again.engine.tables()] == [spec.name]
+            assert again.engine.drop_table(spec.name, "call-2") and not again.engine.tables()
+        finally:
+            again.close()
+    finally:
+        first.close()
+
+
 def test_a_missing_base_stops_recovery_and_deletes_nothing(tmp_path):
     d = tmp_path / "shard"
     first = open_shard(d, compact_bytes=0)

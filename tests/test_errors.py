@@ -160,6 +160,37 @@ def test_retried_update_id_applies_once(store, shards_2):
     np.testing.assert_array_equal(all_rows(store), after_first)
 
 
+def drop_raw(address: str, name: str, drop_id: str) -> bool:
+    with grpc.insecure_channel(address) as ch:
+        call = ch.unary_unary(f"/{SERVICE}/DropTable", request_serializer=lambda m: m.SerializeToString(),
+                              response_deserializer=pb.DropTableResponse.FromString)
+        return call(pb.DropTableRequest(name=name, drop_id=drop_id), timeout=30).dropped
+
+
+def test_a_retried_drop_drops_nothing_created_since(shards_2):
+    """A drop whose reply was lost is retried with its id: it must not drop the table someone
+    created again meanwhile (nor one created after a first try that found none)."""
+    spec = TableSpec("dropped.twice", num_rows=100, dim=4, seed=5)
+    address = shards_2.addresses[0]
+    with MemStoreClient(shards_2.addresses) as client:
+        client.create_table(spec)
+        assert drop_raw(address, spec.name, "drop-1")  # the first try: applied, its reply "lost"
+        client.create_table(spec)
+        client.update(spec.name, [0, 2, 4], np.ones((3, 4), np.float32), lr=0.5)
+        kept = client.lookup(spec.name, np.arange(100))
+        assert drop_raw(address, spec.name, "drop-1")  # the retry: answered as the first was...
+        np.testing.assert_array_equal(client.lookup(spec.name, np.arange(100)), kept)  # ...and nothing dropped
+        assert not drop_raw(address, "no.such.table", "drop-2")
+        client.create_table(TableSpec("no.such.table", num_rows=10, dim=2))
+        assert not drop_raw(address, "no.such.table", "drop-2")  # its retry drops nothing either
+        assert [t.local_rows for t in client.describe("no.such.table")] == [5, 5]
+        code, msg = raw_code(address, "DropTable", pb.DropTableRequest(name=spec.name, drop_id="z" * 300)
+                             .SerializeToString())
+        assert code == grpc.StatusCode.INVALID_ARGUMENT and "drop id" in msg and "300 characters" in msg
+        assert client.drop_table(spec.name) and client.drop_table("no.such.table")  # a fresh id: dropped
+        assert spec.name not in [t.name for t in client.list_tables()]
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
 def test_the_first_non_finite_row_is_found_in_every_dtype(dtype):
     # 16-bit floats are checked on their bits (numpy lacks bfloat16): the largest finite

@@ -33,12 +33,15 @@ from conftest import start_ray_head  # tests/ is on sys.path under pytest
 @pytest.fixture(scope="module")
 def cluster():
     # No dashboard: nothing here uses it, and its start once aborted and stalled the head (flaky in CI).
-    c = start_ray_head(lambda: Cluster(initialize_head=True,
-                                       head_node_args={"num_cpus": 1, "resources": {}, "include_dashboard": False}))
-    memory_nodes = [c.add_node(num_cpus=1, resources={"memstore": 1}) for _ in range(2)]
-    c.wait_for_nodes()
+    def start() -> Cluster:  # whole, again if any node's raylet did not come up (a loaded host)
+        c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "resources": {}, "include_dashboard": False})
+        c.memory_nodes = [c.add_node(num_cpus=1, resources={"memstore": 1}) for _ in range(2)]
+        c.wait_for_nodes()
+        return c
+
+    c = start_ray_head(start)
     ray.init(address=c.address, namespace="memstore", log_to_driver=False)
-    c.memory_nodes = memory_nodes
+    memory_nodes = c.memory_nodes
     yield c, {n.node_id for n in memory_nodes}
     ray.shutdown()
     c.shutdown()

@@ -114,6 +114,14 @@ class ListTablesResponse(_message.Message):
     tables: _containers.RepeatedCompositeFieldContainer[TableInfo]
     def __init__(self, tables: _Optional[_Iterable[_Union[TableInfo, _Mapping]]] = ...) -> None: ...
 
+class DropTableRequest(_message.Message):
+    __slots__ = ("name", "drop_id")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    DROP_ID_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    drop_id: str
+    def __init__(self, name: _Optional[str] = ..., drop_id: _Optional[str] = ...) -> None: ...
+
 class DropTableResponse(_message.Message):
     __slots__ = ("dropped",)
     DROPPED_FIELD_NUMBER: _ClassVar[int]
