@@ -58,7 +58,8 @@ class _ShardActor:
         self.wal_dir = Path(data_dir) / "wal" / checkpoint.shard_dirname(shard_index, num_shards)
         recovery = layout["recovery"]
         pending = layout.get("restoring")
-        if self.restarted and pending and any(g >= pending["version"] for g, _ in wal.wal_files(self.wal_dir)):
+        swapped = pending is not None and any(g >= pending["version"] for g, _ in wal.wal_files(self.wal_dir))
+        if self.restarted and swapped:
             recovery = pending  # it had swapped in a restore not yet recorded whole: its log goes on from there
         if self.restarted and not any(g >= recovery["wal_since"] for g, _ in wal.wal_files(self.wal_dir)):
             # Serving fresh rows here would lose every acknowledged write without a word.
@@ -72,6 +73,13 @@ class _ShardActor:
         wal.make_dirs(self.wal_dir)
         # One process per log: a shard of an earlier incarnation of the store may still be dying.
         self._lock_fd = lock_directory(self.wal_dir, wait_s=30)
+        if self.restarted and pending and not swapped:
+            # A restore whose swap began (recorded before any shard swapped) and had not reached
+            # this shard: it takes the restore now, rather than serve rows that are going (a
+            # write to them would be lost at the swap). An empty log of the restore's
+            # generation marks it swapped, as memstore.durable's recovery expects.
+            wal.WriteAheadLog(wal.wal_path(self.wal_dir, pending["version"]), sync="always").close()
+            recovery = pending
 
         self.engine = ShardEngine(shard_index, num_shards)
         if recovery["checkpoint"]:
@@ -204,10 +212,10 @@ class _ShardActor:
         return sum(t.row_bytes + t.state_bytes for t in prepared.tables())
 
     def restore(self, generation: int, directory: str) -> int:
-        """While frozen: swap in the prepared tables (dropping the others) and start a new log
-        generation (the coordinator prunes older ones once recovery points past them). An
-        actor that restarted since its prepare_restore (Ray retries this call on it) loads
-        the checkpoint now: the cut still holds every other shard."""
+        """Swaps in the prepared tables (dropping the others) and starts a new log generation
+        (the coordinator prunes older ones once recovery points past them), while frozen: in
+        the restore's cut, or else frozen for the swap alone. Without a prepared copy (a
+        coordinator finishing a restore begun earlier) it loads the checkpoint now."""
         from memstore import checkpoint, snapshot, wal
         from memstore.engine import ShardEngine
 
@@ -218,14 +226,32 @@ class _ShardActor:
             if self._restore is None:
                 self._restore = checkpoint.load_shard(directory, self.shard_index, self.engine.num_shards,
                                                       engine=ShardEngine(self.shard_index, self.engine.num_shards))
-            if not self.engine.gate.frozen:  # restarted: its gate is new, and the cut froze the old one
+            # Outside a cut (a coordinator finishing a restore begun earlier), frozen only for the swap.
+            own_freeze = not self.engine.gate.frozen
+            if own_freeze:
                 self.engine.gate.freeze(lease_s=math.inf)
-            fresh, self._restore = self._restore, None
-            with snapshot.ShardFreeze(self.engine):
-                self.engine.replace_tables(fresh.tables())  # no log records: the log restarts below
-                self.wal.rotate(wal.wal_path(self.wal_dir, generation))
-            self.generation = generation
+            try:
+                fresh, self._restore = self._restore, None
+                with snapshot.ShardFreeze(self.engine):
+                    self.engine.replace_tables(fresh.tables())  # no log records: the log restarts below
+                    self.wal.rotate(wal.wal_path(self.wal_dir, generation))
+                self.generation = generation
+                self.engine.gate.end_hold()
+            finally:
+                if own_freeze:
+                    self.engine.gate.unfreeze(forget=False)
             return len(fresh.tables())
+
+    def hold_restore(self, generation: int, directory: str) -> bool:
+        """After a restore's swap failed somewhere: a shard that has not swapped refuses
+        lookups and writes (UNAVAILABLE) until it does, rather than serve rows that are going
+        (writes to them would be lost at the swap). Returns whether it holds."""
+        with self._restoring:
+            if self.generation >= generation:
+                return False
+            self.engine.gate.hold(f"shard {self.shard_index}: a restore of {directory} began and has not reached "
+                                  "this shard, whose rows it replaces: `memstore restore` again finishes it")
+            return True
 
     def drop_restore(self) -> None:
         """After a failed restore: let go of the prepared tables."""

@@ -246,12 +246,12 @@ class _Coordinator:
             if own_root.is_dir():  # what a cut or restore of the predecessor was writing is dead
                 with contextlib.suppress(OSError):
                     ckpt.prune_checkpoints(own_root, keep=2, remove_staging=True)
-            finished = self._finish_restore_live() if self.restoring else True
+            if self.restoring and not self._finish_restore_live():  # those not swapped refuse calls
+                self._hold_unswapped(self.restoring["version"], self.restoring["checkpoint"])
             for a in self._actors:
                 with contextlib.suppress(ray.exceptions.RayError):
                     ray.get([a.drop_snapshot.remote(), a.drop_restore.remote()], timeout=60)
-                    if finished:  # else the shards that had not swapped stay frozen: their rows are going
-                        ray.get(a.cut_unfreeze.remote(False), timeout=60)
+                    ray.get(a.cut_unfreeze.remote(False), timeout=60)
         finally:
             self._cut_lock.release()
         with contextlib.suppress(Exception):
@@ -470,7 +470,7 @@ class _Coordinator:
                              "created": time.time()}
             self.restoring = None  # one left half-done is superseded: this cut holds what the store serves
             self._persist()  # the logs before it go only once the record points past them
-        ray.get([a.prune_log.remote(version) for a in self._actors])
+        self._prune_logs(version)
         ckpt.prune_checkpoints(own_root, keep=2)
         given = final if root is None else ckpt.link_checkpoint(final, ckpt.checkpoint_dir(root, version),
                                                                 set_latest=True)
@@ -501,8 +501,8 @@ class _Coordinator:
                                        "every shard", path)
         with self._cut_lock:
             with self._lock:
-                if request and self.recovery.get("request") == request:
-                    return dict(self.recovery["result"])
+                if request and self.recovery.get("request") == request:  # done by a predecessor
+                    return dict(self.recovery["result"]) | {"seconds": 0.0, "repeated": True}
             own_root = Path(self.data_dir) / "checkpoints"
             version = self._next_generation(*(v for v, _ in ckpt._numbered_checkpoints(own_root)))
             t0 = time.monotonic()
@@ -514,10 +514,10 @@ class _Coordinator:
             pending = {"checkpoint": str(pinned), "wal_since": version, "version": version,
                        "created": manifest["store"].get("created", time.time()), "tables": dict(manifest["tables"]),
                        "request": request, "result": result}
-            begun = False
+            begun = swapped = False
 
             def swap() -> None:  # while every shard is frozen
-                nonlocal begun
+                nonlocal begun, swapped
                 with self._lock:  # recorded before any shard swaps: a recovery from here on finishes it
                     self.restoring = pending
                     try:
@@ -528,7 +528,10 @@ class _Coordinator:
                 begun = True
                 # Before writes flow (all still frozen): from here a shard restarting loads the restore.
                 if not self._finish_restore_live():
-                    raise RuntimeError(f"shards did not take the restore within {RESTORE_FINISH_S:.0f} s")
+                    held = self._hold_unswapped(version, str(path))
+                    raise RuntimeError(f"shards did not take the restore within {RESTORE_FINISH_S:.0f} s; "
+                                       f"shards {held} refuse lookups and writes until they do")
+                swapped = True
 
             try:
                 ray.get([a.prepare_restore.remote(str(path)) for a in self._actors])  # loads outside the cut
@@ -540,10 +543,37 @@ class _Coordinator:
                 if not begun:
                     shutil.rmtree(pinned, ignore_errors=True)
                     raise
-                raise RuntimeError(f"the restore of {path} reached only some shards ({e}); the store's record "
-                                   "finishes it at the next recovery: restore again") from e
-            ray.get([a.prune_log.remote(version) for a in self._actors])  # only once recovery points past them
+                if not swapped:
+                    raise RuntimeError(f"the restore of {path} reached only some shards ({e}); the store's record "
+                                       "finishes it at the next recovery, a checkpoint, or a restore again") from e
+                # Every shard swapped and the restore is recorded; only a thaw failed (that
+                # shard's freeze lapses after its lease): done, not to be restored again.
+                log.warning("store %s: restore %s done, but a shard did not thaw: %s", self.store, version, e)
+            self._prune_logs(version)
             return result | {"seconds": time.monotonic() - t0}
+
+    def _hold_unswapped(self, version: int, path: str) -> list[int]:
+        """After a restore's swap failed part-way (inside its cut): the shards that did not
+        swap refuse lookups and writes until they do (a write to rows that are going would be
+        lost). Returns their indices; a shard that cannot be told is down, and loads the
+        restore when it comes back."""
+        held = []
+        for i, a in enumerate(self._actors):
+            try:
+                if ray.get(a.hold_restore.remote(version, path), timeout=CUT_CALL_S):
+                    held.append(i)
+            except ray.exceptions.RayError:  # a timeout too
+                held.append(i)
+        return held
+
+    def _prune_logs(self, before: int) -> None:
+        """The shards' logs older than generation `before`, once recovery points past them;
+        a shard that cannot prune now keeps them (logged): they cost disk, not correctness."""
+        for i, a in enumerate(self._actors):
+            try:
+                ray.get(a.prune_log.remote(before), timeout=CUT_CALL_S)
+            except ray.exceptions.RayError as e:  # a timeout too
+                log.warning("store %s: shard %d kept its logs before generation %d: %s", self.store, i, before, e)
 
     @staticmethod
     def _all(refs: list, timeout_s: float) -> list:

@@ -539,7 +539,7 @@ def status(name: str, timeout_s: float = 2.0) -> dict:
         "data_dir": layout["data_dir"],
         "last_checkpoint": {"version": recovery["version"], "path": recovery["checkpoint"],
                             "age_s": time.time() - recovery["created"] if recovery.get("created") else None},
-        # A restore whose swap began and is not finished: the shards that had not swapped stay frozen.
+        # A restore whose swap began and is not finished: the shards that had not swapped refuse calls.
         "restoring": ({"version": layout["restoring"]["version"], "path": layout["restoring"]["checkpoint"]}
                       if layout.get("restoring") else None),
         "resumed": layout.get("resumed"),

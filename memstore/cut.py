@@ -23,6 +23,8 @@ from collections import OrderedDict
 from contextlib import contextmanager
 from typing import Iterator
 
+from memstore.errors import Unavailable
+
 # Groups a shard remembers between cuts: enough for every call that can be in flight.
 REMEMBERED_GROUPS = 1 << 16
 # How long a freeze may last unended: far above a cut's copy of a shard's tables.
@@ -45,12 +47,17 @@ class WriteGate:
         self._active = 0  # writes inside write()
         self._groups: OrderedDict[str, list[int]] = OrderedDict()  # group -> [parts, applied here]
         self._lease_until = 0.0  # a freeze nobody ends (its coordinator died) lapses then
+        # Why writes (and the engine's lookups) are refused now, or None: a hold outlasts a
+        # freeze's end and has no lease (a restore whose swap began and has not reached
+        # this shard: the rows here are going, and a write to them would be lost).
+        self._held: str | None = None
 
     @contextmanager
     def write(self, group: str, parts: int) -> Iterator[None]:
         """Wraps one write; blocks while a cut holds its group back. The caller reports
         whether it applied (a duplicate retry does not count) through the yielded list."""
         with self._cond:
+            self._check_held()
             while self._frozen and group not in self._released:
                 left = self._lease_until - time.monotonic()
                 if left <= 0:
@@ -60,6 +67,7 @@ class WriteGate:
                     self._cond.notify_all()
                     break
                 self._cond.wait(timeout=left if left < threading.TIMEOUT_MAX else None)  # inf: no lease
+                self._check_held()
             self._active += 1
         applied = [False]
         try:
@@ -114,6 +122,29 @@ class WriteGate:
             if forget:
                 self._groups.clear()
             self._cond.notify_all()
+
+    def hold(self, why: str) -> None:
+        """Refuses every write (UNAVAILABLE, naming `why`) until end_hold(), freeze or no freeze."""
+        with self._cond:
+            self._held = why
+            self._cond.notify_all()
+
+    def end_hold(self) -> None:
+        with self._cond:
+            self._held = None
+
+    def check_held(self) -> None:
+        """Raises Unavailable while held (a lookup's check)."""
+        with self._cond:
+            self._check_held()
+
+    def _check_held(self) -> None:
+        if self._held is not None:
+            raise Unavailable(self._held)
+
+    @property
+    def held(self) -> str | None:
+        return self._held
 
     @property
     def frozen(self) -> bool:

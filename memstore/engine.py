@@ -236,7 +236,9 @@ class ShardEngine:
     def prepare_lookup(self, name: str, keys: np.ndarray, alloc=None,
                        slots: np.ndarray | None = None) -> Callable[[], torch.Tensor]:
         """Runs every check of `lookup` now and returns the call that reads the rows (and
-        counts them as read): a request of several lookups checks all before reading any."""
+        counts them as read): a request of several lookups checks all before reading any.
+        A held shard (WriteGate.hold: rows a restore is replacing) refuses it."""
+        self.gate.check_held()
         table = self.table(name)
         local = self.local_index(table, keys, unique=False)
         if alloc is None:

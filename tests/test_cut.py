@@ -202,3 +202,36 @@ def test_one_shard_failing_to_thaw_leaves_no_other_frozen():
         with pytest.raises(ZeroDivisionError):  # a cut that failed: its own error, not the thaw's
             take_cut(gates, lambda: 1 / 0)
         assert [g.frozen for g in gates] == [False] * 3, f"shard {failing} failing left others frozen"
+
+
+def test_a_held_shard_refuses_writes_and_lookups_until_the_hold_ends():
+    """A restore whose swap failed part-way holds the shards it did not reach: a write waiting
+    at the frozen gate, and every later call, fail UNAVAILABLE, and the cut's thaw does not
+    lift the hold; ending it does."""
+    from memstore.errors import Unavailable
+
+    [engine, _] = two_shards()
+    engine.gate.freeze()
+    failed: list[BaseException] = []
+
+    def waiting_write() -> None:
+        try:
+            part(engine, "w", 0, parts=1)
+        except BaseException as e:  # noqa: BLE001 -- asserted below
+            failed.append(e)
+
+    writer = threading.Thread(target=waiting_write)
+    writer.start()
+    time.sleep(0.1)
+    engine.gate.hold("shard 0: a restore began and has not reached this shard")
+    writer.join(5)
+    engine.gate.unfreeze()  # the cut ends; the hold stays
+    assert len(failed) == 1 and isinstance(failed[0], Unavailable) and "restore began" in str(failed[0])
+    for call in (lambda: part(engine, "x", 2, parts=1), lambda: engine.lookup("t", np.array([0])),
+                 lambda: engine.drop_table("t")):
+        with pytest.raises(Unavailable, match="restore began"):
+            call()
+    np.testing.assert_array_equal(engine.table("t").snapshot()[1], np.zeros((4, 2)))  # nothing applied
+    engine.gate.end_hold()
+    part(engine, "x", 2, parts=1)
+    assert engine.lookup("t", np.array([2])).tolist() == [[-1.0, -1.0]]

@@ -210,6 +210,32 @@ def test_checkpoint_restore_and_reshard(engram_store, tmp_path):
         store.shutdown("resharded")
 
 
+def test_a_shard_a_restore_has_not_reached_refuses_calls_until_the_restore_finishes(engram_store, tmp_path):
+    """A restore whose swap failed part-way holds the shards it did not reach (hold_restore,
+    as the coordinator calls it then): their lookups and writes are UNAVAILABLE, naming the
+    restore, while the other shards serve; a restore again swaps them and lifts the hold."""
+    from cluster.actors import NAMESPACE, shard_actor_name
+
+    spec = TableSpec("held", num_rows=400, dim=4, optimizer=OptimizerSpec("sgd"))
+    with MemStoreClient.connect("engram", config=ClientConfig(retry_s=1.0)) as client:
+        client.create_table(spec)
+        facts = store.checkpoint("engram", str(tmp_path))
+        at_checkpoint = client.lookup("held", np.arange(400))
+        shard = ray.get_actor(shard_actor_name("engram", 1), namespace=NAMESPACE)
+        assert ray.get(shard.hold_restore.remote(1 << 40, facts["path"]))
+        mine = np.arange(1, 400, 4)  # shard 1 of 4
+        with pytest.raises(Unavailable, match="has not reached this shard"):
+            client.lookup("held", mine)
+        with pytest.raises(Unavailable, match="has not reached this shard"):
+            client.update("held", mine, np.ones((len(mine), 4), np.float32), lr=1.0)
+        client.update("held", [0, 2], np.ones((2, 4), np.float32), lr=1.0)  # other shards serve
+        store.restore("engram", facts["path"])
+        np.testing.assert_array_equal(client.lookup("held", np.arange(400)), at_checkpoint)
+        client.update("held", mine, np.ones((len(mine), 4), np.float32), lr=1.0)
+        np.testing.assert_array_equal(client.lookup("held", mine), at_checkpoint[mine] - 1.0)
+        client.drop_table("held")
+
+
 def test_recovery_after_a_failed_checkpoint_a_restore_and_a_re_created_table(engram_store, tmp_path):
     """A checkpoint that fails after its cut has rotated the shards' logs, then a restore:
     the restore's log generation must be a new one, or a restarted shard would replay the

@@ -48,8 +48,9 @@ def render(doc: dict) -> str:
             lines.append(f"shard {s['shard_index']}: its write-ahead log failed ({log['failed']}): it refuses every "
                          "write until it restarts")
     if pending := doc.get("restoring"):
-        lines.append(f"a restore of {pending['path']} (version {pending['version']}) is not finished: writes wait "
-                     "until it is (`memstore restore` again finishes or replaces it)")
+        lines.append(f"a restore of {pending['path']} (version {pending['version']}) is not finished: the shards "
+                     "it has not reached refuse lookups and writes until it is (`memstore restore` again finishes "
+                     "or replaces it)")
     sm, ck = doc["summary"], doc["last_checkpoint"]
     age = f"{ck['age_s']:.0f} s ago" if ck["age_s"] is not None else "none yet"
     lines.append(f"store {doc['store']!r}: {sm['serving']}/{doc['num_shards']} serving, {len(doc['tables'])} tables, "
