@@ -131,7 +131,9 @@ class TrainWorkers:
         if cfg.batch_size % self.world:
             raise ValueError(f"batch_size {cfg.batch_size} does not split over {self.world} workers")
         store = {"name": store_name, "address": address} if store_name else {"addresses": list(store_addresses)}
-        options = {k: (str(v) if v is not None and k in ("checkpoint_dir", "resume") else v) for k, v in options.items()}
+        # Absolute: a worker's working directory is Ray's, not the caller's.
+        options = {k: (os.path.abspath(v) if v is not None and k in ("checkpoint_dir", "resume") else v)
+                   for k, v in options.items()}
         master = ray.get(self.actors[0].rendezvous.remote())
         run_id = uuid.uuid4().hex[:12]  # names this run's updates on the store
         cfg_dict = dataclasses.asdict(cfg)

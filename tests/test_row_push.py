@@ -10,6 +10,7 @@ one plain update of every worker's positions. The gradients are small integers, 
 are exact in any order: the tables must then end equal bit for bit, each worker must have
 pushed only the keys of its own piece (so no key's gradient twice), and every worker must
 get back exactly the rows of its watched keys that the step changed, as the store holds them.
+And the workers wait out rank 0's store restore or checkpoint past the groups' timeout.
 """
 
 from __future__ import annotations
@@ -141,3 +142,38 @@ def test_pieces_add_up_to_one_update(stores, tmp_path, world):
         for name in TABLES:
             every = np.arange(ROWS)
             assert np.array_equal(a.lookup(name, every), b.lookup(name, every)), name
+
+
+def _barrier_worker(rank: int, port: int, timeout_s: float | None, out: str) -> None:
+    import time
+
+    from trainer.parallel import DataParallel
+
+    dp = DataParallel.init(rank, 2, f"127.0.0.1:{port}", "barrier", timeout_s=2.0)
+    try:
+        if rank == 0:
+            time.sleep(4.0)  # rank 0's store restore or checkpoint, past the groups' timeout
+        try:
+            dp.barrier(timeout_s)
+            outcome = "passed"
+        except RuntimeError:
+            outcome = "timed out"
+        with open(out, "w") as f:
+            f.write(outcome)
+    finally:
+        dp.close()
+
+
+@pytest.mark.parametrize("timeout_s, outcome", [(30.0, "passed"), (None, "timed out")], ids=["store-wait", "default"])
+def test_workers_wait_out_rank_0s_store_work_past_the_groups_timeout(tmp_path, timeout_s, outcome):
+    """The others wait at a barrier while rank 0 restores or checkpoints the store: with
+    STORE_WAIT_S-like timeouts they outlast the groups' own (2 s here), without they fail."""
+    ctx = mp.get_context("spawn")
+    port = _free_port()
+    outs = [tmp_path / f"rank{r}.txt" for r in range(2)]
+    procs = [ctx.Process(target=_barrier_worker, args=(r, port, timeout_s, str(outs[r]))) for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+    assert outs[1].read_text() == outcome  # rank 1 waited 4 s on rank 0

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -203,6 +204,33 @@ def test_resume_in_a_fresh_process_continues_the_same_trajectory(corpus, tmp_pat
 def test_resume_refuses_an_incomplete_checkpoint(corpus, tmp_path):
     with InProcessStore() as store, pytest.raises(ValueError, match="not a complete checkpoint"):
         train(tiny_config(corpus), store, progress=False, resume=tmp_path)
+
+
+def test_a_failed_save_over_a_checkpoint_leaves_it_whole(corpus, reference, tmp_path):
+    """A run resumed from its own --out saves over the checkpoint it came from: a failure
+    while saving (the store's cut refused) must leave that one resumable, unchanged."""
+    from trainer.train import build, read_checkpoint, save_checkpoint
+
+    _, ref_dir, _ = reference
+    shutil.copytree(ref_dir, tmp_path / "run")
+    before = {p.relative_to(tmp_path): p.read_bytes() for p in sorted((tmp_path / "run").rglob("*")) if p.is_file()}
+
+    def refused(directory):
+        directory.mkdir(parents=True)
+        (directory / "half.pt").write_bytes(b"x")
+        raise OSError(28, "No space left on device")
+
+    with InProcessStore() as store:
+        run = build(tiny_config(corpus), store)
+        try:
+            with pytest.raises(OSError, match="No space"):
+                save_checkpoint(tmp_path / "run", run.model, run.opt, 3, tiny_config(corpus), refused, data=run.data)
+        finally:
+            run.close()
+    after = {p.relative_to(tmp_path): p.read_bytes() for p in sorted((tmp_path / "run").rglob("*"))
+             if p.is_file() and ".new" not in p.name and "store.new" not in p.parts}
+    assert after == before
+    assert read_checkpoint(tmp_path / "run")[1]["step"] == 6
 
 
 def test_cli_trains_in_process_and_prints_the_eval_loss(corpus, tmp_path):

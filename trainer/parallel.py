@@ -61,6 +61,10 @@ from memstore import keys as keyplan
 from memstore.partition import shard_of
 
 _NO_KEYS = np.empty(0, dtype=np.int64)
+# How long the other workers wait for rank 0's store restore (on resume) or checkpoint (at
+# the end): minutes for a store of many GB, past the groups' 300 s. A rank 0 that fails ends
+# the run sooner: cluster.train ends every worker once one has failed.
+STORE_WAIT_S = 4 * 3600.0
 
 
 def piece_of(keys: np.ndarray, world: int) -> np.ndarray:
@@ -231,8 +235,10 @@ class DataParallel:
         attempt (a resume repeats step numbers)."""
         return f"{self.run_id}/{self.attempt}/s{step}"
 
-    def barrier(self) -> None:
-        dist.barrier(group=self.rows_group)
+    def barrier(self, timeout_s: float | None = None) -> None:
+        """Waits for every worker: up to the groups' timeout, or timeout_s (STORE_WAIT_S for
+        rank 0's store restore or checkpoint, which may take minutes)."""
+        dist.barrier(group=self.rows_group, timeout=None if timeout_s is None else timedelta(seconds=timeout_s))
 
     def close(self) -> None:
         if dist.is_initialized():

@@ -39,6 +39,7 @@ import gc
 import json
 import logging
 import math
+import os
 import random
 import shutil
 import sys
@@ -59,7 +60,7 @@ from trainer.engram import EngramConfig, EngramRows, create_tables
 from trainer.hashing import NgramHashMapping
 from trainer.metrics import TrainerMetrics
 from trainer.model import Model, ModelConfig
-from trainer.parallel import DataParallel
+from trainer.parallel import STORE_WAIT_S, DataParallel
 from trainer.prefetch import RowPrefetcher
 
 log = logging.getLogger("trainer.train")
@@ -387,7 +388,7 @@ def train(cfg: TrainConfig, store: Any, *, progress: bool = True, data: TokenDat
         restore_store = store_ckpt.restore if lead else (lambda directory, meta: None)
         start = load_checkpoint(resume, run, restore_store) if resume is not None else 0
         if parallel is not None:
-            parallel.barrier()  # the store is restored before any worker reads it
+            parallel.barrier(STORE_WAIT_S)  # the store is restored before any worker reads it
         until = cfg.steps if until_step is None else until_step
         if not start <= until <= cfg.steps:
             raise ValueError(f"cannot train from step {start} to {until} of a {cfg.steps}-step schedule")
@@ -396,7 +397,7 @@ def train(cfg: TrainConfig, store: Any, *, progress: bool = True, data: TokenDat
         if checkpoint_dir is not None and lead:  # the workers' dense states are identical
             save_checkpoint(checkpoint_dir, run.model, run.opt, until, cfg, store_ckpt.save, data=run.data)
         if parallel is not None:
-            parallel.barrier()
+            parallel.barrier(STORE_WAIT_S)
     finally:
         run.close()
     n = until - start
@@ -513,7 +514,9 @@ class StoreCheckpoint:
             from cluster import store as cluster_store
 
             facts = cluster_store.checkpoint(self.store_name, str(directory))  # root/ckpt-<n> + LATEST
-            return {"kind": "ray", "exact": True, "facts": facts if isinstance(facts, dict) else str(facts)}
+            facts = dict(facts) if isinstance(facts, dict) else {"path": str(facts)}
+            facts["path"] = os.path.relpath(facts["path"], os.path.abspath(directory))  # true once moved
+            return {"kind": "ray", "exact": True, "facts": facts}
         directory.mkdir(parents=True, exist_ok=True)
         for spec in self.specs:
             torch.save(self._table_state(spec), directory / f"{quote(spec.name, safe='')}.pt")
@@ -521,6 +524,23 @@ class StoreCheckpoint:
             log.warning("the store's optimizer state cannot be read remotely: this checkpoint holds the "
                         "tables' rows only, and resuming from it restarts their Adam moments")
         return {"kind": self.kind, "exact": self.kind in ("engine", "none"), "tables": [s.name for s in self.specs]}
+
+    def _check_cut_specs(self, directory: Path) -> None:
+        """The store's cut under `directory` holds this run's tables with this run's specs (a
+        resume with another --engram-rows would otherwise train on the cut's tables, sized
+        for the saved hashing, without a word)."""
+        from memstore import checkpoint as ckpt
+
+        cut = ckpt.latest_checkpoint(directory)
+        if cut is None:
+            raise ValueError(f"{directory} holds no complete checkpoint of the store")
+        held = ckpt.read_manifest(cut)["tables"]
+        for spec in self.specs:
+            if spec.name not in held:
+                raise ValueError(f"the store checkpoint {cut} has no table {spec.name!r}")
+            if type(spec).from_dict(held[spec.name]) != spec:
+                raise ValueError(f"table {spec.name!r} in {cut} has spec {held[spec.name]}, the run has "
+                                 f"{spec.to_dict()}")
 
     def _table_state(self, spec) -> dict:
         if self.kind == "engine":
@@ -551,6 +571,7 @@ class StoreCheckpoint:
                 raise ValueError(f"store {self.store_name!r} holds tables of other runs ({shown}): resuming "
                                  f"{directory}, a cut of the whole store, would roll them back; resume on a "
                                  "store of this run's own, or once the others' tables are dropped")
+            self._check_cut_specs(directory)
             cluster_store.restore(self.store_name, str(directory))  # the root: its LATEST names the cut
             return
         for spec in self.specs:
@@ -593,19 +614,39 @@ def save_checkpoint(directory: Path | str, model: Model, opt: torch.optim.Optimi
                     store_checkpoint_fn: Callable[[Path], dict], *, data: TokenData | None = None) -> Path:
     """Writes a checkpoint of the run at `step` into `directory` (replacing one there):
     dense state, resolved config, the store's tables (store_checkpoint_fn(dir/"store") ->
-    meta), and last `checkpoint.json`, whose presence marks the checkpoint complete."""
+    meta), and last `checkpoint.json`, whose presence marks the checkpoint complete.
+
+    Everything is written aside first (`<file>.new`, `store.new/`) and moved into place only
+    once all of it is: a failure meanwhile (a store cut refused, a full disk) leaves the
+    checkpoint there whole, so a run resumed from its own --out can be resumed again."""
     directory = Path(directory)
-    (directory / "checkpoint.json").unlink(missing_ok=True)  # incomplete until rewritten
-    shutil.rmtree(directory / "store", ignore_errors=True)
     directory.mkdir(parents=True, exist_ok=True)
+    names = ("config.json", "dense.pt", "tokenizer.json")
+    aside = {name: directory / f"{name}.new" for name in names}
+    store_aside = directory / "store.new"
+    shutil.rmtree(store_aside, ignore_errors=True)  # a failed save's
     resolved = {"train": dataclasses.asdict(cfg), "model": dataclasses.asdict(model.cfg)}
-    (directory / "config.json").write_text(json.dumps(resolved, indent=2) + "\n")
+    aside["config.json"].write_text(json.dumps(resolved, indent=2) + "\n")
     torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step, "rng": _rng_states()},
-               directory / "dense.pt")
-    meta = {"step": step, "store": store_checkpoint_fn(directory / "store")}
+               aside["dense.pt"])
+    meta = {"step": step, "store": store_checkpoint_fn(store_aside)}
     if data is not None:
-        data.tokenizer.save(str(directory / "tokenizer.json"))
+        data.tokenizer.save(str(aside["tokenizer.json"]))
         meta["tokenizer"] = tokenizer_digest(data.tokenizer)
+    # All written: swap it in. Incomplete (no checkpoint.json) only for these renames.
+    (directory / "checkpoint.json").unlink(missing_ok=True)
+    for name, path in aside.items():
+        if path.exists():
+            path.replace(directory / name)
+        else:
+            (directory / name).unlink(missing_ok=True)  # none this time (no tokenizer)
+    old_store = directory / "store.old"
+    shutil.rmtree(old_store, ignore_errors=True)
+    if (directory / "store").exists():
+        (directory / "store").rename(old_store)
+    if store_aside.exists():
+        store_aside.rename(directory / "store")
+    shutil.rmtree(old_store, ignore_errors=True)
     (directory / "checkpoint.json").write_text(json.dumps(meta, indent=2) + "\n")
     return directory
 

@@ -188,6 +188,7 @@ def run(args: argparse.Namespace) -> int:
         print("baseline: the same model without Engram", flush=True)
         baseline = train(dataclasses.replace(cfg, engram=False), None, progress=not args.quiet, data=data)
     summary["total_wall_s"] = time.perf_counter() - wall0
+    out.mkdir(parents=True, exist_ok=True)  # rank 0 may have written the checkpoint on another node
     (out / "summary.json").write_text(json.dumps({"engram": summary, "baseline": baseline}, indent=2) + "\n")
 
     print(f"eval loss {summary['eval_loss']:.4f} after {summary['step']} steps "
