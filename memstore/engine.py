@@ -284,6 +284,8 @@ class ShardEngine:
                 read_local, lambda version: torch.empty(len(read_local), spec.dim, dtype=spec.wire_torch_dtype))
         grads32 = grads.float()
         digest = write_digest("update", keys, lr) if update_id else None
+        # Now, not only when it applies: a request's other parts must not apply before this one is refused.
+        self._check_id_reuse(table, update_id, digest)
         return PreparedWrite(table, lambda: self._write(
             table, update_id, digest, group, parts, lambda: table.apply(local, grads32, lr),
             lambda version: wal.update_record(name, keys, grads, lr, update_id, version, group, parts), read,
@@ -359,14 +361,9 @@ class ShardEngine:
                 current = self._tables.get(table.spec.name)
             if current is not table:
                 raise Unavailable(f"table {table.spec.name!r} was replaced or dropped during the write; retry")
-            seen = table.applied_ids.get(update_id) if update_id else None
+            seen = self._check_id_reuse(table, update_id, digest)
             if seen is not None:
-                version, was = seen
-                if was is not None and was != digest:
-                    raise InvalidArgument(
-                        f"update id {update_id!r} was already applied to table {table.spec.name!r} as another "
-                        "write (other keys, learning rate or kind); an id names one write: send a new id")
-                return version, True, read() if read is not None else None
+                return seen[0], True, read() if read is not None else None
             if self.journal is not None:
                 self.journal(record(table.version + 1))  # apply() moves the version by one
             version = apply()
@@ -376,6 +373,19 @@ class ShardEngine:
                     table.applied_ids.popitem(last=False)
             applied[0] = True
             return version, False, read() if read is not None else None
+
+
+    @staticmethod
+    def _check_id_reuse(table: ShardTable, update_id: str, digest: int | None) -> tuple[int, int | None] | None:
+        """The remembered (version, digest) of update_id, or None; INVALID_ARGUMENT when it
+        was applied as another write (one dict read: atomic under the GIL, so callable
+        without ids_lock, as prepare_update does)."""
+        seen = table.applied_ids.get(update_id) if update_id else None
+        if seen is not None and seen[1] is not None and seen[1] != digest:
+            raise InvalidArgument(
+                f"update id {update_id!r} was already applied to table {table.spec.name!r} as another "
+                "write (other keys, learning rate or kind); an id names one write: send a new id")
+        return seen
 
 
 class PreparedWrite:

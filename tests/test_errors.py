@@ -573,3 +573,25 @@ def test_an_update_id_reused_for_another_write_is_refused(store):
         with pytest.raises(InvalidArgument, match=r"update id 'once:\d:0' was already applied .* another write"):
             store.update(SPEC.name, other_keys, np.ones((len(other_keys), 4), np.float32), lr=lr, update_id="once")
     np.testing.assert_array_equal(all_rows(store), before)
+
+
+def test_a_reused_id_in_one_part_of_update_many_applies_no_part(shards_2):
+    """The id check runs with the other checks, before any part applies: update_many of two
+    tables, one of them under an id used before for another write, changes neither."""
+    specs = [TableSpec(f"many.{n}", num_rows=100, dim=4, optimizer=OptimizerSpec("sgd")) for n in "ab"]
+    with MemStoreClient(shards_2.addresses) as client:
+        for spec in specs:
+            client.create_table(spec)
+        try:
+            client.update_many({"many.b": ([1, 2], np.ones((2, 4), np.float32))}, 0.1, update_ids={"many.b": "used"})
+            before = [client.lookup(s.name, np.arange(100)) for s in specs]
+            with pytest.raises(InvalidArgument, match="already applied .* another write"):
+                client.update_many({"many.a": ([5, 6], np.ones((2, 4), np.float32)),
+                                    "many.b": ([3, 4], np.ones((2, 4), np.float32))}, 0.1,
+                                   update_ids={"many.a": "fresh", "many.b": "used"})
+            for spec, rows in zip(specs, before):
+                np.testing.assert_array_equal(client.lookup(spec.name, np.arange(100)), rows)
+            assert [i.version for i in client.describe("many.a")] == [0, 0]
+        finally:
+            for spec in specs:
+                client.drop_table(spec.name)
