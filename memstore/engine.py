@@ -37,6 +37,8 @@ MAX_ID_CHARS = 256
 # How many drop ids a shard remembers (DropTable's drop_id): a client retries a drop within
 # seconds, and drops are rare.
 REMEMBERED_DROP_IDS = 4096
+# How often a drop waiting for a request's writes looks whether a cut froze the gate meanwhile.
+DROP_POLL_S = 0.05
 
 
 def check_ids(update_id: str, group: str = "", what_id: str = "update id") -> None:
@@ -145,27 +147,42 @@ class ShardEngine:
 
         drop_id: the call's id. A drop under an id this shard has seen (its last
         REMEMBERED_DROP_IDS, logged with the drop) answers as the first did and drops nothing:
-        a retry whose first try did drop must not drop a table created again since."""
+        a retry whose first try did drop must not drop a table created again since.
+
+        It passes the write gate first, and only then holds new requests back while it waits
+        for those applying: a drop waiting at a cut's frozen gate must not stop the parts the
+        cut released (it would give up on their calls and cut them half applied). Should a
+        cut freeze the gate while it waits for a request's writes (one held at the gate), it
+        steps out of the gate and waits for the cut to end."""
         check_ids(drop_id, what_id="drop id")
-        with self._layout:
-            self._dropping += 1
-            try:
-                self._layout.wait_for(lambda: not self._together)
-            except BaseException:
-                self._dropping -= 1
-                self._layout.notify_all()
-                raise
-        try:
-            return self._drop(name, drop_id)
-        finally:
-            with self._layout:
-                self._dropping -= 1
-                self._layout.notify_all()
+        while True:
+            with self.gate.write("", 0):
+                with self._layout:
+                    self._dropping += 1
+                    try:
+                        while self._together and not self.gate.frozen:
+                            self._layout.wait(DROP_POLL_S)  # a freeze does not notify _layout
+                    except BaseException:
+                        self._dropping -= 1
+                        self._layout.notify_all()
+                        raise
+                    stepped_out = bool(self._together)  # a cut froze the gate meanwhile: out of its way
+                    if stepped_out:
+                        self._dropping -= 1
+                        self._layout.notify_all()
+                if not stepped_out:
+                    try:
+                        return self._drop(name, drop_id)
+                    finally:
+                        with self._layout:
+                            self._dropping -= 1
+                            self._layout.notify_all()
+            # Stepped out: the next pass waits at the frozen gate until the cut ends.
 
     def _drop(self, name: str, drop_id: str) -> bool:
-        # The table's ids_lock too, in _write's order (gate, ids_lock, _lock): a write that
-        # found the table current logs and applies before the drop record, never after it
-        # (replayed after a re-create, it would change the new table).
+        """Inside the write gate. The table's ids_lock too, in _write's order (gate, ids_lock,
+        _lock): a write that found the table current logs and applies before the drop
+        record, never after it (replayed after a re-create, it would change the new table)."""
         while True:
             with self._lock:
                 if drop_id in self._drop_ids:  # a retry (or the same id's try running alongside)
@@ -174,7 +191,7 @@ class ShardEngine:
                 if table is None:
                     self._remember_drop(drop_id, False)
                     return False
-            with self.gate.write("", 0), table.ids_lock, self._lock:  # the record first, as for a create
+            with table.ids_lock, self._lock:  # the record first, as for a create
                 if self._tables.get(name) is not table:
                     continue  # replaced meanwhile (a restore): drop what is there now
                 if drop_id in self._drop_ids:

@@ -6,6 +6,7 @@ Run: python -m pytest tests/test_cut.py -q
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 
@@ -235,3 +236,64 @@ def test_a_held_shard_refuses_writes_and_lookups_until_the_hold_ends():
     engine.gate.end_hold()
     part(engine, "x", 2, parts=1)
     assert engine.lookup("t", np.array([2])).tolist() == [[-1.0, -1.0]]
+
+
+def _started(target) -> threading.Thread:
+    t = threading.Thread(target=target, daemon=True)
+    t.start()
+    return t
+
+
+def test_a_drop_waiting_at_a_frozen_gate_lets_the_parts_a_cut_released_apply():
+    """A drop held back by a cut must not hold back the UpdateMany parts the cut released:
+    the cut would give up on their call and hold it applied on one shard only."""
+    engines = two_shards()
+    for e in engines:
+        e.create_table(dataclasses.replace(SPEC, name="other"))
+    part(engines[1], "G", 1)  # shard 1's part of call G applied before the cut
+    gates = [e.gate for e in engines]
+    seen = [g.freeze() for g in gates]
+    assert seen[1]["G"] == (2, 1) and "G" not in seen[0]
+    dropped = []
+    drop = _started(lambda: dropped.append(engines[0].drop_table("other", "d")))
+    time.sleep(0.2)  # the drop waits at shard 0's frozen gate
+    write = engines[0].prepare_update("t", np.array([0]), torch.ones(1, 2), 1.0, "G:0", "G", 2)
+    applied = _started(lambda: engines[0].apply_together([write]))
+    time.sleep(0.1)
+    for g in gates:
+        g.release(["G"])  # what take_cut does for a call some shard applied
+    applied.join(5)
+    assert not applied.is_alive(), "a waiting drop held back a released part"
+    assert [e.gate.applied(["G"])["G"] for e in engines] == [1, 1] and not dropped
+    for g in gates:
+        g.unfreeze()
+    drop.join(5)
+    assert dropped == [True]
+
+
+def test_a_drop_waiting_for_a_request_steps_out_of_a_cuts_way():
+    """A drop inside the gate, waiting for a request of two writes, when a cut freezes the
+    gate between them: it steps out (the freeze drains) instead of waiting for a write the
+    freeze holds."""
+    [engine, _] = two_shards()
+    engine.create_table(dataclasses.replace(SPEC, name="other"))
+    writes = [engine.prepare_update("t", np.array([k]), torch.ones(1, 2), 1.0, f"R:{k}", "R", 1) for k in (0, 2)]
+    table = engine.table("t")
+    table.ids_lock.acquire()  # the first write waits inside the gate
+    request = _started(lambda: engine.apply_together(writes))
+    time.sleep(0.1)
+    dropped = []
+    drop = _started(lambda: dropped.append(engine.drop_table("other")))
+    time.sleep(0.2)  # the drop is in the gate, waiting for the request
+    froze = []
+    freeze = _started(lambda: froze.append(engine.gate.freeze(timeout_s=10)))
+    time.sleep(0.2)
+    table.ids_lock.release()  # the first write applies; the second meets the frozen gate
+    freeze.join(10)
+    assert froze, "the freeze did not drain: the drop kept its place in the gate"
+    engine.gate.release(["R"])
+    request.join(5)
+    assert not request.is_alive() and table.version == 2 and not dropped
+    engine.gate.unfreeze()
+    drop.join(5)
+    assert dropped == [True]
