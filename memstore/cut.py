@@ -9,6 +9,7 @@ id. A cut must hold every call wholly or not at all, so the coordinator runs, on
    `release()`d everywhere: their held parts may apply, nothing else may. The coordinator
    polls `applied()` until they complete (or a deadline: a client that died mid-call never
    sends its other parts; such a call was never acknowledged, and its applied parts stay).
+   A call whose last part applied over STALE_GROUP_S ago is abandoned at once.
 3. Each shard snapshots its tables (rows and optimizer state together), then `unfreeze()`.
 
 Plain Python: no gRPC, no Ray; the engine calls `write()` around every write.
@@ -25,10 +26,17 @@ from typing import Iterator
 
 from memstore.errors import Unavailable
 
-# Groups a shard remembers between cuts: enough for every call that can be in flight.
+# Groups a shard remembers between cuts, at most, and for STALE_GROUP_S at most: enough for
+# every call that can be in flight (65,536 calls in 5 minutes: 218 a second on one shard).
 REMEMBERED_GROUPS = 1 << 16
 # How long a freeze may last unended: far above a cut's copy of a shard's tables.
 FREEZE_LEASE_S = 300.0
+# A call whose last part applied anywhere this long ago is not in flight: its missing parts
+# will not come (a client that died mid-call), or were applied and forgotten (a shard keeps
+# REMEMBERED_GROUPS, and shards forget different ones near that bound). A cut abandons it at
+# once instead of holding every write for its deadline. Far above a client's RPC deadline
+# plus its retries (60 + 30 s by default).
+STALE_GROUP_S = 300.0
 
 log = logging.getLogger("memstore.cut")
 
@@ -45,7 +53,8 @@ class WriteGate:
         self._frozen = False
         self._released: set[str] = set()
         self._active = 0  # writes inside write()
-        self._groups: OrderedDict[str, list[int]] = OrderedDict()  # group -> [parts, applied here]
+        # group -> [parts, applied here, time.monotonic() of the last applied here]
+        self._groups: OrderedDict[str, list] = OrderedDict()
         self._lease_until = 0.0  # a freeze nobody ends (its coordinator died) lapses then
         # Why writes (and the engine's lookups) are refused now, or None: a hold outlasts a
         # freeze's end and has no lease (a restore whose swap began and has not reached
@@ -76,14 +85,19 @@ class WriteGate:
             with self._cond:
                 self._active -= 1
                 if applied[0] and group:
-                    entry = self._groups.setdefault(group, [parts, 0])
+                    now = time.monotonic()
+                    entry = self._groups.setdefault(group, [parts, 0, now])
                     entry[1] += 1
-                    while len(self._groups) > REMEMBERED_GROUPS:
-                        self._groups.popitem(last=False)
+                    entry[2] = now
+                    self._groups.move_to_end(group)  # oldest last part first
+                    while self._groups and (len(self._groups) > REMEMBERED_GROUPS
+                                            or now - next(iter(self._groups.values()))[2] > STALE_GROUP_S):
+                        self._groups.popitem(last=False)  # a cut would abandon it at once anyway
                 self._cond.notify_all()
 
-    def freeze(self, timeout_s: float = 60.0, lease_s: float = FREEZE_LEASE_S) -> dict[str, tuple[int, int]]:
-        """Holds back new writes, waits for running ones, returns {group: (parts, applied)}.
+    def freeze(self, timeout_s: float = 60.0, lease_s: float = FREEZE_LEASE_S) -> dict[str, tuple[int, int, float]]:
+        """Holds back new writes, waits for running ones, returns {group: (parts, applied,
+        seconds since its last part applied here)}.
         Unless unfrozen first, the freeze lapses after lease_s (a cut whose coordinator died
         must not stop the shard's writes for good; the cut itself then fails its checks);
         math.inf for a freeze its own thread ends (memstore.durable)."""
@@ -95,7 +109,8 @@ class WriteGate:
                 self._frozen = False
                 self._cond.notify_all()
                 raise TimeoutError(f"writes did not drain within {timeout_s} s")
-            return {g: (p, a) for g, (p, a) in self._groups.items()}
+            now = time.monotonic()
+            return {g: (p, a, now - t) for g, (p, a, t) in self._groups.items()}
 
     def release(self, groups: list[str]) -> None:
         """Lets held parts of these groups apply during the cut."""
@@ -107,7 +122,7 @@ class WriteGate:
         """Parts of these groups applied here so far (waits for released writes to finish)."""
         with self._cond:
             self._cond.wait_for(lambda: self._active == 0, timeout=5.0)
-            return {g: self._groups.get(g, (0, 0))[1] for g in groups}
+            return {g: self._groups.get(g, (0, 0, 0.0))[1] for g in groups}
 
     def forget(self) -> None:
         """Forgets the groups counted so far (a log replay reaching a completed cut's mark)."""
@@ -156,17 +171,20 @@ def take_cut(shards: list, snapshot, deadline_s: float = 30.0, poll_s: float = 0
     """Runs the cut protocol over `shards` (objects with freeze/release/applied/unfreeze, e.g.
     WriteGates, or proxies of remote shards) and calls `snapshot()` while all are frozen and
     every in-flight call is complete. Returns (snapshot's result, groups completed during
-    the cut, groups abandoned at the deadline)."""
+    the cut, groups abandoned: at the deadline, or at once when stale, STALE_GROUP_S)."""
     import time
 
     frozen = []
     try:
-        seen: dict[str, list[int]] = {}  # group -> [parts, applied on all shards]
+        seen: dict[str, list] = {}  # group -> [parts, applied on all shards, youngest part's age]
         for shard in shards:
             frozen.append(shard)  # thawed on failure even if its freeze failed: it may yet arrive
-            for group, (parts, applied) in shard.freeze().items():
-                seen.setdefault(group, [parts, 0])[1] += applied
-        partial = [g for g, (parts, applied) in seen.items() if 0 < applied < parts]
+            for group, (parts, applied, age_s) in shard.freeze().items():
+                entry = seen.setdefault(group, [parts, 0, age_s])
+                entry[1] += applied
+                entry[2] = min(entry[2], age_s)
+        partial = [g for g, (parts, applied, age_s) in seen.items() if 0 < applied < parts and age_s < STALE_GROUP_S]
+        stale = [g for g, (parts, applied, age_s) in seen.items() if 0 < applied < parts and age_s >= STALE_GROUP_S]
         if partial:
             for shard in shards:
                 shard.release(partial)
@@ -179,7 +197,9 @@ def take_cut(shards: list, snapshot, deadline_s: float = 30.0, poll_s: float = 0
                 partial = [g for g in partial if totals[g] < seen[g][0]]
                 if partial:
                     time.sleep(poll_s)
-        completed = [g for g, (parts, applied) in seen.items() if 0 < applied < parts and g not in partial]
+        completed = [g for g, (parts, applied, age_s) in seen.items()
+                     if 0 < applied < parts and age_s < STALE_GROUP_S and g not in partial]
+        partial += stale
         result = snapshot()
     except BaseException:
         _thaw(frozen, forget=False, raising=False)  # the cut's own error is the one to raise
