@@ -8,7 +8,7 @@ A checkpoint (one cut of every shard) is a directory, named by the caller, e.g. 
         MANIFEST.msgpack            written last: store meta, table specs, per shard its files + crc32
         shard-00000-of-00002/
           shard.msgpack             shard index/count; per table spec, version, tensors (file, dtype,
-                                    shape, crc32) and the remembered update ids
+                                    shape, crc32) and the remembered update ids; the remembered drop ids
           <table>.rows.npy          [local_rows, dim]; bfloat16 stored as its int16 bit pattern
           <table>.state.<name>.npy  each optimizer state tensor ([local_rows, dim] or [local_rows])
         shard-00001-of-00002/ ...
@@ -168,6 +168,7 @@ def write_shard(snapshot: ShardSnapshot, staging: Path | str, *, progress: Progr
         "num_shards": snapshot.num_shards,
         "taken_at": snapshot.taken_at,
         "tables": tables,
+        "drop_ids": [[i, d] for i, d in snapshot.drop_ids],  # a retried drop's answer (memstore.engine)
     }
     blob = msgpack.packb(meta)
     _write_file(shard_dir / SHARD_MANIFEST, blob)
@@ -380,7 +381,7 @@ def load_shard(
 ) -> ShardEngine:
     """Shard `shard_index` of `num_shards` restored from a checkpoint of any shard count.
 
-    Restores rows, optimizer state, versions and remembered update ids. Into `engine` when given
+    Restores rows, optimizer state, versions and remembered update and drop ids. Into `engine` when given
     (it must be that shard; the checkpoint's tables replace same-named ones, before it serves),
     else into a new ShardEngine. verify checks every file read against its crc32 first and
     raises CheckpointError naming the bad file.
@@ -416,6 +417,8 @@ def load_shard(
         table = ShardTable(plan.spec, shard_index, num_shards, initialise=False)
         _fill_table(directory, plan, table, verify, advance)
         engine.install_table(table)
+    for _, meta in metas.values():  # a drop's id is the same on every shard: any source's will do
+        engine.remember_drops(meta.get("drop_ids", ()))
     return engine
 
 

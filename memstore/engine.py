@@ -146,7 +146,7 @@ class ShardEngine:
         """Drops the table; waits for the writes of a request applying together (apply_together).
 
         drop_id: the call's id. A drop under an id this shard has seen (its last
-        REMEMBERED_DROP_IDS, logged with the drop) answers as the first did and drops nothing:
+        REMEMBERED_DROP_IDS, in its log and checkpoints) answers as the first did and drops nothing:
         a retry whose first try did drop must not drop a table created again since.
 
         It passes the write gate first, and only then holds new requests back while it waits
@@ -201,6 +201,18 @@ class ShardEngine:
                 del self._tables[name]
                 self._remember_drop(drop_id, True)
             return True
+
+    def drop_ids(self) -> list[tuple[str, bool]]:
+        """The remembered drop ids, oldest first, with whether each dropped (a snapshot's)."""
+        with self._lock:
+            return list(self._drop_ids.items())
+
+    def remember_drops(self, items) -> None:
+        """Remembers (drop id, dropped) pairs: a checkpoint's, so that a retry reaching a shard
+        recovered from it drops nothing either."""
+        with self._lock:
+            for drop_id, dropped in items:
+                self._remember_drop(str(drop_id), bool(dropped))
 
     def _remember_drop(self, drop_id: str, dropped: bool) -> None:
         """Under _lock."""

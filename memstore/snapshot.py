@@ -86,6 +86,7 @@ class ShardSnapshot:
     num_shards: int
     tables: list[TableSnapshot] = field(default_factory=list)  # in name order
     taken_at: float = 0.0  # time.time() of the cut
+    drop_ids: list[tuple[str, bool]] = field(default_factory=list)  # ShardEngine.drop_ids()
 
     @property
     def nbytes(self) -> int:
@@ -116,4 +117,4 @@ def snapshot_shard(engine: ShardEngine, *, freeze: ShardFreeze | None = None, co
         )
         for t in freeze.tables
     ]
-    return ShardSnapshot(engine.shard_index, engine.num_shards, tables, time.time())
+    return ShardSnapshot(engine.shard_index, engine.num_shards, tables, time.time(), engine.drop_ids())
