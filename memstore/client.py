@@ -493,6 +493,7 @@ class MemStoreClient:
             keyplan.check_key_range(watch, spec)  # a bad watched key is bad input too
         plan = keyplan.plan_keys(flat, spec, self.num_shards)
         summed = keyplan.to_wire(plan, grads, spec.wire_torch_dtype, spec, "gradient")  # (U, dim), repeats summed
+        keyplan.check_gradient_scale(summed, lr, plan.unique, table)
         header = pb.UpdateRequest(table=table, dim=spec.dim, dtype=wire.DTYPE_TO_PB[spec.wire_dtype], lr=lr,
                                   num_rows=spec.num_rows)
         # Each part reads back the watched keys it updates (sorted: intersect1d), so every

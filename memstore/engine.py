@@ -21,7 +21,7 @@ import torch
 from memstore import wal
 from memstore.cut import WriteGate
 from memstore.errors import InvalidArgument, TableExists, TableNotFound, Unavailable, WrongShard
-from memstore.keys import check_key_range, first_non_finite_row, first_row_not_finite_as
+from memstore.keys import check_gradient_scale, check_key_range, first_non_finite_row, first_row_not_finite_as
 from memstore.partition import place_keys
 from memstore.spec import TableSpec, check_learning_rate
 from memstore.table import REMEMBERED_UPDATE_IDS, ShardTable
@@ -304,6 +304,7 @@ class ShardEngine:
         check_ids(update_id, group)
         self._check_values(table, keys, grads, "gradient")
         lr = check_learning_rate(lr, table.spec.optimizer)
+        check_gradient_scale(grads, lr, keys, name)
         local = self.local_index(table, keys, unique=True)
         read = None
         if read_keys is not None:

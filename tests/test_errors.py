@@ -595,3 +595,28 @@ def test_a_reused_id_in_one_part_of_update_many_applies_no_part(shards_2):
         finally:
             for spec in specs:
                 client.drop_table(spec.name)
+
+
+@pytest.mark.parametrize("backend", ["client", "raw"])
+@pytest.mark.parametrize("kind, lr, grad", [("sgd", 1e30, 1e10), ("adam", 0.1, 1e20), ("adagrad", 0.1, 1e20)])
+def test_finite_gradients_that_would_make_rows_inf_are_refused(shards_2, backend, kind, lr, grad):
+    """lr x gradient (SGD's step) or gradient squared (Adam's, Adagrad's state) beyond float32
+    would leave Inf rows, or a row frozen by an Inf moment: refused, naming the key."""
+    spec = TableSpec(f"scale.{kind}", num_rows=10, dim=2, optimizer=OptimizerSpec(kind))
+    with MemStoreClient(shards_2.addresses) as client:
+        client.create_table(spec)
+        try:
+            before = client.lookup(spec.name, np.arange(10))
+            grads = np.ones((3, 2), np.float32)
+            grads[1, 0] = grad
+            if backend == "client":
+                with pytest.raises(InvalidArgument, match=r"key 4 .* overflows float32"):
+                    client.update(spec.name, [2, 4, 6], grads, lr=lr)
+            else:  # straight to shard 0, past the client's checks
+                frame = update_frame(0, [2, 4, 6], grads, table=spec.name, dim=2, lr=lr)
+                code, msg = raw_code(shards_2.addresses[0], "Update", frame)
+                assert code == grpc.StatusCode.INVALID_ARGUMENT and "key 4" in msg and "overflows float32" in msg
+            np.testing.assert_array_equal(client.lookup(spec.name, np.arange(10)), before)
+            client.update(spec.name, [2, 4, 6], np.ones((3, 2), np.float32) * 1e3, lr=0.1)  # large, but fine
+        finally:
+            client.drop_table(spec.name)
