@@ -557,12 +557,14 @@ class _Coordinator:
         swap refuse lookups and writes until they do (a write to rows that are going would be
         lost). Returns their indices; a shard that cannot be told is down, and loads the
         restore when it comes back."""
+        refs = [a.hold_restore.remote(version, path) for a in self._actors]  # all at once: the cut's lease runs
+        ray.wait(refs, num_returns=len(refs), timeout=CUT_CALL_S)
         held = []
-        for i, a in enumerate(self._actors):
+        for i, ref in enumerate(refs):
             try:
-                if ray.get(a.hold_restore.remote(version, path), timeout=CUT_CALL_S):
+                if ray.get(ref, timeout=0):
                     held.append(i)
-            except ray.exceptions.RayError:  # a timeout too
+            except ray.exceptions.RayError:  # not answered in time, or down
                 held.append(i)
         return held
 
