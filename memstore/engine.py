@@ -404,7 +404,6 @@ class ShardEngine:
             applied[0] = True
             return version, False, read() if read is not None else None
 
-
     @staticmethod
     def _check_id_reuse(table: ShardTable, update_id: str, digest: int | None) -> tuple[int, int | None] | None:
         """The remembered (version, digest) of update_id, or None; INVALID_ARGUMENT when it

@@ -538,9 +538,7 @@ class StoreCheckpoint:
         for spec in self.specs:
             if spec.name not in held:
                 raise ValueError(f"the store checkpoint {cut} has no table {spec.name!r}")
-            if type(spec).from_dict(held[spec.name]) != spec:
-                raise ValueError(f"table {spec.name!r} in {cut} has spec {held[spec.name]}, the run has "
-                                 f"{spec.to_dict()}")
+            _check_saved_spec(spec, held[spec.name], cut)
 
     def _table_state(self, spec) -> dict:
         if self.kind == "engine":
@@ -579,8 +577,7 @@ class StoreCheckpoint:
             if not path.exists():
                 raise ValueError(f"checkpoint {directory} has no file for table {spec.name!r}")
             saved = torch.load(path, weights_only=True, map_location="cpu")
-            if saved["spec"] != spec.to_dict():
-                raise ValueError(f"table {spec.name!r} in {path} has spec {saved['spec']}, the run has {spec.to_dict()}")
+            _check_saved_spec(spec, saved["spec"], path)
             if self.kind == "engine" and "state" in saved:
                 table = self.store.engine.table(spec.name)
                 with table.lock.write():
@@ -595,6 +592,12 @@ class StoreCheckpoint:
         if self.kind != "engine" or not meta.get("exact"):
             log.warning("restored the tables' rows only: their optimizer state restarts, so this "
                         "resume does not continue the saved trajectory exactly")
+
+
+def _check_saved_spec(spec, saved: dict, where: Path) -> None:
+    """A table's spec saved at `where` is the run's, or ValueError naming both."""
+    if saved != spec.to_dict():
+        raise ValueError(f"table {spec.name!r} in {where} has spec {saved}, the run has {spec.to_dict()}")
 
 
 def _rng_states() -> dict:
