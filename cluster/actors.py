@@ -129,10 +129,14 @@ class _ShardActor:
         failed = self.wal.failed
         return {"bytes": self.log_bytes(0), "failed": f"{type(failed).__name__}: {failed}" if failed else ""}
 
-    def create_table(self, spec: dict) -> None:
+    def create_table(self, spec: dict) -> bool:
+        """Whether this call made the table (False: it was there with this spec)."""
         from memstore.spec import TableSpec
 
-        self.engine.create_table(TableSpec.from_dict(spec))
+        return self.engine.ensure_table(TableSpec.from_dict(spec))[1]
+
+    def drop_table(self, name: str, drop_id: str) -> bool:
+        return self.engine.drop_table(name, drop_id)
 
     # ---- the cut protocol (memstore.cut), driven by the coordinator ---------------------------
     def cut_freeze(self, drain_s: float = 60.0, cut: str = "") -> dict:

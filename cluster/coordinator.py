@@ -403,8 +403,30 @@ class _Coordinator:
             self._persist()
 
     def create_table(self, spec: dict) -> None:
-        ray.get([a.create_table.remote(spec) for a in self._actors])
-        self.register_table(spec)
+        """On every shard, then recorded. Should a shard refuse it, the shards this call made
+        it on drop it again (a create with a corrected spec must not meet leftovers)."""
+        refs = [a.create_table.remote(spec) for a in self._actors]
+        ray.wait(refs, num_returns=len(refs))
+        made, refused = [], None
+        for i, ref in enumerate(refs):
+            try:
+                if ray.get(ref):
+                    made.append(i)
+            except ray.exceptions.RayError as e:
+                refused = refused or e
+        if refused is None:
+            self.register_table(spec)
+            return
+        if made:
+            drop_id = f"{self.store}:undo-create:{uuid.uuid4().hex}"
+            try:
+                ray.get([self._actors[i].drop_table.remote(spec["name"], drop_id) for i in made], timeout=CUT_CALL_S)
+                log.warning("store %s: table %r refused by a shard; dropped again on shards %s, which had made it",
+                            self.store, spec["name"], made)
+            except ray.exceptions.RayError as e:
+                log.warning("store %s: table %r refused by a shard stays on shards %s: %s", self.store,
+                            spec["name"], made, e)
+        raise refused
 
     def drop_table(self, name: str) -> None:
         with self._lock:

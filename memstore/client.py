@@ -220,17 +220,47 @@ class MemStoreClient:
 
     # ---- table management ---------------------------------------------------------------
     def create_table(self, spec: TableSpec) -> TableSpec:
-        """Creates the table on every shard; idempotent for an identical spec."""
+        """Creates the table on every shard; idempotent for an identical spec. Should a shard
+        refuse it (ALREADY_EXISTS, RESOURCE_EXHAUSTED, unreachable), the shards this call made
+        it on drop it again, so a create with a corrected spec is not refused by leftovers;
+        the error says where it stays."""
         spec.validate()
-        self._fan_out(
-            "CreateTable",
-            [(s.index, pb.CreateTableRequest(spec=wire.spec_to_pb(spec), route=self._route(s.index))) for s in self._shards],
-        )
+        made: list[int] = []
+
+        def on_reply(i: int, reply: pb.TableInfo) -> None:
+            if reply.created:
+                made.append(i)
+
+        try:
+            self._fan_out(
+                "CreateTable",
+                [(s.index, pb.CreateTableRequest(spec=wire.spec_to_pb(spec), route=self._route(s.index)))
+                 for s in self._shards],
+                on_reply, settle=True,
+            )
+        except MemStoreError as e:
+            self._undo_create(spec.name, sorted(made), e)
+            raise
         with self._specs_lock:
             self._specs[spec.name] = spec
         if self._directory is not None:
             self._directory.register_table(spec)  # restarted shards recreate it
         return spec
+
+    def _undo_create(self, table: str, made: list[int], error: MemStoreError) -> None:
+        """After a refused create: drops the table on the shards `made` (where that call
+        created it), and says so in `error`'s message. A shard that did not answer the create
+        may hold it; a client that created it at the same moment with the same spec loses
+        it on these shards (and finds it missing on the one that refused us)."""
+        if not made:
+            return
+        request = pb.DropTableRequest(name=table, drop_id=f"{self._client_id}:drop:{next(self._seq)}")
+        try:
+            self._fan_out("DropTable", [(i, request) for i in made])
+            note = f"; dropped again on shards {made}, where this call had created it"
+        except MemStoreError as e:
+            note = f"; it stays on shards {made}, where this call created it (dropping it failed: {e})"
+        error.args = (f"{error.args[0]}{note}", *error.args[1:])
 
     def describe(self, table: str) -> list[ShardTableInfo]:
         """Each shard's part of the table. Checks the layout too: the shard at position i of
@@ -618,7 +648,7 @@ class MemStoreClient:
         return frames
 
     def _fan_out(self, method: str, requests: list[tuple[int, Any]], on_reply=None, *, whole: bool = False,
-                 retries: _Retries | None = None) -> list[Any]:
+                 retries: _Retries | None = None, settle: bool = False) -> list[Any]:
         """Sends every (shard, request) at once; retries those that find their shard
         unavailable, with jittered exponential backoff, until config.retry_s has passed.
 
@@ -628,11 +658,14 @@ class MemStoreClient:
         whole=True: instead of resending, wait out the backoff and raise _RetryCall, so the
         caller starts the whole call afresh (a delivered lookup: a handler still running for
         the failed request could write into the old lease later). `retries` carries an
-        earlier attempt's deadline and backoff."""
+        earlier attempt's deadline and backoff. settle=True: a refused request does not end
+        the call at once; every other shard answers (or runs out of retries) first, and then
+        the first refusal is raised (a caller undoing what the others did knows them all)."""
         cfg = self.config
         retries = retries or _Retries(time.monotonic() + cfg.retry_s, cfg.backoff_s[0])
         pending = self._send(method, dict(enumerate(requests)), cfg.timeout_s)
         results: list[Any] = [None] * len(requests)
+        refused: MemStoreError | None = None
         while pending:
             retry = []
             for fut in as_completed(pending):
@@ -642,8 +675,10 @@ class MemStoreClient:
                 except grpc.RpcError as e:
                     if e.code() in RETRYABLE and time.monotonic() < retries.deadline:
                         retry.append(i)
-                    else:
+                    elif not settle:
                         raise self._error(requests[i][0], method, e) from None
+                    elif refused is None:
+                        refused = self._error(requests[i][0], method, e)
                 else:
                     if on_reply is None:
                         results[i] = reply
@@ -657,6 +692,8 @@ class MemStoreClient:
             if whole:
                 raise _RetryCall(retries)
             pending = self._send(method, {i: requests[i] for i in retry}, cfg.timeout_s)
+        if refused is not None:
+            raise refused
         return results if on_reply is None else []
 
     def _send(self, method: str, requests: dict[int, tuple[int, Any]], timeout_s: float) -> dict[Future, int]:

@@ -96,6 +96,11 @@ class ShardEngine:
 
     # ---- table management -------------------------------------------------------------
     def create_table(self, spec: TableSpec) -> ShardTable:
+        return self.ensure_table(spec)[0]
+
+    def ensure_table(self, spec: TableSpec) -> tuple[ShardTable, bool]:
+        """The table of this spec, created if absent; and whether this call created it.
+        TableExists if one of that name has another spec."""
         spec.validate()
         with self._lock:
             existing = self._tables.get(spec.name)
@@ -104,20 +109,21 @@ class ShardEngine:
                     raise TableExists(
                         f"table {spec.name!r} exists with a different spec: {existing.spec} (asked: {spec})"
                     )
-                return existing
+                return existing, False
         table = ShardTable(spec, self.shard_index, self.num_shards)  # allocation outside the lock
         # Through the gate (a cut holds it), journaled under _lock: no write to the new table
         # can reach the log before its create record.
         # The record first: a failed append (a full disk) leaves no table behind.
         with self.gate.write("", 0), self._lock:
-            if spec.name not in self._tables:
+            created = spec.name not in self._tables
+            if created:
                 if self.journal is not None:
                     self.journal(wal.create_record(spec))
                 self._tables[spec.name] = table
             table = self._tables[spec.name]
         if table.spec != spec:
             raise TableExists(f"table {spec.name!r} was created concurrently with a different spec")
-        return table
+        return table, created
 
     def install_table(self, table: ShardTable) -> None:
         """Puts a fully built table (a restore's) in place, replacing one of the same name."""

@@ -102,7 +102,10 @@ class MemStoreServicer:
     # ---- control RPCs ----------------------------------------------------------------------
     def CreateTable(self, request: pb.CreateTableRequest, context) -> pb.TableInfo:
         self._route(request.route)
-        return self._info(self.engine.create_table(wire.spec_from_pb(request.spec)))
+        table, created = self.engine.ensure_table(wire.spec_from_pb(request.spec))
+        info = self._info(table)
+        info.created = created
+        return info
 
     def DescribeTable(self, request: pb.TableRef, context) -> pb.TableInfo:
         return self._info(self.engine.table(request.name))

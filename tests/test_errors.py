@@ -391,6 +391,28 @@ def test_recreating_with_a_different_spec(store):
         store.create_table(TableSpec("x", num_rows=10, dim=2, optimizer=OptimizerSpec("lamb")))
 
 
+def test_a_create_one_shard_refuses_is_dropped_again_where_it_was_made(shards_3):
+    """A shard holding the name with another spec (a create that was cut short, another
+    client's) refuses the create; the shards this call made it on drop it again, so a
+    create with the spec that shard holds is not refused by the others' leftovers."""
+    other = TableSpec("leftover", num_rows=90, dim=8, seed=3)
+    assert create_raw(shards_3.addresses[1], wire.spec_to_pb(other), shard=1, num_shards=3)[0] == grpc.StatusCode.OK
+    with MemStoreClient(shards_3.addresses) as client:
+        client.create_table(TableSpec("kept", num_rows=30, dim=2))  # there before: no create drops it
+        with pytest.raises(TableExists, match=r"different spec.*; dropped again on shards \[0, 2\], where this "
+                                              "call had created it"):
+            client.create_table(TableSpec("leftover", num_rows=90, dim=4))
+        held = [sorted(t.spec.name for t in shard.tables) for shard in client.stats()]
+        assert held == [["kept"], ["kept", "leftover"], ["kept"]]
+        with pytest.raises(TableExists):  # a table there on every shard is never dropped by a refused create
+            client.create_table(TableSpec("kept", num_rows=30, dim=3))
+        assert client.spec("kept") == TableSpec("kept", num_rows=30, dim=2)
+        client.create_table(other)  # the spec shard 1 holds: now on every shard
+        assert client.lookup("leftover", np.arange(90)).shape == (90, 8)
+        client.drop_table("leftover")
+        client.drop_table("kept")
+
+
 def test_invalid_spec_sent_raw_is_invalid_argument(shards_2):
     bad = pb.TableSpec(name="bad", num_rows=-5, dim=4, dtype=pb.FLOAT32, wire_dtype=pb.FLOAT32,
                        init=pb.InitSpec(kind="normal", std=1), optimizer=pb.OptimizerSpec(kind="sgd", eps=1e-8))

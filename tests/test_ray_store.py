@@ -727,6 +727,25 @@ def test_a_run_resumed_on_a_store_shared_with_another_run_changes_nothing(cluste
         store.shutdown("shared")
 
 
+def test_a_table_one_shard_refuses_is_dropped_again_on_the_others(engram_store):
+    """The store's own create (a resumed `up`'s new tables) leaves no table on the shards
+    that made it when another refuses it: an `up` with the spec corrected is not refused."""
+    from memstore.errors import TableExists
+
+    actors = ray.get(store.find("engram").actors.remote())
+    other = TableSpec("partial", num_rows=64, dim=8)
+    assert ray.get(actors[2].create_table.remote(other.to_dict())) is True  # made by this call
+    with pytest.raises(TableExists, match="different spec"):
+        ray.get(store.find("engram").create_table.remote(TableSpec("partial", num_rows=64, dim=4).to_dict()))
+    with MemStoreClient.connect("engram") as client:
+        assert ["partial" in [t.spec.name for t in s.tables] for s in client.stats()] == [False, False, True, False]
+        assert "partial" not in store.layout("engram")["tables"]  # not recorded: no restart recreates it
+        ray.get(store.find("engram").create_table.remote(other.to_dict()))
+        assert client.lookup("partial", np.arange(64)).shape == (64, 8)
+        assert "partial" in store.layout("engram")["tables"]
+        client.drop_table("partial")
+
+
 def test_a_wedged_shard_fails_the_cut_and_leaves_no_other_frozen(engram_store):
     """A shard that stops answering (SIGSTOP: a hung disk, a swapped-out host) fails a cut
     within its deadline, naming the shard; the shards frozen before it are thawed at once

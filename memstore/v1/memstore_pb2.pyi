@@ -87,7 +87,7 @@ class TableRef(_message.Message):
     def __init__(self, name: _Optional[str] = ...) -> None: ...
 
 class TableInfo(_message.Message):
-    __slots__ = ("spec", "shard_index", "num_shards", "local_rows", "version", "row_bytes", "state_bytes")
+    __slots__ = ("spec", "shard_index", "num_shards", "local_rows", "version", "row_bytes", "state_bytes", "created")
     SPEC_FIELD_NUMBER: _ClassVar[int]
     SHARD_INDEX_FIELD_NUMBER: _ClassVar[int]
     NUM_SHARDS_FIELD_NUMBER: _ClassVar[int]
@@ -95,6 +95,7 @@ class TableInfo(_message.Message):
     VERSION_FIELD_NUMBER: _ClassVar[int]
     ROW_BYTES_FIELD_NUMBER: _ClassVar[int]
     STATE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    CREATED_FIELD_NUMBER: _ClassVar[int]
     spec: TableSpec
     shard_index: int
     num_shards: int
@@ -102,7 +103,8 @@ class TableInfo(_message.Message):
     version: int
     row_bytes: int
     state_bytes: int
-    def __init__(self, spec: _Optional[_Union[TableSpec, _Mapping]] = ..., shard_index: _Optional[int] = ..., num_shards: _Optional[int] = ..., local_rows: _Optional[int] = ..., version: _Optional[int] = ..., row_bytes: _Optional[int] = ..., state_bytes: _Optional[int] = ...) -> None: ...
+    created: bool
+    def __init__(self, spec: _Optional[_Union[TableSpec, _Mapping]] = ..., shard_index: _Optional[int] = ..., num_shards: _Optional[int] = ..., local_rows: _Optional[int] = ..., version: _Optional[int] = ..., row_bytes: _Optional[int] = ..., state_bytes: _Optional[int] = ..., created: _Optional[bool] = ...) -> None: ...
 
 class ListTablesRequest(_message.Message):
     __slots__ = ()
