@@ -332,14 +332,17 @@ def test_status_is_true_to_the_store(cluster, engram_store):
     assert doc["last_checkpoint"]["version"] == layout["recovery"]["version"]
     assert all(s["log_bytes"] is not None for s in doc["shards"])
     assert all(s["log"]["failed"] == "" and s["log"]["bytes"] >= 0 for s in doc["shards"])  # each shard's own view
-    from memstore.cli.status import render
+    from memstore.cli.status import degraded, render
 
-    assert doc["restoring"] is None and doc["resumed"] is None
+    assert doc["restoring"] is None and doc["resumed"] is None and not degraded(doc)
     doc["shards"][2]["log"]["failed"] = "OSError: [Errno 30] Read-only file system"
     assert "shard 2: its write-ahead log failed (OSError: [Errno 30] Read-only file system): it refuses every " \
            "write until it restarts" in render(doc)
+    assert degraded(doc)  # the exit code says so too
+    doc["shards"][2]["log"]["failed"] = ""
     doc["restoring"] = {"version": 9, "path": "/data/checkpoints/ckpt-9"}
     assert "a restore of /data/checkpoints/ckpt-9 (version 9) is not finished" in render(doc)
+    assert degraded(doc)
 
 
 def test_shutdown_leaves_no_actor_behind(cluster):
@@ -413,7 +416,7 @@ def test_a_shard_restarted_where_its_log_is_not_fails_instead_of_serving_fresh_r
         capsys.readouterr()
         assert cli_main(["health", "lost"]) == 1
         assert f"DEAD: {shard['cause']}" in capsys.readouterr().out
-        assert cli_main(["status", "lost"]) == 0
+        assert cli_main(["status", "lost"]) == 1  # degraded, as health says
         assert f"shard 0: dead for good, Ray will not restart it: {shard['cause']}" in capsys.readouterr().out
     finally:
         store.shutdown("lost")

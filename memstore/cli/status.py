@@ -1,4 +1,9 @@
-"""`memstore status`: one row per shard and a summary line for the store."""
+"""`memstore status`: one row per shard and a summary line for the store.
+
+Exit codes, as `memstore health`'s: 0 every shard serving, 1 degraded (a shard not serving
+or not answering, a shard's write-ahead log failed, a restore not finished), 2 store not
+found or Ray unreachable. With --watch it runs until interrupted.
+"""
 
 from __future__ import annotations
 
@@ -8,9 +13,12 @@ import math
 import sys
 import time
 
+from memstore.cli.health import DEGRADED
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("status", help="shards of a store: state, rows, memory, load, latency, last checkpoint")
+    p = sub.add_parser("status", help="shards of a store: state, rows, memory, load, latency, last checkpoint "
+                                      "(exit 0 serving, 1 degraded, 2 not found)")
     p.add_argument("name", help="the store's name")
     p.add_argument("--address", help="Ray cluster (default $RAY_ADDRESS, else the local Ray)")
     p.add_argument("--json", action="store_true", help="print one JSON document")
@@ -60,6 +68,12 @@ def render(doc: dict) -> str:
     return "\n".join(lines)
 
 
+def degraded(doc: dict) -> bool:
+    """Whether an operator must act: a shard not serving, a failed log, a restore half done."""
+    return (doc["summary"]["serving"] < doc["num_shards"] or doc.get("restoring") is not None
+            or any((s.get("log") or {}).get("failed") for s in doc["shards"]))
+
+
 def run(args: argparse.Namespace) -> int:
     from cluster import store
 
@@ -73,5 +87,5 @@ def run(args: argparse.Namespace) -> int:
             sys.stdout.write("\033[H\033[J")  # redraw in place
         print(text, flush=True)
         if not args.watch:
-            return 0
+            return DEGRADED if degraded(doc) else 0
         time.sleep(args.watch)
