@@ -37,6 +37,10 @@ COORDINATOR_LOCK_WAIT_S = 300.0  # for a dying predecessor (NFS I/O can hold one
 # shard's running writes to drain.
 CUT_CALL_S = 60.0
 RESTORE_FINISH_S = 120.0  # how long a restore whose swap began keeps trying shards that restart
+# A shard writing its copy of a checkpoint's cut reports its bytes every 64 MiB
+# (memstore.checkpoint.CHUNK_BYTES); one reporting nothing this long has failed the checkpoint.
+# Generous: a file's closing fsync, which may flush GBs of page cache to a slow disk, counts.
+WRITE_STALL_S = 300.0
 
 
 def _actor_state(actor) -> str:
@@ -115,6 +119,35 @@ class _ShardCut:
     def unfreeze(self, forget: bool = True):
         # Still wanted once a stopped shard wakes; a freeze of this cut it meets after is void.
         self._get(self.actor.cut_unfreeze.remote(forget, self.cut), cancel=False)
+
+
+def write_copies(actors: list, staging: str, stall_s: float = WRITE_STALL_S, poll_s: float = 2.0) -> list[dict]:
+    """After a checkpoint's cut, with writes flowing: each shard writes its copy under
+    staging; their summaries. No deadline on the whole (a large shard takes what its disk
+    takes), but one on progress: a shard whose written bytes stand still for stall_s (a hung
+    disk, a stopped process) fails the checkpoint, named, instead of hanging it."""
+    refs = [a.write_snapshot.remote(staging) for a in actors]
+    seen: list = [None] * len(refs)  # each shard's last (done, total), and when it last moved
+    moved = [time.monotonic()] * len(refs)
+    probes: dict[int, object] = {}  # one question at a time: a stopped shard must not pile them up
+    while True:
+        ready, late = ray.wait(refs, num_returns=len(refs), timeout=poll_s)
+        if not late:
+            return ray.get(refs)
+        ray.get(ready)  # a shard that failed ends the wait at once
+        now = time.monotonic()
+        for i in (refs.index(r) for r in late):
+            probe = probes.setdefault(i, actors[i].progress.remote())
+            if ray.wait([probe], timeout=0)[0]:
+                del probes[i]
+                with contextlib.suppress(ray.exceptions.RayError):  # a dying shard: its write says why
+                    if (got := ray.get(probe)) != seen[i]:
+                        seen[i], moved[i] = got, now
+            if now - moved[i] > stall_s:
+                for r in late:
+                    ray.cancel(r)
+                at = f" (at {seen[i][0]:,} of {seen[i][1]:,} bytes)" if seen[i] else ""
+                raise Unavailable(f"shard {i} wrote nothing of its checkpoint copy for {stall_s:.0f} s{at}")
 
 
 class _Coordinator:
@@ -479,7 +512,7 @@ class _Coordinator:
             )
             frozen_s = time.monotonic() - t0
             staging = ckpt.begin_checkpoint(ckpt.checkpoint_dir(own_root, version))
-            summaries = ray.get([a.write_snapshot.remote(str(staging)) for a in self._actors])
+            summaries = write_copies(self._actors, str(staging))
             final = ckpt.commit_checkpoint(staging, summaries, {"name": self.store, "version": version})
         except BaseException:
             with contextlib.suppress(ray.exceptions.RayError):  # never in place of the error itself

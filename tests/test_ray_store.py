@@ -749,6 +749,35 @@ def test_a_table_one_shard_refuses_is_dropped_again_on_the_others(engram_store):
         client.drop_table("partial")
 
 
+def test_a_shard_wedged_while_writing_its_copy_fails_the_checkpoint_in_time(cluster, tmp_path):
+    """After the cut, with writes flowing, each shard writes its copy: one whose written bytes
+    stop (SIGSTOP: a hung disk, a swapped-out host) fails the checkpoint, named, once its
+    progress has stood still for the stall window, where before `checkpoint` hung."""
+    from cluster.coordinator import _ShardCut, write_copies
+    from memstore.cut import take_cut
+
+    layout = store.deploy("wedged-copy", 2, [TableSpec("t", num_rows=1000, dim=8)])
+    try:
+        actors = ray.get(store.find("wedged-copy").actors.remote())
+        generation = layout["recovery"]["version"] + 1000  # a store of its own: no later cut meets it
+        take_cut([_ShardCut(a, i) for i, a in enumerate(actors)],
+                 lambda: sum(ray.get([a.cut_snapshot.remote(generation) for a in actors])))
+        os.kill(layout["shards"][1]["pid"], signal.SIGSTOP)
+        try:
+            t0 = time.monotonic()
+            with pytest.raises(Unavailable, match="shard 1 wrote nothing of its checkpoint copy for 3 s"):
+                write_copies(actors, str(tmp_path), stall_s=3.0, poll_s=0.5)
+            assert time.monotonic() - t0 < 30
+            assert (tmp_path / "shard-00000-of-00002").is_dir()  # the healthy shard wrote its copy
+        finally:
+            os.kill(layout["shards"][1]["pid"], signal.SIGCONT)
+        with MemStoreClient.connect("wedged-copy") as client:
+            client.update("t", np.arange(10), np.ones((10, 8), np.float32), lr=1.0)  # both shards
+            assert client.lookup("t", np.arange(10)).shape == (10, 8)
+    finally:
+        store.shutdown("wedged-copy")
+
+
 def test_a_wedged_shard_fails_the_cut_and_leaves_no_other_frozen(engram_store):
     """A shard that stops answering (SIGSTOP: a hung disk, a swapped-out host) fails a cut
     within its deadline, naming the shard; the shards frozen before it are thawed at once
