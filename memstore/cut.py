@@ -60,6 +60,13 @@ class WriteGate:
         # freeze's end and has no lease (a restore whose swap began and has not reached
         # this shard: the rows here are going, and a write to them would be lost).
         self._held: str | None = None
+        # Writes a frozen gate parks at most, each holding a server thread while it waits;
+        # one more is UNAVAILABLE (its client retries). A server keeps threads beyond these
+        # for the parts a cut releases and for lookups: with every thread parked, a released
+        # part would queue for one until the cut's deadline, and the cut would abandon its
+        # call half applied. None: no bound (callers with threads of their own).
+        self.max_waiting: int | None = None
+        self._waiting = 0
 
     @contextmanager
     def write(self, group: str, parts: int) -> Iterator[None]:
@@ -67,16 +74,15 @@ class WriteGate:
         whether it applied (a duplicate retry does not count) through the yielded list."""
         with self._cond:
             self._check_held()
-            while self._frozen and group not in self._released:
-                left = self._lease_until - time.monotonic()
-                if left <= 0:
-                    log.warning("a cut's freeze lapsed after its lease without being ended; writes resume")
-                    self._frozen = False
-                    self._released.clear()
-                    self._cond.notify_all()
-                    break
-                self._cond.wait(timeout=left if left < threading.TIMEOUT_MAX else None)  # inf: no lease
-                self._check_held()
+            if self._frozen and group not in self._released:
+                if self.max_waiting is not None and self._waiting >= self.max_waiting:
+                    raise Unavailable(f"the shard is taking a cut and {self._waiting} writes wait for it already "
+                                      "(each holds one of its server's threads); retry")
+                self._waiting += 1
+                try:
+                    self._wait_for_cut(group)
+                finally:
+                    self._waiting -= 1
             self._active += 1
         applied = [False]
         try:
@@ -94,6 +100,19 @@ class WriteGate:
                                             or now - next(iter(self._groups.values()))[2] > STALE_GROUP_S):
                         self._groups.popitem(last=False)  # a cut would abandon it at once anyway
                 self._cond.notify_all()
+
+    def _wait_for_cut(self, group: str) -> None:
+        """Under _cond, frozen: waits until the cut ends, releases the group, or its lease lapses."""
+        while self._frozen and group not in self._released:
+            left = self._lease_until - time.monotonic()
+            if left <= 0:
+                log.warning("a cut's freeze lapsed after its lease without being ended; writes resume")
+                self._frozen = False
+                self._released.clear()
+                self._cond.notify_all()
+                return
+            self._cond.wait(timeout=left if left < threading.TIMEOUT_MAX else None)  # inf: no lease
+            self._check_held()
 
     def freeze(self, timeout_s: float = 60.0, lease_s: float = FREEZE_LEASE_S) -> dict[str, tuple[int, int, float]]:
         """Holds back new writes, waits for running ones, returns {group: (parts, applied,

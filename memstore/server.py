@@ -55,6 +55,7 @@ CHANNEL_OPTIONS = [
 
 # Rates and latency percentiles in Stats cover this many recent seconds / calls per method.
 STATS_WINDOW_S = 10.0
+FREE_AT_CUT = 2  # server threads a frozen write gate never parks writes on (WriteGate.max_waiting)
 RECENT_CALLS = 4096
 
 STATUS_OF: dict[type[MemStoreError], grpc.StatusCode] = {
@@ -475,6 +476,9 @@ class ShardServer:
         self._stopping = threading.Event()
         # so_reuseport off: a second shard started on a taken port must fail, not share it.
         options = CHANNEL_OPTIONS + [("grpc.so_reuseport", 0)]
+        # A cut's frozen gate parks writes on this pool's threads: some are kept for the parts
+        # the cut releases and for lookups.
+        engine.gate.max_waiting = max(0, max_workers - FREE_AT_CUT)
         self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), options=options)
         add_servicer(self.servicer, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)

@@ -318,3 +318,36 @@ def test_a_call_whose_parts_stopped_long_ago_does_not_hold_the_cut(monkeypatch):
     part(engines[0], "other", 2, parts=1)  # a later write on shard 0 forgets the stale call
     assert set(engines[0].gate.freeze()) == {"other"}
     engines[0].gate.unfreeze()
+
+
+def test_a_frozen_gate_parks_writes_up_to_its_bound_and_refuses_the_rest_not_released_parts():
+    """A server's threads: a frozen gate parks at most max_waiting writes, each on one; the
+    next is UNAVAILABLE (its client retries), while a part the cut released still passes."""
+    from memstore.errors import Unavailable
+
+    gate = WriteGate()
+    gate.max_waiting = 2
+    gate.freeze()
+    passed = []
+
+    def writer(group):
+        with gate.write(group, 2) as applied:
+            applied[0] = True
+            passed.append(group)
+
+    parked = [threading.Thread(target=writer, args=(g,)) for g in ("a", "b")]
+    for t in parked:
+        t.start()
+    deadline = time.monotonic() + 5
+    while gate._waiting < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    with pytest.raises(Unavailable, match="taking a cut and 2 writes wait for it already"):
+        writer("c")
+    gate.release(["d"])
+    writer("d")  # released: passes the bound and the freeze
+    assert passed == ["d"]
+    gate.unfreeze()
+    for t in parked:
+        t.join(5)
+    assert sorted(passed) == ["a", "b", "d"] and gate._waiting == 0
+    writer("c")  # thawed: no bound

@@ -778,6 +778,61 @@ def test_a_shard_wedged_while_writing_its_copy_fails_the_checkpoint_in_time(clus
         store.shutdown("wedged-copy")
 
 
+def test_a_cut_completes_a_call_though_writes_crowd_a_frozen_shard(cluster):
+    """More writes than a shard's server has threads wait at its frozen gate: the part of a
+    call the cut releases must still get a thread. Before, the waiting writes took all 8,
+    the released part queued until the cut's 30 s deadline, and the cut abandoned its call
+    half applied (the checkpoint held it on one shard, the client saw it acknowledged)."""
+    from memstore import checkpoint
+    from memstore.engine import ShardEngine
+    from memstore.spec import InitSpec
+
+    store.deploy("crowded", 2, [TableSpec("t", num_rows=1000, dim=8, init=InitSpec("zeros"),
+                                          optimizer=OptimizerSpec("sgd"))])
+    try:
+        actors = ray.get(store.find("crowded").actors.remote())
+        clients = [MemStoreClient.connect("crowded", config=ClientConfig(retry_s=120)) for _ in range(13)]
+        # Rows in replies: a lookup asks only the shards its keys live on (a shard delivering
+        # into shared memory is asked for every lookup).
+        clients.append(MemStoreClient.connect("crowded", config=ClientConfig(shared_memory=False)))
+        for c in clients:
+            c.spec("t")  # read while shard 0 answers: only the writes below meet its frozen gate
+        ray.get(actors[0].cut_freeze.remote(60.0, "crowding"))  # ended by the checkpoint's thaw
+        failed = []
+
+        def push(c, keys):
+            try:
+                c.update("t", keys, np.ones((len(keys), 8), np.float32), lr=1.0)
+            except Exception as e:  # noqa: BLE001 - reported below
+                failed.append(e)
+
+        crowd = [threading.Thread(target=push, args=(clients[i], np.array([2 * i]))) for i in range(12)]  # shard 0
+        for t in crowd:
+            t.start()
+        time.sleep(2.0)
+        call = threading.Thread(target=push, args=(clients[12], np.array([100, 101])))  # shards 0 and 1
+        call.start()
+        with clients[13] as client:
+            deadline = time.monotonic() + 30
+            while client.lookup("t", np.array([101]))[0, 0] == 0 and time.monotonic() < deadline:
+                time.sleep(0.1)  # shard 1 (not frozen) applied its part
+            assert client.lookup("t", np.array([101]))[0, 0] == -1
+            t0 = time.monotonic()
+            result = store.checkpoint("crowded")
+            assert (result["abandoned"], result["completed_in_cut"]) == (0, 1), result
+            assert time.monotonic() - t0 < 25
+            for t in (*crowd, call):
+                t.join(120)
+            assert not failed, failed
+            np.testing.assert_array_equal(client.lookup("t", np.array([*range(0, 24, 2), 100, 101]))[:, 0], -1.0)
+        for c in clients[:13]:
+            c.close()
+        saved = checkpoint.load_shard(result["path"], 0, 1, engine=ShardEngine(0, 1)).table("t").snapshot()[1]
+        assert saved[100, 0] == saved[101, 0] == -1.0  # the call, wholly in the cut
+    finally:
+        store.shutdown("crowded")
+
+
 def test_a_wedged_shard_fails_the_cut_and_leaves_no_other_frozen(engram_store):
     """A shard that stops answering (SIGSTOP: a hung disk, a swapped-out host) fails a cut
     within its deadline, naming the shard; the shards frozen before it are thawed at once

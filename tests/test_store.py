@@ -5,6 +5,8 @@ Run: python -m pytest tests/test_store.py -q
 
 from __future__ import annotations
 
+import os
+import signal
 import threading
 
 import numpy as np
@@ -81,6 +83,22 @@ def test_rows_do_not_depend_on_shard_count(shards_2, shards_3):
     np.testing.assert_array_equal(rows[0], rows[1])
     np.testing.assert_array_equal(rows[0], rows[2])
     assert np.abs(rows[0]).max() <= 0.5 and rows[0].std() > 0.2
+
+
+def test_a_lookup_asks_only_the_shards_holding_its_keys(shards_2):
+    """Rows in replies: a shard none of the keys live on is not asked, so a lookup does not
+    wait on it (here stopped, as a wedged or crowded shard)."""
+
+    spec = TableSpec("one-sided", num_rows=100, dim=4, seed=2)
+    with MemStoreClient(shards_2.addresses, ClientConfig(shared_memory=False, timeout_s=5, retry_s=0)) as client:
+        client.create_table(spec)
+        full = client.lookup("one-sided", np.arange(100))
+        os.kill(shards_2.procs[0].pid, signal.SIGSTOP)
+        try:
+            np.testing.assert_array_equal(client.lookup("one-sided", [1, 7, 99, 7]), full[[1, 7, 99, 7]])
+        finally:
+            os.kill(shards_2.procs[0].pid, signal.SIGCONT)
+        client.drop_table("one-sided")
 
 
 def test_lookup_shapes_and_key_types(shards_2):
