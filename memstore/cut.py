@@ -46,6 +46,10 @@ class CutLost(RuntimeError):
     the frozen gate or the copy): the cut is void, and taking it again will do."""
 
 
+class WouldWait(Exception):
+    """A write asked not to wait (WriteGate.write(wait=False)) met a cut holding its group."""
+
+
 class WriteGate:
     def __init__(self) -> None:
         # Guards every field below; writers wait on it while frozen.
@@ -69,20 +73,16 @@ class WriteGate:
         self._waiting = 0
 
     @contextmanager
-    def write(self, group: str, parts: int) -> Iterator[None]:
-        """Wraps one write; blocks while a cut holds its group back. The caller reports
-        whether it applied (a duplicate retry does not count) through the yielded list."""
+    def write(self, group: str, parts: int, *, wait: bool = True) -> Iterator[None]:
+        """Wraps one write; blocks while a cut holds its group back (wait=False: raises
+        WouldWait instead). The caller reports whether it applied (a duplicate retry does not
+        count) through the yielded list."""
         with self._cond:
             self._check_held()
             if self._frozen and group not in self._released:
-                if self.max_waiting is not None and self._waiting >= self.max_waiting:
-                    raise Unavailable(f"the shard is taking a cut and {self._waiting} writes wait for it already "
-                                      "(each holds one of its server's threads); retry")
-                self._waiting += 1
-                try:
-                    self._wait_for_cut(group)
-                finally:
-                    self._waiting -= 1
+                if not wait:
+                    raise WouldWait(group)
+                self._park(lambda: self._frozen and group not in self._released)
             self._active += 1
         applied = [False]
         try:
@@ -101,9 +101,29 @@ class WriteGate:
                         self._groups.popitem(last=False)  # a cut would abandon it at once anyway
                 self._cond.notify_all()
 
-    def _wait_for_cut(self, group: str) -> None:
-        """Under _cond, frozen: waits until the cut ends, releases the group, or its lease lapses."""
-        while self._frozen and group not in self._released:
+    def wait_any(self, groups: list[str]) -> None:
+        """Waits, as one write, until a write of one of these groups would pass: the gate
+        thaws, or the cut releases one. A request applying several parts (apply_together)
+        must not let a part the cut holds stop one it released behind it."""
+        with self._cond:
+            self._check_held()
+            self._park(lambda: self._frozen and not self._released.intersection(groups))
+
+    def _park(self, held) -> None:
+        """Under _cond, frozen: one more waiting write (UNAVAILABLE past max_waiting) until
+        held() is false, or the freeze's lease lapses."""
+        if self.max_waiting is not None and self._waiting >= self.max_waiting:
+            raise Unavailable(f"the shard is taking a cut and {self._waiting} writes wait for it already "
+                              "(each holds one of its server's threads); retry")
+        self._waiting += 1
+        try:
+            self._wait_for_cut(held)
+        finally:
+            self._waiting -= 1
+
+    def _wait_for_cut(self, held) -> None:
+        """Under _cond: waits while held(), until the freeze's lease lapses."""
+        while held():
             left = self._lease_until - time.monotonic()
             if left <= 0:
                 log.warning("a cut's freeze lapsed after its lease without being ended; writes resume")

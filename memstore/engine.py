@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from memstore import wal
-from memstore.cut import WriteGate
+from memstore.cut import WouldWait, WriteGate
 from memstore.errors import InvalidArgument, TableExists, TableNotFound, Unavailable, WrongShard
 from memstore.keys import check_gradient_scale, check_key_range, first_non_finite_row, first_row_not_finite_as
 from memstore.partition import place_keys
@@ -322,9 +322,10 @@ class ShardEngine:
         digest = write_digest("update", keys, lr) if update_id else None
         # Now, not only when it applies: a request's other parts must not apply before this one is refused.
         self._check_id_reuse(table, update_id, digest)
-        return PreparedWrite(table, lambda: self._write(
+        return PreparedWrite(table, group, lambda wait: self._write(
             table, update_id, digest, group, parts, lambda: table.apply(local, grads32, lr),
             lambda version: wal.update_record(name, keys, grads, lr, update_id, version, group, parts), read,
+            wait=wait,
         ))
 
     def apply_together(self, writes: list["PreparedWrite"]) -> list[tuple[int, bool, torch.Tensor | None]]:
@@ -341,11 +342,29 @@ class ShardEngine:
                 raise Unavailable(f"tables {stale} were replaced or dropped since the request was checked; retry")
             self._together += 1
         try:
-            return [write() for write in writes]
+            return self._apply_in_turn(writes)
         finally:
             with self._layout:
                 self._together -= 1
                 self._layout.notify_all()
+
+    def _apply_in_turn(self, writes: list["PreparedWrite"]) -> list[tuple[int, bool, torch.Tensor | None]]:
+        """Each write in request order, except that one a cut holds back waits for the
+        others: a part of a call applied nowhere else (held) must not stop one the cut
+        released (its call applied on other shards) until the cut gives up on it."""
+        done: dict[int, tuple[int, bool, torch.Tensor | None]] = {}
+        pending = list(range(len(writes)))
+        while pending:
+            held = []
+            for i in pending:
+                try:
+                    done[i] = writes[i](wait=False)
+                except WouldWait:
+                    held.append(i)
+            if held:
+                self.gate.wait_any([writes[i].group for i in held])
+            pending = held
+        return [done[i] for i in range(len(writes))]
 
     def assign(
         self, name: str, keys: np.ndarray, values: torch.Tensor, keep_state: bool, update_id: str = "",
@@ -382,7 +401,7 @@ class ShardEngine:
             )
 
     def _write(self, table: ShardTable, update_id: str, digest: int | None, group: str, parts: int, apply, record,
-               read=None) -> tuple[int, bool, torch.Tensor | None]:
+               read=None, wait: bool = True) -> tuple[int, bool, torch.Tensor | None]:
         """Runs `apply` at most once per update id, through the write gate (a cut may hold it
         back), logging it first, then `read` (the rows a caller wants back). A remembered id
         whose write_digest differs is INVALID_ARGUMENT, and nothing changes. Under the table's
@@ -392,7 +411,7 @@ class ShardEngine:
         they apply, and the read sees this write and no later one. A table replaced while the
         write waited at the gate (a restore) makes it UNAVAILABLE: the client retries on the
         new one."""
-        with self.gate.write(group, parts) as applied, table.ids_lock:
+        with self.gate.write(group, parts, wait=wait) as applied, table.ids_lock:
             with self._lock:
                 current = self._tables.get(table.spec.name)
             if current is not table:
@@ -427,9 +446,12 @@ class PreparedWrite:
     """A write whose checks have all passed (ShardEngine.prepare_update): call it to apply.
     Several of one request apply through ShardEngine.apply_together."""
 
-    def __init__(self, table: ShardTable, run: Callable[[], tuple[int, bool, torch.Tensor | None]]) -> None:
+    def __init__(self, table: ShardTable, group: str,
+                 run: Callable[[bool], tuple[int, bool, torch.Tensor | None]]) -> None:
         self.table = table
+        self.group = group
         self._run = run
 
-    def __call__(self) -> tuple[int, bool, torch.Tensor | None]:
-        return self._run()
+    def __call__(self, wait: bool = True) -> tuple[int, bool, torch.Tensor | None]:
+        """wait=False: WouldWait, changing nothing, where a cut holds the write back."""
+        return self._run(wait)

@@ -351,3 +351,33 @@ def test_a_frozen_gate_parks_writes_up_to_its_bound_and_refuses_the_rest_not_rel
         t.join(5)
     assert sorted(passed) == ["a", "b", "d"] and gate._waiting == 0
     writer("c")  # thawed: no bound
+
+
+def test_a_held_part_of_a_request_does_not_stop_a_released_part_behind_it():
+    """One request (UpdateMany) to shard 0 carries a call applied nowhere else (its only
+    part, held by the cut) and then a part of a call shard 1 applied before the freeze (the
+    cut releases it). The released part applies; the held one waits for the thaw. Before,
+    the parts applied in order, and the cut waited out its deadline and abandoned the call."""
+    engines = two_shards()
+    engines[0].create_table(dataclasses.replace(SPEC, name="other"))
+    part(engines[1], "B", 1)  # shard 1's part of call B
+    gates = [e.gate for e in engines]
+    seen = [g.freeze() for g in gates]
+    assert seen[1]["B"][:2] == (2, 1)
+    writes = [engines[0].prepare_update("other", np.array([0]), torch.ones(1, 2), 1.0, "A:0", "A", 1),
+              engines[0].prepare_update("t", np.array([0]), torch.ones(1, 2), 1.0, "B:0", "B", 2)]
+    results = []
+    request = _started(lambda: results.append(engines[0].apply_together(writes)))
+    time.sleep(0.2)
+    assert engines[0].gate._waiting == 1  # one request, one waiting write
+    for g in gates:
+        g.release(["B"])
+    deadline = time.monotonic() + 5
+    while engines[0].gate.applied(["B"])["B"] == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert [g.applied(["A", "B"]) for g in gates] == [{"A": 0, "B": 1}, {"A": 0, "B": 1}]
+    assert request.is_alive() and engines[0].table("other").version == 0  # A waits for the thaw
+    for g in gates:
+        g.unfreeze()
+    request.join(5)
+    assert [v for v, _, _ in results[0]] == [1, 1] and engines[0].table("other").version == 1
