@@ -46,10 +46,6 @@ class CutLost(RuntimeError):
     the frozen gate or the copy): the cut is void, and taking it again will do."""
 
 
-class WouldWait(Exception):
-    """A write asked not to wait (WriteGate.write(wait=False)) met a cut holding its group."""
-
-
 class WriteGate:
     def __init__(self) -> None:
         # Guards every field below; writers wait on it while frozen.
@@ -73,41 +69,53 @@ class WriteGate:
         self._waiting = 0
 
     @contextmanager
-    def write(self, group: str, parts: int, *, wait: bool = True) -> Iterator[None]:
-        """Wraps one write; blocks while a cut holds its group back (wait=False: raises
-        WouldWait instead). The caller reports whether it applied (a duplicate retry does not
-        count) through the yielded list."""
+    def write(self, group: str, parts: int) -> Iterator[list[bool]]:
+        """Wraps one write; blocks while a cut holds its group back. The caller reports
+        whether it applied (a duplicate retry does not count) through the yielded list."""
+        with self.write_all([(group, parts)]) as applied:
+            yield applied
+
+    @contextmanager
+    def write_all(self, calls: list[tuple[str, int]]) -> Iterator[list[bool]]:
+        """Wraps the writes of one request, a (group, parts) each, applied in order inside:
+        they pass the gate as one write. While a cut holds it, the request passes once the
+        cut has released one of its groups and each other group of it is released too or has
+        every part in this request (it applies before the released one counts as applied: wholly
+        in the cut). Before, a part held back stopped a released part behind it, and the cut
+        gave up on that call half applied. The caller marks each write applied in the
+        yielded list; they count when the last is done."""
+        groups = [g for g, _ in calls]
+        here = {g: groups.count(g) for g in groups}
+
+        def held() -> bool:
+            if not self._frozen:
+                return False
+            if not self._released.intersection(groups):
+                return True
+            return not all(g in self._released or (g and here[g] == parts) for g, parts in calls)
+
         with self._cond:
             self._check_held()
-            if self._frozen and group not in self._released:
-                if not wait:
-                    raise WouldWait(group)
-                self._park(lambda: self._frozen and group not in self._released)
+            if held():
+                self._park(held)
             self._active += 1
-        applied = [False]
+        applied = [False] * len(calls)
         try:
             yield applied
         finally:
             with self._cond:
                 self._active -= 1
-                if applied[0] and group:
-                    now = time.monotonic()
-                    entry = self._groups.setdefault(group, [parts, 0, now])
-                    entry[1] += 1
-                    entry[2] = now
-                    self._groups.move_to_end(group)  # oldest last part first
-                    while self._groups and (len(self._groups) > REMEMBERED_GROUPS
-                                            or now - next(iter(self._groups.values()))[2] > STALE_GROUP_S):
-                        self._groups.popitem(last=False)  # a cut would abandon it at once anyway
+                now = time.monotonic()
+                for (group, parts), done in zip(calls, applied):
+                    if done and group:
+                        entry = self._groups.setdefault(group, [parts, 0, now])
+                        entry[1] += 1
+                        entry[2] = now
+                        self._groups.move_to_end(group)  # oldest last part first
+                while self._groups and (len(self._groups) > REMEMBERED_GROUPS
+                                        or now - next(iter(self._groups.values()))[2] > STALE_GROUP_S):
+                    self._groups.popitem(last=False)  # a cut would abandon it at once anyway
                 self._cond.notify_all()
-
-    def wait_any(self, groups: list[str]) -> None:
-        """Waits, as one write, until a write of one of these groups would pass: the gate
-        thaws, or the cut releases one. A request applying several parts (apply_together)
-        must not let a part the cut holds stop one it released behind it."""
-        with self._cond:
-            self._check_held()
-            self._park(lambda: self._frozen and not self._released.intersection(groups))
 
     def _park(self, held) -> None:
         """Under _cond, frozen: one more waiting write (UNAVAILABLE past max_waiting) until

@@ -8,6 +8,7 @@ key, table or shard.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import struct
 import threading
@@ -19,7 +20,7 @@ import numpy as np
 import torch
 
 from memstore import wal
-from memstore.cut import WouldWait, WriteGate
+from memstore.cut import WriteGate
 from memstore.errors import InvalidArgument, TableExists, TableNotFound, Unavailable, WrongShard
 from memstore.keys import check_gradient_scale, check_key_range, first_non_finite_row, first_row_not_finite_as
 from memstore.partition import place_keys
@@ -322,10 +323,10 @@ class ShardEngine:
         digest = write_digest("update", keys, lr) if update_id else None
         # Now, not only when it applies: a request's other parts must not apply before this one is refused.
         self._check_id_reuse(table, update_id, digest)
-        return PreparedWrite(table, group, lambda wait: self._write(
+        return PreparedWrite(table, group, parts, lambda gated: self._write(
             table, update_id, digest, group, parts, lambda: table.apply(local, grads32, lr),
             lambda version: wal.update_record(name, keys, grads, lr, update_id, version, group, parts), read,
-            wait=wait,
+            gated=gated,
         ))
 
     def apply_together(self, writes: list["PreparedWrite"]) -> list[tuple[int, bool, torch.Tensor | None]]:
@@ -342,29 +343,18 @@ class ShardEngine:
                 raise Unavailable(f"tables {stale} were replaced or dropped since the request was checked; retry")
             self._together += 1
         try:
-            return self._apply_in_turn(writes)
+            # One pass of the gate for the request (WriteGate.write_all): a part a cut holds
+            # back must not stop one it released behind it.
+            with self.gate.write_all([(w.group, w.parts) for w in writes]) as applied:
+                done = []
+                for i, write in enumerate(writes):
+                    done.append(write(gated=False))
+                    applied[i] = not done[-1][1]  # a duplicate did not apply now
+                return done
         finally:
             with self._layout:
                 self._together -= 1
                 self._layout.notify_all()
-
-    def _apply_in_turn(self, writes: list["PreparedWrite"]) -> list[tuple[int, bool, torch.Tensor | None]]:
-        """Each write in request order, except that one a cut holds back waits for the
-        others: a part of a call applied nowhere else (held) must not stop one the cut
-        released (its call applied on other shards) until the cut gives up on it."""
-        done: dict[int, tuple[int, bool, torch.Tensor | None]] = {}
-        pending = list(range(len(writes)))
-        while pending:
-            held = []
-            for i in pending:
-                try:
-                    done[i] = writes[i](wait=False)
-                except WouldWait:
-                    held.append(i)
-            if held:
-                self.gate.wait_any([writes[i].group for i in held])
-            pending = held
-        return [done[i] for i in range(len(writes))]
 
     def assign(
         self, name: str, keys: np.ndarray, values: torch.Tensor, keep_state: bool, update_id: str = "",
@@ -401,7 +391,7 @@ class ShardEngine:
             )
 
     def _write(self, table: ShardTable, update_id: str, digest: int | None, group: str, parts: int, apply, record,
-               read=None, wait: bool = True) -> tuple[int, bool, torch.Tensor | None]:
+               read=None, gated: bool = True) -> tuple[int, bool, torch.Tensor | None]:
         """Runs `apply` at most once per update id, through the write gate (a cut may hold it
         back), logging it first, then `read` (the rows a caller wants back). A remembered id
         whose write_digest differs is INVALID_ARGUMENT, and nothing changes. Under the table's
@@ -411,7 +401,8 @@ class ShardEngine:
         they apply, and the read sees this write and no later one. A table replaced while the
         write waited at the gate (a restore) makes it UNAVAILABLE: the client retries on the
         new one."""
-        with self.gate.write(group, parts, wait=wait) as applied, table.ids_lock:
+        # gated=False: inside a gate's write_all already (apply_together), which counts it.
+        with (self.gate.write(group, parts) if gated else contextlib.nullcontext([False])) as applied, table.ids_lock:
             with self._lock:
                 current = self._tables.get(table.spec.name)
             if current is not table:
@@ -446,12 +437,13 @@ class PreparedWrite:
     """A write whose checks have all passed (ShardEngine.prepare_update): call it to apply.
     Several of one request apply through ShardEngine.apply_together."""
 
-    def __init__(self, table: ShardTable, group: str,
+    def __init__(self, table: ShardTable, group: str, parts: int,
                  run: Callable[[bool], tuple[int, bool, torch.Tensor | None]]) -> None:
         self.table = table
-        self.group = group
+        self.group = group  # the client call it is a part of, and that call's parts in all
+        self.parts = parts
         self._run = run
 
-    def __call__(self, wait: bool = True) -> tuple[int, bool, torch.Tensor | None]:
-        """wait=False: WouldWait, changing nothing, where a cut holds the write back."""
-        return self._run(wait)
+    def __call__(self, gated: bool = True) -> tuple[int, bool, torch.Tensor | None]:
+        """gated=False: inside the gate's write_all of its request (apply_together)."""
+        return self._run(gated)

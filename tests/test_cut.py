@@ -273,8 +273,8 @@ def test_a_drop_waiting_at_a_frozen_gate_lets_the_parts_a_cut_released_apply():
 
 def test_a_drop_waiting_for_a_request_steps_out_of_a_cuts_way():
     """A drop inside the gate, waiting for a request of two writes, when a cut freezes the
-    gate between them: it steps out (the freeze drains) instead of waiting for a write the
-    freeze holds."""
+    gate meanwhile: the request, inside the gate, applies whole, and the drop steps out of
+    the freeze's way (the freeze drains) instead of keeping its place in the gate."""
     [engine, _] = two_shards()
     engine.create_table(dataclasses.replace(SPEC, name="other"))
     writes = [engine.prepare_update("t", np.array([k]), torch.ones(1, 2), 1.0, f"R:{k}", "R", 1) for k in (0, 2)]
@@ -288,10 +288,9 @@ def test_a_drop_waiting_for_a_request_steps_out_of_a_cuts_way():
     froze = []
     freeze = _started(lambda: froze.append(engine.gate.freeze(timeout_s=10)))
     time.sleep(0.2)
-    table.ids_lock.release()  # the first write applies; the second meets the frozen gate
+    table.ids_lock.release()  # both writes apply: the request passed the gate as one
     freeze.join(10)
     assert froze, "the freeze did not drain: the drop kept its place in the gate"
-    engine.gate.release(["R"])
     request.join(5)
     assert not request.is_alive() and table.version == 2 and not dropped
     engine.gate.unfreeze()
@@ -355,9 +354,10 @@ def test_a_frozen_gate_parks_writes_up_to_its_bound_and_refuses_the_rest_not_rel
 
 def test_a_held_part_of_a_request_does_not_stop_a_released_part_behind_it():
     """One request (UpdateMany) to shard 0 carries a call applied nowhere else (its only
-    part, held by the cut) and then a part of a call shard 1 applied before the freeze (the
-    cut releases it). The released part applies; the held one waits for the thaw. Before,
-    the parts applied in order, and the cut waited out its deadline and abandoned the call."""
+    part) and then a part of a call shard 1 applied before the freeze, which the cut
+    releases. The request applies, in order, within the cut: both calls wholly in it.
+    Before, its first part waited for the thaw with the released part behind it, and the cut
+    waited out its deadline and gave up on that call half applied."""
     engines = two_shards()
     engines[0].create_table(dataclasses.replace(SPEC, name="other"))
     part(engines[1], "B", 1)  # shard 1's part of call B
@@ -369,15 +369,30 @@ def test_a_held_part_of_a_request_does_not_stop_a_released_part_behind_it():
     results = []
     request = _started(lambda: results.append(engines[0].apply_together(writes)))
     time.sleep(0.2)
-    assert engines[0].gate._waiting == 1  # one request, one waiting write
+    assert engines[0].gate._waiting == 1 and not results  # one request, one waiting write
     for g in gates:
         g.release(["B"])
-    deadline = time.monotonic() + 5
-    while engines[0].gate.applied(["B"])["B"] == 0 and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert [g.applied(["A", "B"]) for g in gates] == [{"A": 0, "B": 1}, {"A": 0, "B": 1}]
-    assert request.is_alive() and engines[0].table("other").version == 0  # A waits for the thaw
+    request.join(5)
+    assert [v for v, _, _ in results[0]] == [1, 1]
+    assert [g.applied(["A", "B"]) for g in gates] == [{"A": 1, "B": 1}, {"A": 0, "B": 1}]
     for g in gates:
         g.unfreeze()
+
+
+def test_a_request_with_a_part_held_for_another_shard_waits_for_the_thaw():
+    """A call of the request with parts on other shards that the cut did not release stays
+    out of the cut, and with it the whole request (its parts apply in order)."""
+    engines = two_shards()
+    engines[0].create_table(dataclasses.replace(SPEC, name="other"))
+    gate = engines[0].gate
+    gate.freeze()
+    writes = [engines[0].prepare_update("other", np.array([0]), torch.ones(1, 2), 1.0, "A:0", "A", 2),
+              engines[0].prepare_update("t", np.array([0]), torch.ones(1, 2), 1.0, "B:0", "B", 2)]
+    results = []
+    request = _started(lambda: results.append(engines[0].apply_together(writes)))
+    gate.release(["B"])
+    time.sleep(0.2)
+    assert request.is_alive() and gate.applied(["A", "B"]) == {"A": 0, "B": 0}
+    gate.unfreeze(forget=False)
     request.join(5)
-    assert [v for v, _, _ in results[0]] == [1, 1] and engines[0].table("other").version == 1
+    assert [v for v, _, _ in results[0]] == [1, 1] and gate.applied(["A", "B"]) == {"A": 1, "B": 1}
