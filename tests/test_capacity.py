@@ -153,6 +153,8 @@ def test_dedup_counts_are_the_brute_force_ones(corpus_cfg):
     assert est.beta(2) == pytest.approx(beta)
     assert est.unique_fraction(2, 4096) == pytest.approx(min(1.0, d2 * 4 ** beta / 4096))
     assert est.unique_fraction(2, 10**9) <= 5003 / 10**9  # never more distinct keys than the table has rows
+    with pytest.raises(ValueError, match="at least one token, got 0"):
+        est.unique_fraction(2, 0)
 
 
 def test_dedup_estimate_is_cached(corpus_cfg):

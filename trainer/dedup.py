@@ -79,7 +79,9 @@ class DedupEstimate:
         return float((y[1] - y[0]) / (x[1] - x[0]))
 
     def unique_fraction(self, n: int, tokens: int) -> float:
-        """Distinct share of an order-n head's keys among `tokens` tokens."""
+        """Distinct share of an order-n head's keys among `tokens` tokens (at least 1)."""
+        if tokens < 1:
+            raise ValueError(f"a distinct share needs at least one token, got {tokens}")
         x = np.log(np.asarray(self.sizes, dtype=np.float64))
         y = np.log(np.asarray(self.distinct_share[n]) * np.asarray(self.sizes))  # log distinct
         t = np.log(max(1, tokens))

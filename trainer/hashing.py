@@ -127,7 +127,8 @@ class CompressedTokenizer:
 
 def _is_prime(n: int) -> bool:
     """Deterministic Miller-Rabin; gives the same answer as sympy.isprime (the reference's)."""
-    assert n < _MR_EXACT_LIMIT, f"{n} is too large for deterministic Miller-Rabin"
+    if n >= _MR_EXACT_LIMIT:  # a check, not an assert: it must hold under python -O too
+        raise ValueError(f"{n} is too large for deterministic Miller-Rabin")
     if n < 2:
         return False
     for p in _MR_BASES:
