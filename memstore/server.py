@@ -487,6 +487,7 @@ class ShardServer:
         except RuntimeError:  # grpcio raises this when the address cannot be bound
             self.port = 0
         if self.port == 0:
+            self.server.stop(None)  # its ports and threads now, not at garbage collection
             raise OSError(f"could not bind {host}:{port} (in use, or not an address of this host)")
         self.address = f"{host}:{self.port}"
         self.host = host

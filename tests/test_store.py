@@ -268,3 +268,15 @@ def test_client_config_values_are_checked():
                        (dict(max_request_bytes=1 << 30), "max_request_bytes")):
         with pytest.raises(InvalidArgument, match=f"ClientConfig.{field} = "):
             ClientConfig(**bad)
+
+
+def test_a_shard_server_on_a_taken_port_fails_naming_it():
+    from memstore.engine import ShardEngine
+    from memstore.server import ShardServer
+
+    first = ShardServer(ShardEngine(0, 1)).start()
+    try:
+        with pytest.raises(OSError, match=f"could not bind 127.0.0.1:{first.port} \\(in use"):
+            ShardServer(ShardEngine(0, 1), port=first.port)
+    finally:
+        first.stop(0)
