@@ -196,6 +196,8 @@ class ShardEngine:
                     return self._drop_ids[drop_id]
                 table = self._tables.get(name)
                 if table is None:
+                    if drop_id and self.journal is not None:  # its id must outlive a crash too
+                        self.journal(wal.drop_record(name, drop_id))
                     self._remember_drop(drop_id, False)
                     return False
             with table.ids_lock, self._lock:  # the record first, as for a create

@@ -406,8 +406,17 @@ def test_a_drop_id_outlives_a_crash_so_its_retry_drops_nothing(tmp_path):
             assert again.engine.drop_table(spec.name, "call-1")  # answered as the first was
             assert [t.spec.name for t in again.engine.tables()] == [spec.name]
             assert again.engine.drop_table(spec.name, "call-2") and not again.engine.tables()
+            # A drop that found no table: its retry after a crash and a create drops nothing either.
+            assert not again.engine.drop_table(spec.name, "call-5")
         finally:
             again.close()
+        fourth = open_shard(crashed(tmp_path / "crash", tmp_path / "crash-2"), compact_bytes=0)  # again's
+        try:
+            fourth.engine.create_table(spec)
+            assert not fourth.engine.drop_table(spec.name, "call-5")  # answered as the first was
+            assert [t.spec.name for t in fourth.engine.tables()] == [spec.name]
+        finally:
+            fourth.close()
         # Past a compaction, whose base replaces the log that held the drop, too.
         first.engine.create_table(SPECS[1])
         assert first.engine.drop_table(SPECS[1].name, "call-3") and not first.engine.drop_table("none", "call-4")
