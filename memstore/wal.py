@@ -186,9 +186,14 @@ class WriteAheadLog:
         self._syncing = False  # a group leader is in fdatasync, without the lock
         self._arriving = 0  # appenders encoding their record, about to write
         self._error: BaseException | None = None  # the I/O error that stopped the log
+        self._cut_note = ""  # what became of the records after the last durable byte, once it did
         self.appends = 0  # records appended (guarded by _lock)
         self.syncs = 0  # fdatasyncs run (guarded by _lock); appends / syncs = the group size
         self._fd = _open_for_append(self._path)
+        # File offsets: the end of the last record written, and of the last one made durable
+        # (a failed fdatasync cuts the file back to it: no record nobody was told is durable
+        # may replay at a restart; appenders after it all fail).
+        self._end = self._durable_end = os.lseek(self._fd, 0, os.SEEK_END)
 
     @property
     def path(self) -> Path:
@@ -223,7 +228,7 @@ class WriteAheadLog:
         """Group commit, with the lock held: lead an fdatasync or wait for the leader's."""
         while self._synced < seq:
             if self._error is not None:
-                raise WalError(f"write-ahead log {self._path} failed: {self._error}")
+                raise WalError(f"write-ahead log {self._path} failed: {self._error}{self._cut_note}")
             if self._syncing:
                 self._durable.wait()
                 continue
@@ -231,7 +236,7 @@ class WriteAheadLog:
             deadline = time.monotonic() + self.group_window_s
             while self._arriving and (left := deadline - time.monotonic()) > 0:
                 self._arrived.wait(left)  # let appenders still encoding join this sync
-            target, fd = self._written, self._fd
+            target, fd, end = self._written, self._fd, self._end
             self.syncs += 1
             self._lock.release()
             try:
@@ -245,20 +250,39 @@ class WriteAheadLog:
                 self._durable.notify_all()
             if err is not None:
                 self._error = err
+                self._cut_back()
             else:
                 self._synced = max(self._synced, target)
+                self._durable_end = max(self._durable_end, end)
 
     def _sync_locked(self, seq: int) -> None:
         """fdatasync with the lock held (always mode, flush, rotate): records <= seq are durable."""
         self.syncs += 1
+        end = self._end
         try:
             os.fdatasync(self._fd)
         except OSError as e:
             self._error = e
+            self._cut_back()
             self._durable.notify_all()
-            raise WalError(f"fdatasync of {self._path} failed: {e}") from e
+            raise WalError(f"fdatasync of {self._path} failed: {e}{self._cut_note}") from e
         self._synced = max(self._synced, seq)
+        self._durable_end = max(self._durable_end, end)
         self._durable.notify_all()  # group appenders waiting for a leader's sync: this one counts
+
+    def _cut_back(self) -> None:
+        """After a failed fdatasync, the lock held: cuts the file back to the end of its last
+        durable record, so the records after it, whose appends all fail, do not replay at a
+        restart (as refused writes applied after all)."""
+        try:
+            os.ftruncate(self._fd, self._durable_end)
+            os.fdatasync(self._fd)  # the new length, at least, on disk
+        except OSError as e:
+            self._cut_note = (f"; the records after byte {self._durable_end}, none of them acknowledged, may still "
+                              f"replay at a restart (cutting them off failed: {e})")
+            return
+        self._end = self._durable_end
+        self._cut_note = f"; the records after byte {self._durable_end}, none of them acknowledged, were cut off"
 
     def _write(self, head: bytes, payload: bytes) -> None:
         """Writes one frame, or none: a failed write (a full disk) is cut off again and fails
@@ -272,6 +296,9 @@ class WriteAheadLog:
             except OSError:
                 self._error = e
             raise WalError(f"write to {self._path} failed: {e}") from e
+        self._end = start + len(head) + len(payload)
+        if self.sync == "none":  # acknowledged once written (it survives a killed process): never cut off
+            self._durable_end = self._end
 
     @property
     def failed(self) -> BaseException | None:
@@ -281,7 +308,7 @@ class WriteAheadLog:
 
     def _check_usable(self) -> None:
         if self._error is not None:
-            raise WalError(f"write-ahead log {self._path} failed earlier: {self._error}")
+            raise WalError(f"write-ahead log {self._path} failed earlier: {self._error}{self._cut_note}")
         if self._fd < 0:
             raise WalError(f"write-ahead log {self._path} is closed")
 
@@ -307,6 +334,7 @@ class WriteAheadLog:
             fd = _open_for_append(Path(path))
             os.close(self._fd)
             self._fd, self._path = fd, Path(path)
+            self._end = self._durable_end = os.lseek(fd, 0, os.SEEK_END)
 
     def close(self) -> None:
         with self._lock:

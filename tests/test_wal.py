@@ -395,3 +395,42 @@ def test_the_directories_a_log_creates_are_made_durable_in_their_parents(tmp_pat
     with wal.WriteAheadLog(path, sync="always") as log:
         log.append(wal.drop_record("t"))
     assert {tmp_path, tmp_path / "data", path.parent} <= set(synced)
+
+
+@pytest.mark.parametrize("sync", ["always", "group"])
+def test_a_failed_fdatasync_cuts_off_the_records_nobody_was_told_are_durable(tmp_path, monkeypatch, sync):
+    """An fdatasync that fails (EIO: a dying disk) refuses its appends, and the log fails for
+    good; the records after the last durable one are cut off the file, so a restart does not
+    replay a write its client was told failed. Where the cut fails too, the error says they
+    may replay."""
+    import errno
+
+    path = tmp_path / "wal-0.log"
+    rng = np.random.default_rng(4)
+    records = [sample_record(rng, n=32) for _ in range(3)]
+    log = wal.WriteAheadLog(path, sync=sync)
+    log.append(records[0])
+    durable = os.path.getsize(path)
+    real, failures = os.fdatasync, [OSError(errno.EIO, "Input/output error")]
+
+    def fdatasync(fd):  # the next sync fails; the cut's own sync finds the disk again
+        if failures:
+            raise failures.pop()
+        real(fd)
+
+    monkeypatch.setattr(os, "fdatasync", fdatasync)
+    with pytest.raises(wal.WalError, match=f"Input/output error; the records after byte {durable}, none of them "
+                                           "acknowledged, were cut off"):
+        log.append(records[1])
+    assert os.path.getsize(path) == durable and log.failed is not None
+    with pytest.raises(wal.WalError, match="failed earlier"):
+        log.append(records[2])
+    log.close()
+    assert list(wal.replay(path)) == [as_plain(records[0])]
+
+    again = wal.WriteAheadLog(tmp_path / "wal-1.log", sync=sync)
+    again.append(records[0])
+    failures.extend([OSError(errno.EIO, "Input/output error")] * 2)  # the cut's sync fails too
+    with pytest.raises(wal.WalError, match="may still replay at a restart"):
+        again.append(records[1])
+    again.close()
