@@ -92,6 +92,7 @@ class _ShardActor:
         self.generation = max(generations, default=recovery["wal_since"])
         self.wal = wal.WriteAheadLog(wal.wal_path(self.wal_dir, self.generation), sync=wal_sync)
         self.engine.journal = self.wal.append
+        self.engine.journal_failed = self.wal.fail
         self.engine.log_state = self._log_state
         self._snapshot = None  # taken at a cut, written after it
         self._restore = None  # a checkpoint's tables loaded for a restore, swapped in at its cut

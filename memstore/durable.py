@@ -118,6 +118,7 @@ class DurableShard:
         self.generation = max((g for g, _ in wal.wal_files(self.directory)), default=self.since)
         self.log = wal.WriteAheadLog(wal.wal_path(self.directory, self.generation), sync=self.sync)
         self.engine.journal = self.log.append
+        self.engine.journal_failed = self.log.fail
         self.engine.log_state = self.state
         log.info("shard %d: recovered from %s and %d writes (%d tables created or dropped) of the log since",
                  self.engine.shard_index, base or "no base", stats.applied, stats.tables)

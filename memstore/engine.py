@@ -80,6 +80,9 @@ class ShardEngine:
         # Where a durable host logs writes (a WriteAheadLog's append): called with each
         # applied write's record inside the gate, before the write is acknowledged.
         self.journal: Callable[[dict], None] | None = None
+        # How that host stops its log for good (WriteAheadLog.fail): for a write that failed
+        # to apply after its record was logged.
+        self.journal_failed: Callable[[BaseException], None] | None = None
         # What that host says about its log, as memstore.v1.LogState's fields (Stats, health,
         # metrics); None when it keeps none.
         self.log_state: Callable[[], dict] | None = None
@@ -414,13 +417,32 @@ class ShardEngine:
                 return seen[0], True, read() if read is not None else None
             if self.journal is not None:
                 self.journal(record(table.version + 1))  # apply() moves the version by one
-            version = apply()
+                try:
+                    version = apply()
+                except BaseException as e:
+                    raise self._broken_after_logging(table, e) from e
+            else:
+                version = apply()
             if update_id:
                 table.applied_ids[update_id] = (version, digest)
                 while len(table.applied_ids) > REMEMBERED_UPDATE_IDS:
                     table.applied_ids.popitem(last=False)
             applied[0] = True
             return version, False, read() if read is not None else None
+
+    def _broken_after_logging(self, table: ShardTable, error: BaseException) -> Unavailable:
+        """A write whose record is logged failed to apply (memory ran out mid-optimizer): its
+        rows here may be half updated, while a restart's replay applies it whole. The shard
+        serves nothing more until it restarts: lookups and writes are refused, and so is its
+        log (health NOT_SERVING). Its client retries under the same update id, which the
+        restarted shard finds applied."""
+        why = (f"a write to table {table.spec.name!r} failed after it was logged ({type(error).__name__}: {error}); "
+               "the shard's rows may differ from its log until it restarts, and it refuses calls till then")
+        self.gate.hold(why)
+        if self.journal_failed is not None:
+            self.journal_failed(RuntimeError(why))
+        log.error("shard %d: %s", self.shard_index, why)
+        return Unavailable(why)
 
     @staticmethod
     def _check_id_reuse(table: ShardTable, update_id: str, digest: int | None) -> tuple[int, int | None] | None:

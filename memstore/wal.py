@@ -300,6 +300,15 @@ class WriteAheadLog:
         if self.sync == "none":  # acknowledged once written (it survives a killed process): never cut off
             self._durable_end = self._end
 
+    def fail(self, error: BaseException) -> None:
+        """Stops the log for good (every later append refused, health NOT_SERVING) for an
+        error of its host's: a write that failed to apply after its record was logged, which
+        a restart's replay applies (and a retry under its update id then finds applied)."""
+        with self._lock:
+            if self._error is None:
+                self._error = error
+            self._durable.notify_all()
+
     @property
     def failed(self) -> BaseException | None:
         """The I/O error that stopped the log for good (a failed fdatasync), if any. Read

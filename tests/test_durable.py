@@ -457,3 +457,39 @@ def test_a_missing_base_stops_recovery_and_deletes_nothing(tmp_path):
         assert_same_shard(first.engine, again.engine)
     finally:
         again.close()
+
+
+def test_a_write_that_fails_after_it_was_logged_stops_the_shard_and_its_retry_applies_once(tmp_path, monkeypatch):
+    """Its record is in the log, its rows may be half updated (memory ran out inside the
+    optimizer; here a raised error): the shard refuses lookups and writes, its log fails
+    (health NOT_SERVING), and after a restart the write is there once, its retry a duplicate."""
+    from memstore.errors import Unavailable
+    from memstore.table import ShardTable
+
+    d = tmp_path / "shard"
+    spec = TableSpec("t", num_rows=64, dim=4, optimizer=OptimizerSpec("adam"))
+    first = open_shard(d, compact_bytes=0)
+    first.engine.create_table(spec)
+    keys, grads = np.array([1, 5, 9]), torch.ones(3, 4)
+    real = ShardTable.apply
+    monkeypatch.setattr(ShardTable, "apply", lambda *a: (_ for _ in ()).throw(MemoryError("k x dim temporaries")))
+    with pytest.raises(Unavailable, match="failed after it was logged \\(MemoryError: k x dim temporaries\\)"):
+        first.engine.update("t", keys, grads, 0.1, "u1")
+    monkeypatch.setattr(ShardTable, "apply", real)
+    with pytest.raises(Unavailable, match="refuses calls till then"):
+        first.engine.lookup("t", keys)
+    with pytest.raises(Unavailable, match="refuses calls till then"):
+        first.engine.update("t", keys, grads, 0.1, "u2")
+    assert "failed after it was logged" in first.state()["failed"]
+    first.close()
+
+    again = open_shard(d, compact_bytes=0)  # the restart
+    try:
+        reference = ShardEngine(0, 1)
+        reference.create_table(spec)
+        reference.update("t", keys, grads, 0.1, "u1")
+        _, dup, _ = again.engine.update("t", keys, grads, 0.1, "u1")  # the client's retry
+        assert dup and again.engine.table("t").version == 1
+        np.testing.assert_array_equal(again.engine.lookup("t", np.arange(64)), reference.lookup("t", np.arange(64)))
+    finally:
+        again.close()
