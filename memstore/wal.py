@@ -427,8 +427,10 @@ def fsync_dir(path: Path) -> None:
 
 
 # ---- reading -----------------------------------------------------------------------------------
-def _frames(path: Path | str) -> Iterator[tuple[int, dict]]:
-    """(end offset, record) of every whole frame, up to the first torn or corrupt one."""
+def _frames(path: Path | str, newest: bool = True) -> Iterator[tuple[int, dict]]:
+    """(end offset, record) of every whole frame, up to the first torn or corrupt one.
+    newest=False: a log a newer generation follows, made durable whole before that one
+    began (WriteAheadLog.rotate): a bad last record is damage there, not a torn write."""
     path = Path(path)
     with open(path, "rb") as f:
         magic = f.read(len(MAGIC))
@@ -452,6 +454,13 @@ def _frames(path: Path | str) -> Iterator[tuple[int, dict]]:
                     f"To give up the {rest} bytes from that record on, truncate the file to {offset} "
                     f"bytes (`truncate -s {offset} {path}`); or bring the store up on a fresh data dir and "
                     f"restore a checkpoint")
+            if not newest:
+                raise WalError(
+                    f"{path}: its last record, at offset {offset}, is damaged, and a newer log generation "
+                    f"follows it: a log is made durable whole before the next begins, so this is not a torn "
+                    f"write, and recovery stops rather than drop an acknowledged record. To give it up, "
+                    f"truncate the file to {offset} bytes (`truncate -s {offset} {path}`); or bring the store "
+                    f"up on a fresh data dir and restore a checkpoint")
             log.warning("%s: ignoring %d bytes after offset %d (a torn last record)", path, rest, offset)
 
 
@@ -495,9 +504,10 @@ def _read_frame(f, offset: int, size: int) -> tuple[int, dict] | None:
     return offset + _FRAME.size + length, record
 
 
-def replay(path: Path | str) -> Iterator[dict]:
-    """The records of one log file in order; a torn or corrupt tail ends it."""
-    for _, record in _frames(path):
+def replay(path: Path | str, newest: bool = True) -> Iterator[dict]:
+    """The records of one log file in order; a torn or corrupt tail ends it (only in the
+    newest generation: see _frames)."""
+    for _, record in _frames(path, newest):
         yield record
 
 
@@ -526,9 +536,10 @@ def wal_files(directory: Path | str) -> list[tuple[int, Path]]:
 
 def replay_dir(directory: Path | str, since: int = 0) -> Iterator[dict]:
     """The records of every log of generation >= `since`, in generation order."""
-    for gen, path in wal_files(directory):
+    files = wal_files(directory)
+    for i, (gen, path) in enumerate(files):
         if gen >= since:
-            yield from replay(path)
+            yield from replay(path, newest=i == len(files) - 1)
 
 
 def log_bytes(directory: Path | str, since: int = 0) -> int:

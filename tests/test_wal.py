@@ -434,3 +434,32 @@ def test_a_failed_fdatasync_cuts_off_the_records_nobody_was_told_are_durable(tmp
     with pytest.raises(wal.WalError, match="may still replay at a restart"):
         again.append(records[1])
     again.close()
+
+
+def test_a_damaged_last_record_of_a_generation_a_newer_one_follows_stops_replay(tmp_path):
+    """A log is made durable whole before the next generation begins (rotate): a bad last
+    record there is damage (an acknowledged write), not a torn one, and replay stops instead
+    of dropping it and applying the next generation on top. In the newest it is torn."""
+    rng = np.random.default_rng(6)
+    records = [sample_record(rng) for _ in range(4)]
+    log = wal.WriteAheadLog(wal.wal_path(tmp_path, 0), sync="always")
+    for r in records[:2]:
+        log.append(r)
+    log.rotate(wal.wal_path(tmp_path, 1))
+    for r in records[2:]:
+        log.append(r)
+    log.close()
+    old = wal.wal_path(tmp_path, 0)
+    ends = [len(wal.MAGIC)] + [end for end, _ in wal._frames(old)]
+    data = bytearray(old.read_bytes())
+    data[-3] ^= 1  # in the last record's payload
+    old.write_bytes(bytes(data))
+    with pytest.raises(wal.WalError, match=f"wal-0.log: its last record, at offset {ends[1]}, is damaged, and a newer "
+                                           "log generation follows it"):
+        list(wal.replay_dir(tmp_path))
+    assert list(wal.replay_dir(tmp_path, since=1)) == [as_plain(r) for r in records[2:]]  # not read
+    os.truncate(old, ends[1])  # the way out the message names
+    assert list(wal.replay_dir(tmp_path)) == [as_plain(r) for r in (records[0], *records[2:])]
+    newest = wal.wal_path(tmp_path, 1)
+    newest.write_bytes(newest.read_bytes()[:-3])  # torn: the newest generation's last write
+    assert list(wal.replay_dir(tmp_path)) == [as_plain(r) for r in (records[0], records[2])]
