@@ -241,6 +241,7 @@ def _seal(staging: Path, final: Path, kind: str, meta: dict, specs: dict, shards
         "tables": {name: t["spec"] for name, t in sorted(specs.items())},
         "shards": shards,
     }
+    manifest["crc32"] = zlib.crc32(msgpack.packb(manifest))  # of the rest, packed as read_manifest repacks it
     _write_file(staging / MANIFEST, msgpack.packb(manifest))
     fsync_dir(staging)
     if final.exists():
@@ -341,6 +342,10 @@ def read_manifest(directory: Path | str) -> dict:
         raise CheckpointError(f"{path} is corrupt: {e}", path) from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_VERSION:
         raise CheckpointError(f"{path}: unknown checkpoint format {manifest.get('format')!r}", path)
+    # Checkpoints written before MANIFEST carried its own crc32 have none to check.
+    if "crc32" in manifest and zlib.crc32(msgpack.packb({k: v for k, v in manifest.items() if k != "crc32"})) \
+            != manifest["crc32"]:
+        raise CheckpointError(f"{path} is corrupt: its crc32 does not match its contents", path)
     return manifest
 
 

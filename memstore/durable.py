@@ -105,6 +105,10 @@ class DurableShard:
         base = self._find_base()
         if base is not None:
             self.since = int(checkpoint.read_manifest(base)["store"]["version"])
+            if base.name != checkpoint.checkpoint_dir(base.parent, self.since).name:  # it decides which logs go
+                raise checkpoint.CheckpointError(f"{base} names itself version {self.since}: a base is named after "
+                                                 "its version, so it is damaged or not this shard's; recovery stops "
+                                                 "and deletes no log", base)
             checkpoint.load_shard(base, self.engine.shard_index, self.engine.num_shards, engine=self.engine)
         for p in self.base_root.iterdir() if self.base_root.is_dir() else ():
             if p == base or p.name == checkpoint.LATEST:

@@ -493,3 +493,43 @@ def test_a_write_that_fails_after_it_was_logged_stops_the_shard_and_its_retry_ap
         np.testing.assert_array_equal(again.engine.lookup("t", np.arange(64)), reference.lookup("t", np.arange(64)))
     finally:
         again.close()
+
+
+def test_a_base_whose_manifest_is_damaged_or_misnamed_stops_recovery_and_deletes_no_log(tmp_path):
+    """The base's MANIFEST says which logs recovery deletes: one flipped bit (version 1 to 3)
+    would delete the log holding acknowledged writes. Its crc32 catches that; a base named
+    for another version than it holds is refused too; one from before the crc still loads."""
+    import msgpack
+
+    d = tmp_path / "shard"
+    first = open_shard(d, compact_bytes=0)
+    first.engine.create_table(SPECS[0])
+    drive([first.engine], steps=1, seed=3, specs=SPECS[:1])
+    base = first.compact()
+    drive([first.engine], steps=1, seed=4, specs=SPECS[:1])  # in the log after the base only
+    first.close()
+    manifest_path = base / ck.MANIFEST
+    good = manifest_path.read_bytes()
+    at = good.find(b"\xa7version\x01")
+    flipped = bytearray(good)
+    flipped[at + 8] ^= 0x02
+    manifest_path.write_bytes(bytes(flipped))
+    logs = [g for g, _ in wal.wal_files(d)]
+    with pytest.raises(ck.CheckpointError, match="crc32 does not match"):
+        open_shard(d, compact_bytes=0)
+    manifest = msgpack.unpackb(good)
+    manifest["store"]["version"] = 3
+    manifest.pop("crc32")
+    manifest["crc32"] = __import__("zlib").crc32(msgpack.packb(manifest))
+    manifest_path.write_bytes(msgpack.packb(manifest))
+    with pytest.raises(ck.CheckpointError, match="names itself version 3"):
+        open_shard(d, compact_bytes=0)
+    assert [g for g, _ in wal.wal_files(d)] == logs
+    manifest = msgpack.unpackb(good)
+    manifest.pop("crc32")  # as written before MANIFEST had one
+    manifest_path.write_bytes(msgpack.packb(manifest))
+    again = open_shard(d, compact_bytes=0)
+    try:
+        assert_same_shard(again.engine, first.engine, SPECS[:1])  # every write, the log's after the base too
+    finally:
+        again.close()
