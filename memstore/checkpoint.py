@@ -71,7 +71,7 @@ from memstore.partition import local_rows
 from memstore.spec import TableSpec
 from memstore.table import REMEMBERED_UPDATE_IDS, ShardTable
 from memstore.snapshot import ShardFreeze, ShardSnapshot, snapshot_shard
-from memstore.wal import fsync_dir
+from memstore.wal import fsync_dir, make_dirs
 
 log = logging.getLogger("memstore.checkpoint")
 
@@ -116,7 +116,7 @@ def begin_checkpoint(directory: Path | str) -> Path:
     final = Path(directory)
     if final.exists():
         raise CheckpointError(f"checkpoint {final} already exists", final)
-    final.parent.mkdir(parents=True, exist_ok=True)
+    make_dirs(final.parent)  # its entry in its parent durable too (a standalone shard's base/ holds its recovery point)
     staging = final.with_name(f"{final.name}{_STAGING}{uuid.uuid4().hex}")
     staging.mkdir()
     return staging

@@ -395,6 +395,9 @@ def test_the_directories_a_log_creates_are_made_durable_in_their_parents(tmp_pat
     with wal.WriteAheadLog(path, sync="always") as log:
         log.append(wal.drop_record("t"))
     assert {tmp_path, tmp_path / "data", path.parent} <= set(synced)
+    synced.clear()  # and the directory a checkpoint (a standalone shard's base) is made in
+    ck.begin_checkpoint(tmp_path / "data" / "base" / "ckpt-1")
+    assert tmp_path / "data" in synced
 
 
 @pytest.mark.parametrize("sync", ["always", "group"])
