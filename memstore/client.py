@@ -10,6 +10,7 @@ codes come back as the typed exceptions of `memstore.errors`.
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import math
 import random
@@ -473,6 +474,9 @@ class MemStoreClient:
         for name, (_, _, call_parts, _) in calls.items():
             parts += call_parts
             owner += [(name, j) for j in range(len(call_parts))]
+        group = self._many_group(update_ids, list(calls))
+        for _, head, _ in parts:  # one call for a cut, whole in it or out: one group over every table's parts
+            head.group, head.parts = group, len(parts)
         tables = [pb.TableShape(table=name, num_rows=spec.num_rows, dim=spec.dim) for name, (spec, *_) in calls.items()]
         frames = self._packed(parts, pb.UpdateManyRequest, lambda i: sum(memoryview(p).nbytes for p in parts[i][2]),
                               tables=tables)
@@ -492,6 +496,15 @@ class MemStoreClient:
                 read_rows[name][j] = self._read_back(name, spec, part, payload[at:at + size], want)
                 at += size
         return {name: self._fresh(calls[name][0], calls[name][3], read_rows[name]) for name in watch}
+
+    def _many_group(self, update_ids: Mapping[str, str] | None, tables: list[str]) -> str:
+        """The group of an update_many call. Given every table's update id, one derived from
+        them all, so the call sent again (a retry, or each data-parallel worker sending one
+        step's update) counts as one call at a shard; else a fresh one."""
+        if update_ids is None or any(t not in update_ids for t in tables):
+            return f"{self._client_id}:{next(self._seq)}"
+        named = "\0".join(f"{t}\0{update_ids[t]}" for t in sorted(tables)).encode()
+        return f"many:{hashlib.blake2b(named, digest_size=16).hexdigest()}"
 
     def update_many_async(self, updates: Mapping[str, tuple[Any, Any]], lr: float, *, watch: Mapping[str, Any] | None = None,
                           update_ids: Mapping[str, str] | None = None) -> Future:

@@ -256,3 +256,40 @@ def test_a_call_with_a_table_dropped_since_its_spec_was_read_applies_on_no_shard
         finally:
             other.drop_table("stale.x")
             other.drop_table("stale.y")
+
+
+def test_an_update_many_is_one_call_for_a_cut_whole_in_it_or_out():
+    """Every table's parts of one update_many share one group, counting them all: a cut keeps
+    the call whole (not some tables in and the others out), and a shard remembers one call,
+    not one per table. Given every table's update id, the group derives from them, so the
+    call sent again (a retry, a data-parallel worker's copy) is the same call."""
+    from memstore.server import ShardServer
+
+    engines = [ShardEngine(i, 2) for i in range(2)]
+    servers = [ShardServer(e).start() for e in engines]
+    try:
+        specs = [TableSpec(f"head{h}", num_rows=40, dim=4, optimizer=OptimizerSpec("sgd")) for h in range(3)]
+        updates = {s.name: (np.arange(0, 40, 3), np.ones((14, 4), np.float32)) for s in specs}
+        updates["head2"] = (np.array([2, 4]), np.ones((2, 4), np.float32))  # shard 0 only
+        ids = {s.name: f"step-7/{s.name}" for s in specs}
+        with MemStoreClient([s.address for s in servers]) as client, \
+                MemStoreClient([s.address for s in servers]) as other:
+            for s in specs:
+                client.create_table(s)
+            client.update_many(updates, lr=1.0, update_ids=ids)
+            groups = [dict(e.gate.freeze()) for e in engines]
+            for e in engines:
+                e.gate.unfreeze(forget=False)
+            assert [len(g) for g in groups] == [1, 1]
+            (g0, (parts, applied0, _)), = groups[0].items()
+            assert groups[1][g0][:2] == (5, 2) and (parts, applied0) == (5, 3)  # 2 + 2 + 1 parts, one call
+            other.update_many(updates, lr=1.0, update_ids=ids)  # the same call: nothing applies again
+            counts = lambda seen: {g: v[:2] for g, v in seen.items()}  # noqa: E731
+            assert [counts(e.gate.freeze()) for e in engines] == [counts(g) for g in groups]
+            for e in engines:
+                e.gate.unfreeze()
+            client.update_many(updates, lr=1.0)  # fresh ids: another call
+            assert [len(e.gate.freeze()) for e in engines] == [1, 1]
+    finally:
+        for s in servers:
+            s.stop(0)
