@@ -8,6 +8,7 @@ summed (torch `index_add_`, measured 20x+ faster than `np.add.at`) into one row 
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
@@ -228,18 +229,22 @@ MAX_GRADIENT = 2.0 ** 63
 
 def check_gradient_scale(grads: torch.Tensor, lr: float, keys: np.ndarray, table: str) -> None:
     """Rejects finite gradients [n, dim] (row i of key keys[i]) that would still make a row or
-    its optimizer state Inf: a value beyond MAX_GRADIENT, or one whose product with lr (SGD's
-    step) overflows float32. One min/max pass when all are within (0.3 ms for 65,536 x 64)."""
+    its optimizer state Inf: a value beyond MAX_GRADIENT, or beyond sqrt(FLOAT32_MAX / dim)
+    (row-wise Adagrad's mean of a row's squares sums them in float32 first), or one whose
+    product with lr (SGD's step) overflows float32. One min/max pass when all are within
+    (0.3 ms for 65,536 x 64)."""
     if not grads.numel():
         return
-    limit = min(MAX_GRADIENT, FLOAT32_MAX / lr) if lr > 0 else MAX_GRADIENT
+    limit = min(MAX_GRADIENT, math.sqrt(FLOAT32_MAX / grads.shape[-1]))
+    limit = min(limit, FLOAT32_MAX / lr) if lr > 0 else limit
     lo, hi = torch.aminmax(grads)
     if max(-float(lo), float(hi)) <= limit:
         return
     row = int(torch.nonzero((grads.float().abs() > limit).any(dim=1))[0, 0])
     peak = float(grads[row].float().abs().max())
     raise InvalidArgument(f"the gradient of key {int(keys[row])} for table {table!r} reaches {peak:.3g}, beyond "
-                          f"{limit:.3g}: its square, or its product with the learning rate {lr:g}, overflows float32")
+                          f"{limit:.3g}: its square summed over the row, or its product with the learning rate {lr:g}, "
+                          "overflows float32")
 
 
 # Exponent bits of the 16-bit floats (numpy lacks bfloat16): all set means Inf or NaN.

@@ -31,6 +31,7 @@ from __future__ import annotations
 import functools
 import os
 import threading
+from concurrent import futures
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -97,8 +98,10 @@ class SparseOptimizer:
         if pool is None:
             for lo in starts:
                 apply(lo)
-        else:
-            for done in [pool.submit(apply, lo) for lo in starts]:
+        else:  # every chunk ends before a failure is raised: none may write after the table's lock is let go
+            running = [pool.submit(apply, lo) for lo in starts]
+            futures.wait(running)
+            for done in running:
                 done.result()
 
     def _per_row(self, state: dict[str, torch.Tensor], idx: torch.Tensor, lr: float) -> list[torch.Tensor]:

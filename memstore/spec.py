@@ -27,6 +27,7 @@ DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 OPTIMIZER_KINDS = ("adam", "adagrad", "sgd")
 INIT_KINDS = ("normal", "uniform", "zeros")
 FLOAT32_MAX = float(np.finfo(np.float32).max)
+FLOAT32_TINY = float(np.finfo(np.float32).tiny)  # the smallest normal float32
 _NAME = re.compile(r"^[A-Za-z0-9_.\-:/]{1,128}$")
 
 
@@ -54,8 +55,11 @@ class OptimizerSpec:
             raise InvalidArgument(f"optimizer betas must lie in [0, 1): {self.beta1}, {self.beta2}")
         # eps and weight_decay meet float32 state and rows: an infinite one (or one that is
         # infinite in float32) makes every updated row Inf or NaN.
-        if not 0.0 < self.eps <= FLOAT32_MAX:
-            raise InvalidArgument(f"optimizer eps must be > 0 and finite in float32, got {self.eps}")
+        # Below float32's smallest normal value, 1 / eps (Adagrad's step for an all-zero row
+        # gradient) overflows and an eps of 1e-46 is 0 there (Adam's 0 / 0): NaN rows.
+        if not FLOAT32_TINY <= self.eps <= FLOAT32_MAX:
+            raise InvalidArgument(f"optimizer eps must be at least {FLOAT32_TINY:.3g} (float32's smallest normal "
+                                  f"value) and finite in float32, got {self.eps}")
         if not 0.0 <= self.momentum < 1.0:
             raise InvalidArgument(f"optimizer momentum must lie in [0, 1), got {self.momentum}")
         if not 0.0 <= self.weight_decay <= FLOAT32_MAX:
@@ -175,16 +179,22 @@ class TableSpec:
 
 def check_learning_rate(lr: Any, spec: "OptimizerSpec | None" = None) -> float:
     """lr as a float, or InvalidArgument: it must be >= 0 and finite in float32, where the
-    optimizers compute (1e39 is finite as a Python float and Inf there), and so must the
-    weight decay factor lr * weight_decay of `spec`."""
+    optimizers compute (1e39 is finite as a Python float and Inf there); with `spec`, the
+    decay factor 1 - lr * weight_decay must lie in [0, 1] (below, it flips every updated
+    row's sign, and grows it) and Adam's first bias-corrected step lr / (1 - beta1) must be
+    finite too."""
     try:
         value = float(lr)
     except (TypeError, ValueError):
         raise InvalidArgument(f"learning rate must be a number, got {lr!r}") from None
     if not 0.0 <= value <= FLOAT32_MAX:
         raise InvalidArgument(f"learning rate must be >= 0 and finite in float32, got {lr}")
-    if spec is not None and not value * spec.weight_decay <= FLOAT32_MAX:
-        raise InvalidArgument(f"learning rate {lr} times weight_decay {spec.weight_decay} is not finite in float32")
+    if spec is not None and not value * spec.weight_decay <= 1.0:
+        raise InvalidArgument(f"learning rate {lr} times weight_decay {spec.weight_decay} is above 1: the decay "
+                              "factor 1 - lr * weight_decay would be negative")
+    if spec is not None and spec.kind == "adam" and not value / (1.0 - spec.beta1) <= FLOAT32_MAX:
+        raise InvalidArgument(f"learning rate {lr} over 1 - beta1 ({1.0 - spec.beta1:g}), Adam's first step size, "
+                              "is not finite in float32")
     return value
 
 

@@ -439,6 +439,7 @@ def create_raw(address: str, spec: pb.TableSpec, shard: int = 0, num_shards: int
     ({"optimizer": OptimizerSpec("adam", eps=float("inf"))}, "eps"),
     ({"optimizer": OptimizerSpec("adam", weight_decay=float("inf"))}, "weight_decay"),
     ({"optimizer": OptimizerSpec("adam", eps=1e39)}, "eps"),  # finite as a float, Inf in float32
+    ({"optimizer": OptimizerSpec("adagrad", eps=1e-45)}, "eps"),  # 1 / eps overflows: NaN for a zero gradient
     ({"init": InitSpec(std=float("inf"))}, "std"),
     ({"init": InitSpec("uniform", bound=1e39)}, "bound"),
     ({"init": InitSpec(std=1e5), "dtype": "float16"}, "std"),  # rows beyond float16's 65504
@@ -465,8 +466,12 @@ def test_a_learning_rate_infinite_in_float32_changes_no_row(store, shards_2):
         try:
             with pytest.raises(InvalidArgument, match="weight_decay"):
                 client.update("decayed", [0], np.ones((1, 4), np.float32), lr=1e30)  # lr * wd = 1e40
+            with pytest.raises(InvalidArgument, match="would be negative"):  # 1 - lr * wd = -9: rows flip and grow
+                client.update("decayed", [0], np.ones((1, 4), np.float32), lr=1e-9)
         finally:
             client.drop_table("decayed")
+    with pytest.raises(InvalidArgument, match="Adam's first step size"):  # 3e38 / 0.1 is Inf in float32
+        store.update(SPEC.name, [0, 1], np.ones((2, 4), np.float32), lr=3e38)
     np.testing.assert_array_equal(all_rows(store), before)
 
 
@@ -620,25 +625,28 @@ def test_a_reused_id_in_one_part_of_update_many_applies_no_part(shards_2):
 
 
 @pytest.mark.parametrize("backend", ["client", "raw"])
-@pytest.mark.parametrize("kind, lr, grad", [("sgd", 1e30, 1e10), ("adam", 0.1, 1e20), ("adagrad", 0.1, 1e20)])
-def test_finite_gradients_that_would_make_rows_inf_are_refused(shards_2, backend, kind, lr, grad):
+@pytest.mark.parametrize("kind, lr, grad, dim", [
+    ("sgd", 1e30, 1e10, 2), ("adam", 0.1, 1e20, 2), ("adagrad", 0.1, 1e20, 2),
+    ("adagrad", 0.1, 3e18, 64),  # below 2^63, but 64 squares of it sum beyond float32 (Adagrad's row mean)
+])
+def test_finite_gradients_that_would_make_rows_inf_are_refused(shards_2, backend, kind, lr, grad, dim):
     """lr x gradient (SGD's step) or gradient squared (Adam's, Adagrad's state) beyond float32
     would leave Inf rows, or a row frozen by an Inf moment: refused, naming the key."""
-    spec = TableSpec(f"scale.{kind}", num_rows=10, dim=2, optimizer=OptimizerSpec(kind))
+    spec = TableSpec(f"scale.{kind}", num_rows=10, dim=dim, optimizer=OptimizerSpec(kind))
     with MemStoreClient(shards_2.addresses) as client:
         client.create_table(spec)
         try:
             before = client.lookup(spec.name, np.arange(10))
-            grads = np.ones((3, 2), np.float32)
+            grads = np.ones((3, dim), np.float32)
             grads[1, 0] = grad
             if backend == "client":
                 with pytest.raises(InvalidArgument, match=r"key 4 .* overflows float32"):
                     client.update(spec.name, [2, 4, 6], grads, lr=lr)
             else:  # straight to shard 0, past the client's checks
-                frame = update_frame(0, [2, 4, 6], grads, table=spec.name, dim=2, lr=lr)
+                frame = update_frame(0, [2, 4, 6], grads, table=spec.name, dim=dim, lr=lr)
                 code, msg = raw_code(shards_2.addresses[0], "Update", frame)
                 assert code == grpc.StatusCode.INVALID_ARGUMENT and "key 4" in msg and "overflows float32" in msg
             np.testing.assert_array_equal(client.lookup(spec.name, np.arange(10)), before)
-            client.update(spec.name, [2, 4, 6], np.ones((3, 2), np.float32) * 1e3, lr=0.1)  # large, but fine
+            client.update(spec.name, [2, 4, 6], np.ones((3, dim), np.float32) * 1e3, lr=0.1)  # large, but fine
         finally:
             client.drop_table(spec.name)

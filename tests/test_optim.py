@@ -340,3 +340,36 @@ def test_bad_spec_and_learning_rate_raise_invalid_argument():
         with pytest.raises(InvalidArgument, match="learning rate"):
             opt.step(rows, {}, torch.tensor([1]), torch.ones(1, 3), lr)
     assert not rows.any()
+
+
+def test_a_chunk_that_fails_lets_no_other_chunk_write_after_the_step_raises(monkeypatch):
+    """A large update's chunks run side by side (one torch thread, as in a shard process):
+    when one fails, step() raises only once every other chunk has ended, so none changes rows
+    after the caller let the table's lock go."""
+    import time
+
+    if optim._cores() < 2:
+        pytest.skip("the chunk pool needs two cores")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        monkeypatch.setattr(optim, "CPU_CHUNK_ELEMENTS", 1000 * 64)  # ten chunks
+        opt = make_optimizer(OptimizerSpec("sgd"))
+        rows = torch.zeros(10_000, 64)
+        idx = torch.arange(10_000)
+        real = optim.SparseSGD._delta
+
+        def delta(self, state, ix, g, lr, per_row):
+            if int(ix[0]) == 0:
+                raise MemoryError("the first chunk's temporaries")
+            time.sleep(0.05)  # the others are still running when the first fails
+            return real(self, state, ix, g, lr, per_row)
+
+        monkeypatch.setattr(optim.SparseSGD, "_delta", delta)
+        with pytest.raises(MemoryError):
+            opt.step(rows, {}, idx, torch.ones(10_000, 64), lr=1.0)
+        changed = int((rows != 0).any(dim=1).sum())
+        time.sleep(0.3)
+        assert int((rows != 0).any(dim=1).sum()) == changed
+    finally:
+        torch.set_num_threads(threads)
