@@ -19,6 +19,7 @@ if sys.byteorder != "little":  # rows and keys travel and are stored little-endi
 
 from memstore.client import ClientConfig, MemStoreClient  # noqa: E402
 from memstore.errors import (  # noqa: E402
+    ClientClosed,
     DeadlineExceeded,
     InvalidArgument,
     MemStoreError,
@@ -34,6 +35,7 @@ from memstore.local import InProcessStore  # noqa: E402
 from memstore.spec import InitSpec, OptimizerSpec, TableSpec  # noqa: E402
 
 __all__ = [
+    "ClientClosed",
     "ClientConfig",
     "DeadlineExceeded",
     "InProcessStore",

@@ -51,5 +51,9 @@ class DeadlineExceeded(MemStoreError):
     """A call did not finish within its deadline (after retries)."""
 
 
+class ClientClosed(MemStoreError, RuntimeError):
+    """A call on a client after its close() (raised by the client, never sent)."""
+
+
 class StoreNotFound(MemStoreError):
     """No store of that name is running (on the Ray cluster asked)."""

@@ -7,6 +7,7 @@ gradient summing) as the client's, and rows through the same engine as a shard's
 
 from __future__ import annotations
 
+import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Mapping
 
@@ -15,6 +16,7 @@ import torch
 
 from memstore import keys as keyplan
 from memstore.engine import ShardEngine
+from memstore.errors import ClientClosed
 from memstore.spec import TableSpec, as_key_array, check_learning_rate
 from memstore.threads import serial_torch
 
@@ -27,6 +29,7 @@ class InProcessStore:
     def __init__(self) -> None:
         self.engine = ShardEngine(0, 1)
         self._pool: ThreadPoolExecutor | None = None
+        self._closed = False  # close() ran: *_async calls raise ClientClosed, as MemStoreClient's do
 
     def create_table(self, spec: TableSpec) -> TableSpec:
         return self.engine.create_table(spec).spec
@@ -130,13 +133,19 @@ class InProcessStore:
         return len(plan.unique)
 
     def _executor(self) -> ThreadPoolExecutor:
+        if self._closed:
+            raise ClientClosed("this store is closed (close() ran): make a new InProcessStore")
         if self._pool is None:
             self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="memstore-local", initializer=serial_torch)
         return self._pool
 
     def close(self) -> None:
+        """Waits for the *_async calls made before it, but from a callback of one of their
+        futures (on the store's own thread, which cannot wait for itself)."""
+        self._closed = True
         if self._pool is not None:
-            self._pool.shutdown(wait=True)
+            own = threading.current_thread().name.startswith("memstore-local")
+            self._pool.shutdown(wait=not own)
 
     def __enter__(self) -> "InProcessStore":
         return self

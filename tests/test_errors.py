@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from memstore import (
+    ClientClosed,
     ClientConfig,
     InitSpec,
     InProcessStore,
@@ -357,6 +358,79 @@ def test_a_client_closed_twice_with_results_held_closes_once(shards_2):
     assert rows.shape == (5000, 64)
 
 
+def test_calls_queued_at_close_finish_and_calls_after_it_raise_client_closed(shards_2):
+    """close() lets *_async calls made before it run to the end, even those that find
+    segments to release (results dropped beyond what the pool keeps free); any call after
+    it raises ClientClosed, and so does an async call, at once."""
+    from memstore import segments
+
+    if not segments.supported():
+        pytest.skip("shared-memory segments are Linux only")
+    client = MemStoreClient(shards_2.addresses)
+    client.create_table(TableSpec("closing_queued", num_rows=200_000, dim=64))
+    want = client.lookup("closing_queued", np.arange(20_000))
+    held = [client.lookup("closing_queued", np.arange(20_000)) for _ in range(segments.FREE_PER_CAPACITY + 6)]
+    # Large lookups keep the client's 4 threads busy while close() begins; the next lookup
+    # finds held's segments come back, more than stay free, and closes them; the one
+    # after it finds their tokens to release.
+    busy = [client.lookup_async("closing_queued", np.arange(200_000)) for _ in range(4)]
+    del held
+    queued = [client.lookup_async("closing_queued", np.arange(20_000)) for _ in range(4)]
+    client.close()
+    for f in busy:
+        assert f.result(timeout=60).shape == (200_000, 64)
+    for f in queued:
+        np.testing.assert_array_equal(f.result(timeout=60), want)
+    with pytest.raises(ClientClosed, match="closed"):
+        client.lookup("closing_queued", [1])
+    with pytest.raises(ClientClosed, match="closed"):
+        client.lookup_async("closing_queued", [1])
+    with pytest.raises(ClientClosed, match="closed"):
+        client.update("closing_queued", [1], np.ones((1, 64), np.float32), lr=0.1)
+    with MemStoreClient(shards_2.addresses) as other:
+        other.drop_table("closing_queued")
+
+
+def close_in_own_callback(store, table: str):
+    """Closes `store` from the callback of one of its lookup_async futures; the future, once
+    close() returned there without an error."""
+    outcome: list = []
+    done = threading.Event()
+
+    def on_done(f) -> None:
+        try:
+            store.close()
+            outcome.append("closed")
+        except Exception as e:  # noqa: BLE001 - reported by the assert below
+            outcome.append(e)
+        done.set()
+
+    fut = store.lookup_async(table, np.arange(100))
+    fut.add_done_callback(on_done)
+    assert done.wait(30) and outcome == ["closed"], outcome
+    return fut
+
+
+def test_close_from_a_callback_of_the_clients_own_future(shards_2):
+    """A future's callback runs on the client's own thread, which close() cannot wait for:
+    close() returns there, and the client is closed once the callback has returned."""
+    client = MemStoreClient(shards_2.addresses)
+    client.create_table(TableSpec("closing_callback", num_rows=100, dim=4))
+    assert close_in_own_callback(client, "closing_callback").result().shape == (100, 4)
+    with pytest.raises(ClientClosed):
+        client.lookup("closing_callback", [1])
+    with MemStoreClient(shards_2.addresses) as other:
+        other.drop_table("closing_callback")
+
+
+def test_an_in_process_store_closes_as_a_client_does():
+    store = InProcessStore()
+    store.create_table(TableSpec("closing_local", num_rows=100, dim=4))
+    close_in_own_callback(store, "closing_local")
+    with pytest.raises(ClientClosed, match="closed"):
+        store.lookup_async("closing_local", [1])
+
+
 def test_a_write_checked_against_a_table_since_re_created_applies_nowhere(shards_2):
     """Another client drops the table and creates it smaller: this client's cached spec still
     passes key 61, valid only for the old size. Every shard refuses the write (TableChanged),
@@ -650,3 +724,28 @@ def test_finite_gradients_that_would_make_rows_inf_are_refused(shards_2, backend
             client.update(spec.name, [2, 4, 6], np.ones((3, dim), np.float32) * 1e3, lr=0.1)  # large, but fine
         finally:
             client.drop_table(spec.name)
+
+
+@pytest.mark.parametrize("down", [0, 1])
+def test_bad_input_with_a_shard_down_is_invalid_argument_not_unavailable(down):
+    """A check of the client's own that fails (a key beyond the table) reads the table's spec
+    anew from one shard that answers, not from all: with a shard down (the first, or
+    another), the caller learns of its bad key at once, not of Unavailable once retry_s has
+    passed."""
+    from memstore.engine import ShardEngine
+    from memstore.server import ShardServer
+
+    servers = [ShardServer(ShardEngine(i, 2)).start() for i in range(2)]
+    try:
+        with MemStoreClient([s.address for s in servers], ClientConfig(shared_memory=False, retry_s=20)) as client:
+            client.create_table(TableSpec("half_down", num_rows=100, dim=4))
+            servers[down].stop(0)
+            t0 = time.monotonic()
+            with pytest.raises(InvalidArgument, match="1000"):
+                client.update("half_down", [3, 1000], np.ones((2, 4), np.float32), lr=0.1)
+            with pytest.raises(InvalidArgument, match="1000"):
+                client.lookup("half_down", [1000])
+            assert time.monotonic() - t0 < 15  # inside retry_s: no fan-out that waits it out
+    finally:
+        for s in servers:
+            s.stop(0)
