@@ -41,6 +41,8 @@ CASES: dict[str, tuple[OptimizerSpec, torch.dtype, tuple[str, float] | None]] = 
     "adam": (OptimizerSpec("adam"), torch.float32, ("speedup", 2.5)),
     "adam_wd": (OptimizerSpec("adam", weight_decay=0.01), torch.float32, ("speedup", 2.5)),
     "adam_bf16": (OptimizerSpec("adam"), torch.bfloat16, None),
+    "adam_bf16_sr": (OptimizerSpec("adam", stochastic_rounding=True), torch.bfloat16, None),  # next to adam_bf16
+    "adam_f16_sr": (OptimizerSpec("adam", stochastic_rounding=True), torch.float16, None),
     "adagrad": (OptimizerSpec("adagrad"), torch.float32, ("mrows_s", 8.0)),
     "sgd": (OptimizerSpec("sgd"), torch.float32, None),
     "sgd_momentum": (OptimizerSpec("sgd", momentum=0.9), torch.float32, None),

@@ -87,8 +87,9 @@ _DELETED = "deleted-"  # after _STAGING: a checkpoint being deleted (prune_check
 # smooth progress and a bounded page-cache footprint while copying out of a memory map.
 CHUNK_BYTES = 64 << 20
 # How a tensor of each torch dtype is stored (numpy lacks bfloat16: its int16 bits).
-_STORED = {torch.float32: "<f4", torch.float16: "<f2", torch.bfloat16: "<i2", torch.int64: "<i8"}
-_DTYPE_NAME = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16", torch.int64: "int64"}
+_STORED = {torch.float32: "<f4", torch.float16: "<f2", torch.bfloat16: "<i2", torch.int64: "<i8", torch.int32: "<i4"}
+_DTYPE_NAME = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16", torch.int64: "int64",
+               torch.int32: "int32"}
 
 Progress = Callable[[int, int], None]  # (done_bytes, total_bytes)
 

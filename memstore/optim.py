@@ -11,6 +11,8 @@ torch.optim.SparseAdam and of TorchRec's fused row-wise optimizers).
 - "adam": torch.optim.Adam's formula with per-row moments and a per-row step count, so a
   row's update depends only on its own history.
 weight_decay is decoupled (AdamW's p *= 1 - lr * wd) and touches only the updated rows.
+With stochastic_rounding, 16-bit rows are written by memstore.rounding, and the state holds
+each row's update count ("rounds") that its noise depends on.
 
 Relies on plain torch only, on whatever device the rows live. The caller holds the table's
 lock and guarantees that `idx` is unique and in range and that `grads` is already summed per
@@ -37,7 +39,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
-from memstore import alloc
+from memstore import alloc, rounding
 from memstore.keys import as_numpy
 from memstore.spec import OptimizerSpec, check_learning_rate
 
@@ -62,6 +64,14 @@ class SparseOptimizer:
 
     def init_state(self, num_rows: int, dim: int) -> dict[str, torch.Tensor]:
         """Zeroed state for a table of num_rows x dim, on the CPU (move it with the rows)."""
+        state = self._own_state(num_rows, dim)
+        if self.spec.stochastic_rounding:
+            state[rounding.ROUNDS] = alloc.zeros((num_rows,), torch.int32)
+        return state
+
+    def _own_state(self, num_rows: int, dim: int) -> dict[str, torch.Tensor]:
+        """The optimizer's own state (state_names): float32 [num_rows, dim] each, unless a
+        subclass says otherwise."""
         return {name: alloc.zeros((num_rows, dim), torch.float32) for name in self.state_names}
 
     def state_row_bytes(self, dim: int) -> int:
@@ -75,9 +85,15 @@ class SparseOptimizer:
         idx: torch.Tensor,
         grads: torch.Tensor,
         lr: float,
+        *,
+        seed: int = 0,
+        shard: tuple[int, int] = (0, 1),
     ) -> None:
-        """Applies one update to rows[idx] and their state, in place."""
-        _check_step_args(rows, state, self.state_names, idx, grads)
+        """Applies one update to rows[idx] and their state, in place. With stochastic
+        rounding, the noise of local row r comes from the table's `seed` and r's global key
+        r * num_shards + shard_index, `shard` being (shard_index, num_shards)."""
+        names = self.state_names + ((rounding.ROUNDS,) if self.spec.stochastic_rounding else ())
+        _check_step_args(rows, state, names, idx, grads)
         lr = check_learning_rate(lr, self.spec)
         n = idx.numel()
         if n == 0:
@@ -85,13 +101,14 @@ class SparseOptimizer:
         if self.sorts_rows:
             idx, grads = _sorted_by_row(idx, grads)
         per_row = self._per_row(state, idx, lr)
+        words = self._rounding_words(rows, state, idx, seed, shard)
         decay = 1.0 - lr * self.spec.weight_decay
         chunk = _chunk_rows(rows)
 
         def apply(lo: int) -> None:  # chunks touch disjoint rows (idx is unique): any order gives the same bits
             ix = idx[lo : lo + chunk]
             delta = self._delta(state, ix, grads[lo : lo + chunk], lr, [t[lo : lo + chunk] for t in per_row])
-            _write_rows(rows, ix, delta, decay)
+            _write_rows(rows, ix, delta, decay, None if words is None else words[lo : lo + chunk])
 
         starts = range(0, n, chunk)
         pool = _chunk_pool() if len(starts) > 1 and rows.device.type == "cpu" else None
@@ -103,6 +120,18 @@ class SparseOptimizer:
             futures.wait(running)
             for done in running:
                 done.result()
+
+    def _rounding_words(self, rows, state, idx, seed: int, shard: tuple[int, int]) -> torch.Tensor | None:
+        """Counts this update in each row's rounds; their noise words (rounding.row_words),
+        or None when rows are rounded to nearest (no stochastic_rounding, or float32 rows)."""
+        if not self.spec.stochastic_rounding:
+            return None
+        rounds = state[rounding.ROUNDS].index_select(0, idx).add_(1)
+        put_rows(state[rounding.ROUNDS], idx, rounds)
+        if rows.dtype == torch.float32:
+            return None
+        keys = idx * shard[1] + shard[0]
+        return rounding.row_words(seed, keys.cpu(), rounds.cpu()).to(rows.device)
 
     def _per_row(self, state: dict[str, torch.Tensor], idx: torch.Tensor, lr: float) -> list[torch.Tensor]:
         """Per-row [n] quantities computed once for the whole (sorted) batch."""
@@ -142,7 +171,7 @@ class SparseRowWiseAdagrad(SparseOptimizer):
 
     state_names = ("momentum1",)  # fbgemm's name for the per-row accumulator
 
-    def init_state(self, num_rows: int, dim: int) -> dict[str, torch.Tensor]:
+    def _own_state(self, num_rows: int, dim: int) -> dict[str, torch.Tensor]:
         return {"momentum1": alloc.zeros((num_rows,), torch.float32)}
 
     def _delta(self, state, ix, g, lr, per_row):
@@ -159,8 +188,8 @@ class SparseAdam(SparseOptimizer):
     state_names = ("exp_avg", "exp_avg_sq", "step")
     sorts_rows = True
 
-    def init_state(self, num_rows: int, dim: int) -> dict[str, torch.Tensor]:
-        state = super().init_state(num_rows, dim)
+    def _own_state(self, num_rows: int, dim: int) -> dict[str, torch.Tensor]:
+        state = super()._own_state(num_rows, dim)
         state["step"] = alloc.zeros((num_rows,), torch.int64)
         return state
 
@@ -252,8 +281,10 @@ def _chunk_rows(rows: torch.Tensor) -> int:
     return max(1, CPU_CHUNK_ELEMENTS // rows.shape[1])
 
 
-def _write_rows(rows: torch.Tensor, ix: torch.Tensor, delta: torch.Tensor, decay: float) -> None:
-    """rows[ix] = rows[ix] * decay + delta, computed in float32 and rounded once."""
+def _write_rows(rows: torch.Tensor, ix: torch.Tensor, delta: torch.Tensor, decay: float,
+                words: torch.Tensor | None = None) -> None:
+    """rows[ix] = rows[ix] * decay + delta, computed in float32 and rounded once: to nearest,
+    or with `words` (rounding.row_words of ix) stochastically."""
     if rows.dtype == torch.float32 and decay == 1.0:
         rows.index_add_(0, ix, delta)  # same float32 sum, without gathering the rows first
         return
@@ -261,6 +292,9 @@ def _write_rows(rows: torch.Tensor, ix: torch.Tensor, delta: torch.Tensor, decay
     if decay != 1.0:
         p.mul_(decay)
     p.add_(delta)
+    if words is not None:
+        put_rows(rows, ix, rounding.round_to(p, rounding.noise(words, rows.shape[1]), rows.dtype))
+        return
     put_rows(rows, ix, p.to(rows.dtype))
 
 

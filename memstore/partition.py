@@ -43,7 +43,7 @@ def local_rows(num_rows: int, shard_index: int, num_shards: int) -> int:
     return (num_rows - shard_index + num_shards - 1) // num_shards
 
 
-def _splitmix64(counter: np.ndarray) -> np.ndarray:
+def splitmix64(counter: np.ndarray) -> np.ndarray:
     """SplitMix64's output function over uint64 counters (wrapping arithmetic)."""
     z = counter * _GOLDEN
     z = (z ^ (z >> np.uint64(30))) * _MIX1
@@ -53,8 +53,8 @@ def _splitmix64(counter: np.ndarray) -> np.ndarray:
 
 def _uniform01(seed: int, counter: np.ndarray, stream: int) -> np.ndarray:
     """Uniform doubles in (0, 1) from 53 random bits of (seed, stream, counter)."""
-    key = _splitmix64(np.array([seed * 2 + stream], dtype=np.uint64))[0]
-    bits = _splitmix64(counter ^ key) >> np.uint64(11)
+    key = splitmix64(np.array([seed * 2 + stream], dtype=np.uint64))[0]
+    bits = splitmix64(counter ^ key) >> np.uint64(11)
     return (bits.astype(np.float64) + 0.5) * (1.0 / (1 << 53))
 
 

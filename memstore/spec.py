@@ -39,6 +39,11 @@ class OptimizerSpec:
     Adagrad: one accumulator per row) or "sgd" (optional momentum). The learning rate is not
     here: it travels with every update so the trainer owns the schedule. weight_decay is
     decoupled (AdamW-style, p -= lr * wd * p) and touches only the rows of an update.
+    stochastic_rounding: bfloat16 / float16 rows round each updated value to one of its two
+    neighbours at random, in proportion to closeness (unbiased: updates smaller than half a
+    unit in the last place still move a row on average, where round-to-nearest drops them);
+    the noise depends only on (table seed, key, column, the row's update count), so the
+    same updates give the same bits with any number of shards. Costs 4 bytes of state a row.
     """
 
     kind: str = "adam"
@@ -47,10 +52,13 @@ class OptimizerSpec:
     eps: float = 1e-8
     momentum: float = 0.0
     weight_decay: float = 0.0
+    stochastic_rounding: bool = False
 
     def validate(self) -> None:
         if self.kind not in OPTIMIZER_KINDS:
             raise InvalidArgument(f"optimizer kind {self.kind!r} is not one of {OPTIMIZER_KINDS}")
+        if not isinstance(self.stochastic_rounding, bool):
+            raise InvalidArgument(f"optimizer stochastic_rounding must be true or false, got {self.stochastic_rounding!r}")
         if not (0.0 <= self.beta1 < 1.0 and 0.0 <= self.beta2 < 1.0):
             raise InvalidArgument(f"optimizer betas must lie in [0, 1): {self.beta1}, {self.beta2}")
         # eps and weight_decay meet float32 state and rows: an infinite one (or one that is
@@ -129,6 +137,9 @@ class TableSpec:
             raise InvalidArgument(f"table {self.name!r}: seed must be an integer in [0, 2**63), got {self.seed!r}")
         self.init.validate(self.dtype)
         self.optimizer.validate()
+        if self.optimizer.stochastic_rounding and self.dtype == "float32":
+            raise InvalidArgument(f"table {self.name!r}: stochastic_rounding is for bfloat16 or float16 rows; "
+                                  "float32 rows hold an update's float32 result as it is")
         return self
 
     @property

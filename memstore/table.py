@@ -156,7 +156,8 @@ class ShardTable:
     def apply(self, local: torch.Tensor, grads: torch.Tensor, lr: float) -> int:
         """Applies the optimizer to unique rows `local` with float32 `grads`; returns the version."""
         with self.lock.write():
-            self.optimizer.step(self.rows, self.state, local, grads, lr)
+            self.optimizer.step(self.rows, self.state, local, grads, lr, seed=self.spec.seed,
+                                shard=(self.shard_index, self.num_shards))
             self.version += 1
             version = self.version
         self.telemetry.record_update(len(local))

@@ -143,7 +143,8 @@ def spec_to_pb(spec: TableSpec) -> pb.TableSpec:
         init=pb.InitSpec(kind=i.kind, std=i.std, bound=i.bound),
         seed=spec.seed,
         optimizer=pb.OptimizerSpec(
-            kind=o.kind, beta1=o.beta1, beta2=o.beta2, eps=o.eps, momentum=o.momentum, weight_decay=o.weight_decay
+            kind=o.kind, beta1=o.beta1, beta2=o.beta2, eps=o.eps, momentum=o.momentum, weight_decay=o.weight_decay,
+            stochastic_rounding=o.stochastic_rounding,
         ),
     )
 
@@ -159,6 +160,7 @@ def spec_from_pb(m: pb.TableSpec) -> TableSpec:
         init=InitSpec(kind=i.kind, std=i.std, bound=i.bound),
         seed=m.seed,
         optimizer=OptimizerSpec(
-            kind=o.kind, beta1=o.beta1, beta2=o.beta2, eps=o.eps, momentum=o.momentum, weight_decay=o.weight_decay
+            kind=o.kind, beta1=o.beta1, beta2=o.beta2, eps=o.eps, momentum=o.momentum, weight_decay=o.weight_decay,
+            stochastic_rounding=o.stochastic_rounding,
         ),
     ).validate()

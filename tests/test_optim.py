@@ -19,7 +19,7 @@ import torch
 import memstore.optim as optim
 from memstore.errors import InvalidArgument
 from memstore.optim import make_optimizer
-from memstore.spec import OptimizerSpec
+from memstore.spec import OptimizerSpec, TableSpec
 
 NUM_ROWS, DIM, STEPS = 48, 12, 6
 
@@ -373,3 +373,89 @@ def test_a_chunk_that_fails_lets_no_other_chunk_write_after_the_step_raises(monk
         assert int((rows != 0).any(dim=1).sum()) == changed
     finally:
         torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_stochastic_rounding_picks_a_neighbour_and_is_unbiased_over_its_noise(dtype):
+    """Over all 2^16 noise values, each float32 value rounds to one of its two neighbours in
+    the dtype, as often up as its distance from the lower one says: the mean is the value
+    itself (to 2^-16 of a step where float16's fixed step below 2^-14 applies)."""
+    from memstore import rounding
+
+    gen = torch.Generator().manual_seed(7)
+    tiny = torch.finfo(torch.float16).smallest_normal
+    values = torch.cat([torch.randn(40, generator=gen) * s for s in (1e-3, 1.0, 300.0)]
+                       + [torch.rand(40, generator=gen) * tiny * 2 - tiny])  # float16's subnormal range too
+    values = values[values.to(dtype).float() != values]  # exactly representable ones have nothing to round
+    u = torch.arange(1 << 16, dtype=torch.int32)
+    out = rounding.round_to(values.repeat(len(u), 1), u.unsqueeze(1).expand(-1, len(values)), dtype).float()
+    near = values.to(dtype).float()
+    other = torch.where(near < values, torch.nextafter(near.to(dtype), torch.tensor(math.inf, dtype=dtype)),
+                        torch.nextafter(near.to(dtype), torch.tensor(-math.inf, dtype=dtype))).float()
+    lo, hi = torch.minimum(near, other), torch.maximum(near, other)
+    assert bool(((out == lo) | (out == hi)).all()), "a value rounded to something other than its neighbours"
+    mean = out.double().mean(0)
+    assert bool(((mean - values.double()).abs() <= (hi - lo).double() * 2.0 ** -16 * 1.01).all()), (
+        f"biased: worst {((mean - values.double()).abs() / (hi - lo).double()).max():.3g} of a step")
+
+
+def test_stochastic_rounding_clamps_at_the_largest_finite_value():
+    from memstore import rounding
+
+    top = torch.finfo(torch.float16).max
+    out = rounding.round_to(torch.tensor([[top + 8.0, -top - 8.0]]), torch.full((1, 2), 65535, dtype=torch.int32),
+                            torch.float16)
+    assert out.tolist() == [[top, -top]]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_stochastic_rounding_lets_updates_below_half_a_step_accumulate(dtype, monkeypatch):
+    """Adam at lr 1e-4 on rows near 1: round-to-nearest leaves 16-bit rows where they
+    were; stochastic rounding follows the float32 rows' drift (mean over many values)."""
+    monkeypatch.setattr(optim, "CPU_CHUNK_ELEMENTS", 1 << 18)  # one chunk a step
+    n, dim, steps = 256, 16, 200
+    start = (1.0 + torch.rand(n, dim, generator=torch.Generator().manual_seed(1))).to(dtype)
+    grads = torch.full((n, dim), 0.5)
+    moved = {}
+    for name, sr, rows_dtype in (("float32", False, torch.float32), ("nearest", False, dtype), ("stochastic", True, dtype)):
+        opt = make_optimizer(OptimizerSpec("adam", stochastic_rounding=sr))
+        rows = start.to(rows_dtype).clone()
+        state = opt.init_state(n, dim)
+        for _ in range(steps):
+            opt.step(rows, state, torch.arange(n), grads, 1e-4, seed=9)
+        moved[name] = float((rows.float() - start.float()).mean())
+    assert moved["float32"] == pytest.approx(-steps * 1e-4, rel=0.01)
+    assert abs(moved["nearest"]) < 0.1 * abs(moved["float32"]), moved  # the problem this solves
+    assert moved["stochastic"] == pytest.approx(moved["float32"], rel=0.1), moved
+
+
+def test_stochastic_rounding_is_deterministic_and_counts_each_rows_updates():
+    """The same updates give the same bits whatever the chunking (the autouse fixture's
+    7-row chunks against one chunk); rows of an update count it in their rounds, others not."""
+    spec = OptimizerSpec("sgd", momentum=0.9, stochastic_rounding=True)
+    gen = torch.Generator().manual_seed(3)
+    start = torch.randn(NUM_ROWS, DIM, generator=gen).to(torch.bfloat16)
+    updates = [(torch.randperm(NUM_ROWS, generator=gen)[:20], torch.randn(20, DIM, generator=gen) * 1e-3) for _ in range(4)]
+    results = []
+    for chunk_elements in (7 * DIM, 1 << 20):
+        optim.CPU_CHUNK_ELEMENTS = chunk_elements  # the fixture restores it
+        opt = make_optimizer(spec)
+        rows, state = start.clone(), opt.init_state(NUM_ROWS, DIM)
+        for idx, g in updates:
+            opt.step(rows, state, idx, g, 0.1, seed=4, shard=(1, 3))
+        results.append((rows, state))
+    (a, sa), (b, sb) = results
+    assert torch.equal(a.view(torch.int16), b.view(torch.int16)) and torch.equal(sa["rounds"], sb["rounds"])
+    counts = torch.zeros(NUM_ROWS, dtype=torch.int32)
+    for idx, _ in updates:
+        counts[idx] += 1
+    assert torch.equal(sa["rounds"], counts)
+    assert not torch.equal(a, start)
+
+
+def test_stochastic_rounding_of_float32_rows_is_refused():
+    with pytest.raises(InvalidArgument, match="stochastic_rounding is for bfloat16 or float16"):
+        TableSpec("t", 10, 4, optimizer=OptimizerSpec("adam", stochastic_rounding=True)).validate()
+    with pytest.raises(InvalidArgument, match="true or false"):
+        OptimizerSpec("adam", stochastic_rounding=1).validate()
+    TableSpec("t", 10, 4, dtype="bfloat16", optimizer=OptimizerSpec("adam", stochastic_rounding=True)).validate()

@@ -58,10 +58,13 @@ def test_three_shards_match_in_process_reference(shards_3, kind):
         np.testing.assert_array_equal(r, l, err_msg=f"lookup {i} differs")
 
 
-@pytest.mark.parametrize("dtype,wire_dtype", [("bfloat16", "float32"), ("bfloat16", "bfloat16"), ("float16", "float16")])
-def test_two_shards_16_bit_storage_match_reference(shards_2, dtype, wire_dtype):
-    spec = TableSpec(f"mixed.{dtype}.{wire_dtype}", num_rows=2048, dim=8, dtype=dtype, wire_dtype=wire_dtype,
-                     optimizer=OptimizerSpec("adagrad"))
+@pytest.mark.parametrize("dtype,wire_dtype,stochastic", [
+    ("bfloat16", "float32", False), ("bfloat16", "bfloat16", False), ("float16", "float16", False),
+    ("bfloat16", "float32", True), ("float16", "float16", True),  # the same noise on 2 shards as on 1
+])
+def test_two_shards_16_bit_storage_match_reference(shards_2, dtype, wire_dtype, stochastic):
+    spec = TableSpec(f"mixed.{dtype}.{wire_dtype}.{stochastic}", num_rows=2048, dim=8, dtype=dtype,
+                     wire_dtype=wire_dtype, optimizer=OptimizerSpec("adagrad", stochastic_rounding=stochastic))
     with MemStoreClient(shards_2.addresses) as client, InProcessStore() as ref:
         remote = run_mixed(client, spec, steps=4, seed=5)
         local = run_mixed(ref, spec, steps=4, seed=5)

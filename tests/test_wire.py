@@ -5,6 +5,8 @@ Run: python -m pytest tests/test_wire.py -q
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -52,9 +54,11 @@ def test_bad_frames_are_invalid_argument():
 def test_spec_round_trips_through_proto_and_dict():
     spec = TableSpec("engram.l1.h3", num_rows=2_262_401, dim=160, dtype="bfloat16", wire_dtype="float32",
                      init=InitSpec("uniform", bound=0.02), seed=2**40 + 3,
-                     optimizer=OptimizerSpec("sgd", momentum=0.5, weight_decay=0.1))
+                     optimizer=OptimizerSpec("sgd", momentum=0.5, weight_decay=0.1, stochastic_rounding=True))
     assert wire.spec_from_pb(wire.spec_to_pb(spec)) == spec
     assert TableSpec.from_dict(spec.to_dict()) == spec
+    plain = dataclasses.replace(spec, optimizer=OptimizerSpec("sgd", momentum=0.5, weight_decay=0.1))
+    assert wire.spec_from_pb(wire.spec_to_pb(plain)) == plain != spec
     assert TableSpec("a", 1, 1).wire_dtype == "float32"
     assert TableSpec("a", 1, 1, dtype="float16").wire_dtype == "float16"
 

@@ -19,20 +19,22 @@ BFLOAT16: DType
 FLOAT16: DType
 
 class OptimizerSpec(_message.Message):
-    __slots__ = ("kind", "beta1", "beta2", "eps", "momentum", "weight_decay")
+    __slots__ = ("kind", "beta1", "beta2", "eps", "momentum", "weight_decay", "stochastic_rounding")
     KIND_FIELD_NUMBER: _ClassVar[int]
     BETA1_FIELD_NUMBER: _ClassVar[int]
     BETA2_FIELD_NUMBER: _ClassVar[int]
     EPS_FIELD_NUMBER: _ClassVar[int]
     MOMENTUM_FIELD_NUMBER: _ClassVar[int]
     WEIGHT_DECAY_FIELD_NUMBER: _ClassVar[int]
+    STOCHASTIC_ROUNDING_FIELD_NUMBER: _ClassVar[int]
     kind: str
     beta1: float
     beta2: float
     eps: float
     momentum: float
     weight_decay: float
-    def __init__(self, kind: _Optional[str] = ..., beta1: _Optional[float] = ..., beta2: _Optional[float] = ..., eps: _Optional[float] = ..., momentum: _Optional[float] = ..., weight_decay: _Optional[float] = ...) -> None: ...
+    stochastic_rounding: bool
+    def __init__(self, kind: _Optional[str] = ..., beta1: _Optional[float] = ..., beta2: _Optional[float] = ..., eps: _Optional[float] = ..., momentum: _Optional[float] = ..., weight_decay: _Optional[float] = ..., stochastic_rounding: _Optional[bool] = ...) -> None: ...
 
 class InitSpec(_message.Message):
     __slots__ = ("kind", "std", "bound")
