@@ -177,6 +177,12 @@ class _Shard:
         self.delivers, self._delivery_backoff_s = True, 0.0
 
 
+def _pool_thread(local: threading.local) -> None:
+    """Starts one of a client's *_async threads."""
+    serial_torch()  # beside a trainer's own threads
+    local.may_call = True  # the *_async calls close() waits for
+
+
 class MemStoreClient:
     """A handle on a store of len(addresses) shards; shard i serves at addresses[i]."""
 
@@ -849,13 +855,11 @@ class MemStoreClient:
         if self._closed:
             raise self._closed_error()
         if self._pool is None:
+            # The initializer's arguments live as long as the threads: the client's local,
+            # never the client, which stays collectable while its idle threads wait.
             self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="memstore-client",
-                                            initializer=self._pool_thread)
+                                            initializer=_pool_thread, initargs=(self._local,))
         return self._pool
-
-    def _pool_thread(self) -> None:
-        serial_torch()  # beside a trainer's own threads
-        self._local.may_call = True  # the *_async calls close() waits for
 
     def _rpc_threads(self) -> ThreadPoolExecutor:
         """Threads that only make blocking calls (never a fan-out of their own, so a full

@@ -103,6 +103,9 @@ class Segment:
             os.close(self.fd)
             raise
         self.mm[: len(MAGIC) + TOKEN_BYTES] = MAGIC + self.token
+        # A segment dropped unclosed (its client collected without close()) closes its fd
+        # too; the mapping keeps a descriptor of its own, which goes with it.
+        self._close_fd = weakref.finalize(self, os.close, self.fd)
         self.ref = SegmentRef(os.getpid(), self.fd, size, self.token)
         # Set when a shard may still write into it (a failed call), or a forked child may
         # hold results in it: then it is closed, never leased again.
@@ -117,7 +120,7 @@ class Segment:
             self.mm.close()
         except BufferError:  # a view is still alive: the mapping goes with it
             pass
-        os.close(self.fd)
+        self._close_fd()  # once, whoever asks first
 
 
 class Lease:

@@ -125,6 +125,43 @@ def test_results_keep_their_segment_until_they_are_gone(shards_2):
         client.drop_table(spec.name)
 
 
+def memfds() -> int:
+    """This process's open memstore segment descriptors."""
+    count = 0
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            count += os.readlink(f"/proc/self/fd/{fd}").startswith(f"/memfd:{segments.MEMFD_NAME}")
+        except OSError:  # the listing's own descriptor, gone
+            pass
+    return count
+
+
+def test_a_client_dropped_without_close_closes_its_segments(shards_2):
+    """A client collected unclosed (its *_async threads still idle) gives its segments'
+    descriptors back; one whose result outlived it, once that result is gone too."""
+    spec = TableSpec("d.unclosed", num_rows=5000, dim=128)
+    with MemStoreClient(shards_2.addresses) as setup:
+        setup.create_table(spec)
+    gc.collect()
+    before = memfds()
+    for keep_a_result in (False, True):
+        client = MemStoreClient(shards_2.addresses)
+        held = client.lookup(spec.name, np.arange(1000))
+        client.lookup_async(spec.name, np.arange(2000)).result()
+        assert memfds() > before
+        if not keep_a_result:
+            del held
+        del client
+        gc.collect()
+        if keep_a_result:
+            assert held.shape == (1000, 128)
+            del held
+            gc.collect()
+        assert memfds() == before, f"segments left open (a result kept: {keep_a_result})"
+    with MemStoreClient(shards_2.addresses) as other:
+        other.drop_table(spec.name)
+
+
 def test_small_results_and_many_live_ones_are_copied_out(shards_2):
     spec = TableSpec("d.copy", num_rows=50_000, dim=64)
     with MemStoreClient(shards_2.addresses) as client:
