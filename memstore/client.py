@@ -68,8 +68,8 @@ DELIVERY_RETRY_S = (60.0, 3600.0)
 RELEASE_TIMEOUT_S = 10.0
 # A channel replaced on re-resolving is closed this long after (calls on it may still be running).
 RETIRED_CHANNEL_S = 120.0
-# Most row bytes one request may carry (ClientConfig.max_request_bytes): a request also holds
-# 8 bytes of key per row, so rows of 8 bytes or more stay under a shard's message limit.
+# Most row (or key) bytes one request may carry (ClientConfig.max_request_bytes): a request
+# of rows also holds their keys, and together they stay under a shard's message limit.
 MAX_REQUEST_BYTES = MAX_MESSAGE_BYTES // 2
 
 

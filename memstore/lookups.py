@@ -24,6 +24,7 @@ from memstore.errors import MemStoreError, TableChanged
 from memstore.spec import TableSpec
 from memstore.v1 import memstore_pb2 as pb
 
+KEY_BYTES = 8  # a key on the wire: little-endian int64
 
 def ranges(n: int, pieces: int) -> list[tuple[int, int]]:
     """[0, n) cut into `pieces` near-equal ranges (none when n is 0)."""
@@ -32,10 +33,11 @@ def ranges(n: int, pieces: int) -> list[tuple[int, int]]:
 
 
 def chunks(keys: np.ndarray, row_bytes: int, max_bytes: int) -> list[np.ndarray]:
-    """One shard's keys split into the fewest near-equal parts whose rows fit in max_bytes:
-    32,769 rows of 256 bytes under 8 MiB go as two halves, not as 32,768 and a straggler of
-    one (each request costs a round trip of its own)."""
-    per = max(1, max_bytes // row_bytes)
+    """One shard's keys split into the fewest near-equal parts whose rows, and keys, each fit
+    in max_bytes (rows under 8 bytes have more bytes of key than of row): 32,769 rows of 256
+    bytes under 8 MiB go as two halves, not as 32,768 and a straggler of one (each request
+    costs a round trip of its own)."""
+    per = max(1, max_bytes // max(row_bytes, KEY_BYTES))
     return [keys[lo:hi] for lo, hi in ranges(len(keys), max(1, -(-len(keys) // per)))]
 
 
@@ -106,11 +108,12 @@ class LookupCall:
                 self.where.append((name, None))
 
     def request_bytes(self, i: int) -> int:
-        """The bytes of rows part i reads (a delivered part: about its shard's share), for
-        packing parts into requests."""
+        """The bytes of rows part i reads (a delivered part: about its shard's share), or of
+        the keys it sends where those are more, for packing parts into requests."""
         head = self.parts[i][1]
-        rows = head.num_keys * self.jobs[head.table][0].wire_row_bytes
-        return rows // self.num_shards if head.HasField("delivery") else rows
+        if head.HasField("delivery"):  # its keys are in the segment, not the request
+            return head.num_keys * self.jobs[head.table][0].wire_row_bytes // self.num_shards
+        return head.num_keys * max(self.jobs[head.table][0].wire_row_bytes, KEY_BYTES)
 
     def place(self, members: list[int], heads: list[pb.LookupResponse], payload) -> None:
         """Checks and places one reply: the headers of its parts (part indices `members`) and

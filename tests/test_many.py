@@ -110,6 +110,32 @@ def test_packing_splits_requests_and_keeps_update_ids(shards_3):
             client.drop_table(s.name)
 
 
+def test_rows_smaller_than_their_keys_are_packed_by_their_keys(shards_3):
+    """Rows of 2 bytes (dim 1 of float16): a LookupMany request carries 8 bytes of key per
+    row, so packing counts keys where they outweigh the rows; every request stays within
+    max_request_bytes, and the rows come back right."""
+    specs = [TableSpec(f"many.tiny{i}", num_rows=5000, dim=1, dtype="float16", seed=i) for i in range(3)]
+    keys = {s.name: np.arange(s.num_rows) for s in specs}
+    limit = 8 * 200  # 200 keys a request
+    config = ClientConfig(max_request_bytes=limit, shared_memory=False)
+    with MemStoreClient(shards_3.addresses, config) as client, InProcessStore() as ref:
+        for s in specs:
+            client.create_table(s)
+            ref.create_table(s)
+        before = [next(m.bytes_in for m in st.methods if m.method == "LookupMany") for st in client.stats()]
+        calls0 = [next(m.calls for m in st.methods if m.method == "LookupMany") for st in client.stats()]
+        rows = client.lookup_many(keys)
+        after = [next(m.bytes_in for m in st.methods if m.method == "LookupMany") for st in client.stats()]
+        calls = [next(m.calls for m in st.methods if m.method == "LookupMany") - c for st, c in zip(client.stats(), calls0)]
+        for s in specs:
+            np.testing.assert_array_equal(rows[s.name], ref.lookup(s.name, keys[s.name]))
+            client.drop_table(s.name)
+    for shard, (b0, b1, n) in enumerate(zip(before, after, calls)):
+        # 5,000 keys x 3 tables / 3 shards: 5,000 keys a shard, 40,000 bytes of them
+        assert n >= 5000 * 8 // limit, f"shard {shard}: {n} requests for 40,000 bytes of keys"
+        assert (b1 - b0) / n <= limit + 4096, f"shard {shard}: {(b1 - b0) / n:.0f} bytes a request"
+
+
 def test_bad_part_rejects_the_whole_call(stores, shards_3):
     client, _ = stores
     every = {s.name: np.arange(s.num_rows) for s in SPECS}

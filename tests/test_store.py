@@ -147,6 +147,8 @@ def test_a_shards_part_goes_in_the_fewest_near_equal_requests(shards_2):
     assert [len(c) for c in chunks(np.arange(202), 16, 100 * 16)] == [67, 67, 68]
     assert [len(c) for c in chunks(np.arange(100), 16, 100 * 16)] == [100]
     assert chunks(np.arange(0), 16, 100 * 16) == []
+    # Rows of 2 bytes: their 8-byte keys are what must fit (they dwarf the rows).
+    assert [len(c) for c in chunks(np.arange(300), 2, 100 * 16)] == [150, 150]
     spec = TableSpec("split", num_rows=1000, dim=4, init=InitSpec("zeros"), optimizer=OptimizerSpec("sgd"))
     keys = np.concatenate([np.arange(0, 402, 2), np.arange(1, 200, 2)])
     config = ClientConfig(max_request_bytes=100 * 16, shared_memory=False)
