@@ -13,10 +13,12 @@ from __future__ import annotations
 import hashlib
 import itertools
 import math
+import os
 import random
 import threading
 import time
 import uuid
+import weakref
 from concurrent.futures import Future, ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
@@ -177,6 +179,18 @@ class _Shard:
         self.delivers, self._delivery_backoff_s = True, 0.0
 
 
+_CLIENTS: "weakref.WeakSet[MemStoreClient]" = weakref.WeakSet()  # this process's, for _forked
+
+
+def _after_fork_in_child() -> None:
+    for client in list(_CLIENTS):
+        client._forked()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 def _pool_thread(local: threading.local) -> None:
     """Starts one of a client's *_async threads."""
     serial_torch()  # beside a trainer's own threads
@@ -208,6 +222,8 @@ class MemStoreClient:
         self._retired: list[tuple[float, _Shard]] = []  # (when, shard) replaced on re-resolving; under _resolve_lock
         self._resolve_lock = threading.Lock()  # serialises re-resolution; _shards is swapped whole
         self._release_lock = threading.Lock()  # one ReleaseSegments fan-out at a time (shards' unreleased)
+        self._inherited: list[Any] = []  # a forked child's copies of the parent's channels and threads
+        _CLIENTS.add(self)
 
     @classmethod
     def connect(cls, name: str, *, address: str | None = None, config: ClientConfig | None = None) -> "MemStoreClient":
@@ -871,6 +887,20 @@ class MemStoreClient:
                 self._rpc_pool = ThreadPoolExecutor(max_workers=min(64, 4 * max(2, self.num_shards)),
                                                     thread_name_prefix="memstore-rpc")
             return self._rpc_pool
+
+    def _forked(self) -> None:
+        """In a forked child (at the fork): gRPC's threads did not come along, so a call on
+        the parent's channels would wait forever, and the thread pools have no threads.
+        The child gets channels and pools of its own; the copies are kept, never closed or
+        collected (which would touch the parent's gRPC state too). Locks another thread held
+        at the fork are made anew."""
+        self._specs_lock, self._pool_lock = threading.Lock(), threading.Lock()
+        self._resolve_lock, self._release_lock = threading.Lock(), threading.Lock()
+        self._inherited.append((self._shards, self._retired, self._pool, self._rpc_pool))
+        self._pool = self._rpc_pool = None
+        self._retired = []
+        if not self._ended:
+            self._shards = [_Shard(s.index, s.address) for s in self._shards]
 
     def close(self) -> None:
         """Ends the client's threads, channels and segments; a second close does nothing.

@@ -7,6 +7,7 @@ gradient summing) as the client's, and rows through the same engine as a shard's
 
 from __future__ import annotations
 
+import os
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Mapping
@@ -29,6 +30,8 @@ class InProcessStore:
     def __init__(self) -> None:
         self.engine = ShardEngine(0, 1)
         self._pool: ThreadPoolExecutor | None = None
+        self._pool_pid = os.getpid()  # the process _pool's threads run in
+        self._inherited_pool: ThreadPoolExecutor | None = None  # the parent's copy, in a forked child
         self._closed = False  # close() ran: *_async calls raise ClientClosed, as MemStoreClient's do
 
     def create_table(self, spec: TableSpec) -> TableSpec:
@@ -135,7 +138,8 @@ class InProcessStore:
     def _executor(self) -> ThreadPoolExecutor:
         if self._closed:
             raise ClientClosed("this store is closed (close() ran): make a new InProcessStore")
-        if self._pool is None:
+        if self._pool is None or self._pool_pid != os.getpid():  # a forked child's copy has no threads
+            self._inherited_pool, self._pool_pid = self._pool, os.getpid()
             self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="memstore-local", initializer=serial_torch)
         return self._pool
 

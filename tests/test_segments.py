@@ -201,6 +201,38 @@ def test_a_forked_child_keeps_its_results(shards_1):
         client.drop_table(spec.name)
 
 
+def test_a_forked_child_can_use_the_client_it_inherited(shards_1):
+    """A child forked from a process whose client has made calls (gRPC's threads, the
+    client's thread pools) calls through that client on channels of its own; the parent's
+    go on working. Before, the child's first call waited forever."""
+    spec = TableSpec("d.fork.use", num_rows=20_000, dim=16, optimizer=OptimizerSpec("sgd"))
+    with MemStoreClient(shards_1.addresses) as client:
+        client.create_table(spec)
+        expected = client.lookup(spec.name, np.arange(4096))
+        client.lookup_async(spec.name, np.arange(10)).result()
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                ok = np.array_equal(client.lookup(spec.name, np.arange(4096)), expected)
+                ok &= np.array_equal(client.lookup_async(spec.name, np.arange(5)).result(timeout=30), expected[:5])
+                client.update(spec.name, [7], np.ones((1, 16), np.float32), lr=1.0)
+                client.close()
+                code = 0 if ok else 2
+            finally:
+                os._exit(code)
+        deadline = time.monotonic() + 60
+        while (done := os.waitpid(pid, os.WNOHANG))[0] == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if done[0] == 0:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            pytest.fail("the forked child's calls hung")
+        assert os.waitstatus_to_exitcode(done[1]) == 0, "the child's calls failed or read wrong rows"
+        np.testing.assert_array_equal(client.lookup(spec.name, [7]), expected[7:8] - 1.0)  # the child's update
+        client.drop_table(spec.name)
+
+
 def test_a_shard_from_before_shared_memory_is_asked_for_replies(monkeypatch):
     import memstore.server
     from memstore.engine import ShardEngine
