@@ -176,7 +176,10 @@ class SparseRowWiseAdagrad(SparseOptimizer):
 
     def _delta(self, state, ix, g, lr, per_row):
         acc = state["momentum1"].index_select(0, ix)  # (k,)
-        acc.add_(g.square().mean(1))
+        squares = g.square()
+        if len(ix) == 1:  # a lone output: torch splits its sum over threads (bits vary with their count)
+            squares = squares.expand(2, -1)  # two: each summed whole on one thread, as with one thread
+        acc.add_(squares.mean(1)[: len(ix)])
         put_rows(state["momentum1"], ix, acc)
         scale = acc.sqrt_().add_(self.spec.eps).reciprocal_().mul_(-lr)  # -lr / (sqrt(acc) + eps)
         return g * scale.unsqueeze(1)

@@ -459,3 +459,26 @@ def test_stochastic_rounding_of_float32_rows_is_refused():
     with pytest.raises(InvalidArgument, match="true or false"):
         OptimizerSpec("adam", stochastic_rounding=1).validate()
     TableSpec("t", 10, 4, dtype="bfloat16", optimizer=OptimizerSpec("adam", stochastic_rounding=True)).validate()
+
+
+def test_row_wise_adagrad_gives_the_same_bits_on_any_thread_count():
+    """A lone wide row (dim > 32,768): torch would split its sum of squares over threads, so
+    a shard (one thread) and an in-process store (several) would disagree in the last bits."""
+    if optim._cores() < 2:
+        pytest.skip("needs two cores to run torch on two threads")
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            for seed in range(8):
+                g = torch.randn(1, 50_001, generator=torch.Generator().manual_seed(seed)) * 3
+                opt = make_optimizer(OptimizerSpec("adagrad"))
+                rows, state = torch.zeros(2, 50_001), opt.init_state(2, 50_001)
+                opt.step(rows, state, torch.tensor([1]), g, 0.1)
+                results.append((n, seed, rows, state["momentum1"]))
+    finally:
+        torch.set_num_threads(threads)
+    one, two = results[:8], results[8:]
+    for (_, seed, r1, a1), (_, _, r2, a2) in zip(one, two):
+        assert torch.equal(a1, a2) and torch.equal(r1, r2), f"seed {seed}: 1 and 2 threads differ"
