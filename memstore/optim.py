@@ -12,7 +12,8 @@ torch.optim.SparseAdam and of TorchRec's fused row-wise optimizers).
   row's update depends only on its own history.
 weight_decay is decoupled (AdamW's p *= 1 - lr * wd) and touches only the updated rows.
 With stochastic_rounding, 16-bit rows are written by memstore.rounding, and the state holds
-each row's update count ("rounds") that its noise depends on.
+each row's update count ("rounds") that its noise depends on. float16 rows saturate at
++-65,504 rather than overflow to Inf.
 
 Relies on plain torch only, on whatever device the rows live. The caller holds the table's
 lock and guarantees that `idx` is unique and in range and that `grads` is already summed per
@@ -46,6 +47,7 @@ from memstore.spec import OptimizerSpec, check_learning_rate
 ROW_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # Values per float32 temporary on CPU: 1 MiB, so a chunk's few temporaries stay in cache.
 CPU_CHUNK_ELEMENTS = 1 << 18
+FLOAT16_MAX = float(torch.finfo(torch.float16).max)
 
 
 class SparseOptimizer:
@@ -298,6 +300,8 @@ def _write_rows(rows: torch.Tensor, ix: torch.Tensor, delta: torch.Tensor, decay
     if words is not None:
         put_rows(rows, ix, rounding.round_to(p, rounding.noise(words, rows.shape[1]), rows.dtype))
         return
+    if rows.dtype == torch.float16:  # saturates at +-65,504, where rounding would give Inf
+        p.clamp_(-FLOAT16_MAX, FLOAT16_MAX)
     put_rows(rows, ix, p.to(rows.dtype))
 
 

@@ -482,3 +482,13 @@ def test_row_wise_adagrad_gives_the_same_bits_on_any_thread_count():
     one, two = results[:8], results[8:]
     for (_, seed, r1, a1), (_, _, r2, a2) in zip(one, two):
         assert torch.equal(a1, a2) and torch.equal(r1, r2), f"seed {seed}: 1 and 2 threads differ"
+
+
+@pytest.mark.parametrize("stochastic", [False, True])
+def test_float16_rows_saturate_instead_of_overflowing_to_inf(stochastic):
+    """An update past float16's largest value leaves the row at +-65,504, not Inf (which
+    would turn every later lookup of it, and the loss, into Inf or NaN)."""
+    opt = make_optimizer(OptimizerSpec("sgd", stochastic_rounding=stochastic))
+    rows = torch.tensor([[60_000.0, -60_000.0, 1.0]]).to(torch.float16)
+    opt.step(rows, opt.init_state(1, 3), torch.tensor([0]), torch.tensor([[-1.0, 1.0, 0.0]]), 10_000.0)
+    assert rows.float().tolist() == [[65_504.0, -65_504.0, 1.0]]
