@@ -178,6 +178,24 @@ def test_shard_processes_train_like_the_in_process_store(corpus, reference, tmp_
     assert summary["store_checkpoint"] == "rows"  # a remote store without Ray: rows only
 
 
+def test_16_bit_tables_with_stochastic_rounding_train_alike_on_shards_and_in_process(corpus, tmp_path):
+    """table_dtype and table_stochastic_rounding reach the store's tables; their rounding
+    noise depends on keys only, so 2 shard processes train bit for bit as one process."""
+    cfg = tiny_config(corpus, table_dtype="bfloat16", table_stochastic_rounding=True)
+    with InProcessStore() as store:
+        ref = train(cfg, store, progress=False, checkpoint_dir=tmp_path / "in-process")
+        specs = store.list_tables()
+        ref_rows = all_rows(store, specs)
+    assert specs and all(s.dtype == "bfloat16" and s.optimizer.stochastic_rounding for s in specs)
+    with LocalShards(2) as shards, MemStoreClient(shards.addresses) as client:
+        got = train(cfg, client, progress=False, checkpoint_dir=tmp_path / "sharded")
+        rows = all_rows(client, client.list_tables())
+    assert got["losses"] == ref["losses"]
+    assert_same_state(rows, ref_rows, "rows")
+    with pytest.raises(ValueError, match="16-bit tables"):
+        tiny_config(corpus, table_stochastic_rounding=True)
+
+
 def test_resume_in_a_fresh_process_continues_the_same_trajectory(corpus, tmp_path):
     cfg = tiny_config(corpus, steps=8, eval_every=4)
     with InProcessStore() as store:
@@ -252,6 +270,9 @@ def test_cli_rejects_bad_flags_with_the_usage_code(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "memstore.cli.main", "train", "--in-process", "--steps", "0",
                            "--out", str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 64 and "steps must be positive" in proc.stderr
+    proc = subprocess.run([sys.executable, "-m", "memstore.cli.main", "train", "--in-process", "--stochastic-rounding",
+                           "--out", str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 64 and "16-bit tables" in proc.stderr, proc.stderr
 
 
 # ---------------------------------------------------------------------------- GPU

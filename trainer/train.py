@@ -54,6 +54,7 @@ from urllib.parse import quote
 import numpy as np
 import torch
 
+from memstore.spec import DTYPES, OptimizerSpec
 from memstore.threads import serial_torch
 from trainer.data import DataConfig, TokenData, load_data, tokenizer_digest
 from trainer.engram import EngramConfig, EngramRows, create_tables
@@ -102,6 +103,12 @@ class TrainConfig:
     # Engram trails the baseline by 0.65 nats (5.70 vs 5.06); at 0.02 it leads (4.99). Measured.
     table_init_std: float = 0.02
     table_prefix: str = ""  # prepended to every table name (several runs in one store)
+    # How the store holds the rows (and sends them, and their gradients): float32, bfloat16
+    # or float16; 16-bit tables halve the store's memory and traffic. stochastic_rounding
+    # (16-bit tables only) rounds each update up or down at random, unbiased, where
+    # round-to-nearest drops updates below half a unit in the last place.
+    table_dtype: str = "float32"
+    table_stochastic_rounding: bool = False
     # optimisation
     steps: int = 300  # length of the schedule
     batch_size: int = 8
@@ -140,6 +147,10 @@ class TrainConfig:
             raise ValueError(f"warmup_steps must lie in [0, steps={self.steps}], got {self.warmup_steps}")
         if not self.lr > 0 or not 0 <= self.min_lr_ratio <= 1:
             raise ValueError(f"lr must be > 0 and min_lr_ratio in [0, 1], got {self.lr}, {self.min_lr_ratio}")
+        if self.table_dtype not in DTYPES:
+            raise ValueError(f"table_dtype must be one of {tuple(DTYPES)}, got {self.table_dtype!r}")
+        if self.table_stochastic_rounding and self.table_dtype == "float32":
+            raise ValueError("table_stochastic_rounding is for 16-bit tables: set table_dtype to bfloat16 or float16")
 
     def data_config(self) -> DataConfig:
         return DataConfig(corpus=self.corpus, max_bytes=self.corpus_max_bytes, vocab_size=self.vocab_size,
@@ -151,7 +162,10 @@ class TrainConfig:
             engram = EngramConfig(engram_vocab_size=list(self.engram_vocab_size), max_ngram_size=self.max_ngram_size,
                                   n_embed_per_ngram=self.n_embed_per_ngram, n_head_per_ngram=self.n_head_per_ngram,
                                   layer_ids=list(self.engram_layer_ids), pad_id=pad_id, seed=self.seed,
-                                  table_init_std=self.table_init_std, table_prefix=self.table_prefix)
+                                  table_init_std=self.table_init_std, table_prefix=self.table_prefix,
+                                  table_dtype=self.table_dtype,
+                                  table_optimizer=OptimizerSpec("adam", weight_decay=0.0,
+                                                                stochastic_rounding=self.table_stochastic_rounding))
         return ModelConfig(vocab_size=vocab_size, d_model=self.d_model, n_layers=self.n_layers, n_heads=self.n_heads,
                            seq_len=self.seq_len, n_routed_experts=self.n_routed_experts, top_k=self.top_k,
                            n_shared_experts=self.n_shared_experts, d_expert=self.d_expert, engram=engram)

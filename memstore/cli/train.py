@@ -28,6 +28,7 @@ _CONFIG_FLAGS = {
     "seed": "seed", "device": "device", "corpus": "corpus", "vocab_size": "vocab_size", "cache_dir": "cache_dir",
     "d_model": "d_model", "layers": "n_layers", "heads": "n_heads", "experts": "n_routed_experts",
     "d_expert": "d_expert", "prefetch": "prefetch_depth", "metrics_port": "metrics_port",
+    "table_dtype": "table_dtype", "stochastic_rounding": "table_stochastic_rounding",
 }
 
 
@@ -63,6 +64,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     model.add_argument("--experts", metavar="N", type=int, help="routed experts per MoE layer (default 4)")
     model.add_argument("--d-expert", metavar="N", type=int, help="hidden size of one expert (default 256)")
     model.add_argument("--engram-rows", metavar="N", type=int, help="rows per Engram hash head, each N-gram order (default 50000)")
+    model.add_argument("--table-dtype", choices=("float32", "bfloat16", "float16"),
+                       help="how the store holds the Engram rows, and sends them and their gradients (default float32)")
+    model.add_argument("--stochastic-rounding", action="store_true", default=None,
+                       help="16-bit tables: round each update up or down at random (unbiased) instead of to nearest")
 
     opt = p.add_argument_group("training")
     opt.add_argument("--steps", metavar="N", type=int, help="optimizer steps, the schedule's length; warmup is a tenth of it (default 300)")
