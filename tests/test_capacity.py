@@ -72,6 +72,10 @@ def test_optimizer_state_and_dtypes():
     assert opt_bytes(optimizer="adagrad") == 4000 * 4  # one float32 per row
     assert opt_bytes(optimizer="sgd") == 0
     assert opt_bytes(optimizer="sgd", momentum=0.9) == 4000 * 16 * 4
+    assert opt_bytes(dtype="bfloat16", stochastic_rounding=True) == 4000 * (16 * 4 * 2 + 8 + 4)  # + int32 rounds
+    assert opt_bytes(dtype="float16", optimizer="adagrad", stochastic_rounding=True) == 4000 * 8
+    with pytest.raises(ValueError, match="16-bit tables"):
+        PlanConfig(**{**HAND.__dict__, "stochastic_rounding": True})
     p = plan(PlanConfig(**{**HAND.__dict__, "dtype": "bfloat16"}), [1.0, 1.0])
     assert p.table_bytes == 4000 * 16 * 2 and p.lookup_in_bytes == 2000 * 32  # bf16 on the wire too
     p = plan(PlanConfig(**{**HAND.__dict__, "wire_dtype": "bfloat16"}), [1.0, 1.0])

@@ -76,6 +76,7 @@ class PlanConfig:
     wire_dtype: str = ""  # rows and gradients on the wire; "" = dtype
     optimizer: str = "adam"
     momentum: float = 0.0  # sgd only: 0 keeps no state
+    stochastic_rounding: bool = False  # 16-bit tables: 4 bytes a row of update count besides
     # the workload
     tokens_per_step: int = 1280 * 4096
     workers: int = 64  # data-parallel trainer processes, each de-duplicating its own keys
@@ -115,6 +116,8 @@ class PlanConfig:
             raise ValueError(f"refresh_fraction must lie in [0, 1], got {self.refresh_fraction}")
         if not 0 <= self.momentum < 1:
             raise ValueError(f"momentum must lie in [0, 1), got {self.momentum}")
+        if self.stochastic_rounding and self.dtype == "float32":
+            raise ValueError("stochastic_rounding is for 16-bit tables: set dtype to bfloat16 or float16")
 
     @property
     def num_heads_per_layer(self) -> int:
@@ -141,11 +144,14 @@ class PlanConfig:
         return self.head_dim * DTYPE_BYTES[self.wire_dtype or self.dtype]
 
     def optimizer_bytes_per_row(self) -> int:
-        if self.optimizer == "adam":
-            return 2 * 4 * self.head_dim + 8  # exp_avg, exp_avg_sq (float32), step (int64)
-        if self.optimizer == "adagrad":
-            return 4  # one float32 accumulator per row
-        return 4 * self.head_dim if self.momentum else 0
+        """What the store's own optimizer keeps a row (memstore.optim): Adam two float32
+        moments and an int64 step, row-wise Adagrad one float32, SGD a float32 momentum
+        buffer or nothing; stochastic rounding an int32 update count more."""
+        from memstore.optim import make_optimizer
+        from memstore.spec import OptimizerSpec
+
+        spec = OptimizerSpec(self.optimizer, momentum=self.momentum, stochastic_rounding=self.stochastic_rounding)
+        return make_optimizer(spec).state_row_bytes(self.head_dim)
 
 
 PRESETS: dict[str, PlanConfig] = {

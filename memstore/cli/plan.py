@@ -18,7 +18,8 @@ PRESET_NAMES = ("engram-27b", "engram-40b")  # trainer.capacity.PRESETS, named h
 _PLAN_FLAGS = {
     "engram_layers": "engram_layers", "max_ngram": "max_ngram_size", "heads_per_ngram": "n_head_per_ngram",
     "rows_per_head": "rows_per_head", "d_mem": "d_mem", "dtype": "dtype", "wire_dtype": "wire_dtype",
-    "optimizer": "optimizer", "momentum": "momentum", "tokens_per_step": "tokens_per_step", "workers": "workers",
+    "optimizer": "optimizer", "momentum": "momentum", "stochastic_rounding": "stochastic_rounding",
+    "tokens_per_step": "tokens_per_step", "workers": "workers",
     "step_time": "step_time_s", "prefetch": "prefetch_depth", "refresh_fraction": "refresh_fraction",
     "node_memory_gib": "node_memory_gib",
     "usable_fraction": "usable_fraction", "max_shard_gib": "max_shard_gib", "bandwidth_gbps": "bandwidth_gbps",
@@ -44,6 +45,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--wire-dtype", choices=["float32", "bfloat16", "float16"], help="rows and gradients on the wire (default: --dtype)")
     t.add_argument("--optimizer", choices=["adam", "adagrad", "sgd"], help="the tables' sparse optimizer (preset: adam)")
     t.add_argument("--momentum", metavar="M", type=float, help="sgd momentum; non-zero keeps a buffer per value (default 0)")
+    t.add_argument("--stochastic-rounding", action="store_true", default=None,
+                   help="16-bit tables rounded stochastically: 4 bytes a row of update count besides")
     t.add_argument("--no-primes", action="store_true", help="every head has exactly --rows-per-head rows "
                    "(default: the next unused prime above it, as the hashing does)")
 
