@@ -22,6 +22,11 @@ from memstore.spec import TableSpec, as_key_array, check_learning_rate
 from memstore.threads import serial_torch
 
 
+def _pool_thread(local: threading.local) -> None:
+    serial_torch()
+    local.in_pool = True
+
+
 class InProcessStore:
     """All of every table in this process (one shard of one)."""
 
@@ -33,6 +38,7 @@ class InProcessStore:
         self._pool_pid = os.getpid()  # the process _pool's threads run in
         self._inherited_pool: ThreadPoolExecutor | None = None  # the parent's copy, in a forked child
         self._closed = False  # close() ran: *_async calls raise ClientClosed, as MemStoreClient's do
+        self._local = threading.local()  # .in_pool: one of this store's _pool threads
 
     def create_table(self, spec: TableSpec) -> TableSpec:
         return self.engine.create_table(spec).spec
@@ -140,7 +146,8 @@ class InProcessStore:
             raise ClientClosed("this store is closed (close() ran): make a new InProcessStore")
         if self._pool is None or self._pool_pid != os.getpid():  # a forked child's copy has no threads
             self._inherited_pool, self._pool_pid = self._pool, os.getpid()
-            self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="memstore-local", initializer=serial_torch)
+            self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="memstore-local", initializer=_pool_thread,
+                                            initargs=(self._local,))
         return self._pool
 
     def close(self) -> None:
@@ -148,7 +155,7 @@ class InProcessStore:
         futures (on the store's own thread, which cannot wait for itself)."""
         self._closed = True
         if self._pool is not None:
-            own = threading.current_thread().name.startswith("memstore-local")
+            own = getattr(self._local, "in_pool", False)
             self._pool.shutdown(wait=not own)
 
     def __enter__(self) -> "InProcessStore":

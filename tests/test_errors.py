@@ -387,6 +387,8 @@ def test_calls_queued_at_close_finish_and_calls_after_it_raise_client_closed(sha
         client.lookup_async("closing_queued", [1])
     with pytest.raises(ClientClosed, match="closed"):
         client.update("closing_queued", [1], np.ones((1, 64), np.float32), lr=0.1)
+    with pytest.raises(ClientClosed, match="closed"):  # a check of its own failing, that reads the spec anew
+        client.lookup("closing_queued", [10**9])
     with MemStoreClient(shards_2.addresses) as other:
         other.drop_table("closing_queued")
 

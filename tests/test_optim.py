@@ -492,3 +492,40 @@ def test_float16_rows_saturate_instead_of_overflowing_to_inf(stochastic):
     rows = torch.tensor([[60_000.0, -60_000.0, 1.0]]).to(torch.float16)
     opt.step(rows, opt.init_state(1, 3), torch.tensor([0]), torch.tensor([[-1.0, 1.0, 0.0]]), 10_000.0)
     assert rows.float().tolist() == [[65_504.0, -65_504.0, 1.0]]
+
+
+@pytest.mark.parametrize("dim", [1, 100, 1000, 65_536])
+def test_the_largest_gradient_the_store_accepts_keeps_adagrads_accumulator_finite(dim):
+    """check_gradient_scale's bound leaves room for float32's rounding of the squares and of
+    their sum: a row of values just below it still gives a finite accumulator and row."""
+    import numpy as np
+
+    from memstore.keys import check_gradient_scale
+    from memstore.spec import FLOAT32_MAX
+
+    below = float(np.nextafter(np.float32(0.5 * math.sqrt(FLOAT32_MAX / dim)), np.float32(0)))
+    grads = torch.full((1, dim), below)
+    check_gradient_scale(grads, 1e-3, np.array([0]), "t")  # accepted
+    with pytest.raises(InvalidArgument, match="summed over the row"):
+        check_gradient_scale(grads * 1.001, 1e-3, np.array([0]), "t")
+    opt = make_optimizer(OptimizerSpec("adagrad"))
+    rows, state = torch.zeros(1, dim), opt.init_state(1, dim)
+    opt.step(rows, state, torch.tensor([0]), grads, 1e-3)
+    assert bool(torch.isfinite(state["momentum1"]).all() and torch.isfinite(rows).all())
+
+
+def test_stochastic_rounding_noise_is_uniform_and_independent_across_columns():
+    """Each column's noise over many rows is uniform on [0, 2^16) (mean, variance), and no
+    two columns of a row move together (correlations at the sampling noise's level)."""
+    from memstore import rounding
+
+    n = 100_000
+    u = rounding.noise(rounding.row_words(3, torch.arange(n), torch.ones(n, dtype=torch.int32)), 64).double()
+    assert int(u.min()) >= 0 and int(u.max()) < 1 << 16
+    assert torch.allclose(u.mean(0), torch.full((64,), 32767.5, dtype=torch.float64), rtol=0.01)
+    assert torch.allclose(u.var(0), torch.full((64,), (2.0**32 - 1) / 12, dtype=torch.float64), rtol=0.02)
+    corr = torch.corrcoef(u.T)
+    corr.fill_diagonal_(0)
+    assert float(corr.abs().max()) < 6 / math.sqrt(n), f"columns correlated: {float(corr.abs().max()):.4f}"
+    rows_again = rounding.noise(rounding.row_words(3, torch.arange(n), torch.full((n,), 2, dtype=torch.int32)), 64)
+    assert float((rows_again.double() == u).double().mean()) < 1e-3  # the next update draws afresh

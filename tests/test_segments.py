@@ -230,6 +230,9 @@ def test_a_forked_child_can_use_the_client_it_inherited(shards_1):
             pytest.fail("the forked child's calls hung")
         assert os.waitstatus_to_exitcode(done[1]) == 0, "the child's calls failed or read wrong rows"
         np.testing.assert_array_equal(client.lookup(spec.name, [7]), expected[7:8] - 1.0)  # the child's update
+        # The parent's same update next is its own (the child's ids are not the parent's): applied too.
+        client.update(spec.name, [7], np.ones((1, 16), np.float32), lr=1.0)
+        np.testing.assert_array_equal(client.lookup(spec.name, [7]), expected[7:8] - 1.0 - 1.0)
         client.drop_table(spec.name)
 
 
