@@ -859,7 +859,9 @@ class MemStoreClient:
         exited). Every shard, not only delivering ones: one that stopped delivering may have
         mapped some before. A shard the request fails to reach gets its tokens again with the
         next release."""
-        self._check_open()  # a forked child's channels first: their shards hold what is unreleased
+        if not tokens and (self._inherited_channels or not any(s.unreleased for s in self._shards)):
+            return  # nothing to say (a forked child's inherited shards hold the parent's unreleased)
+        self._check_open()  # a forked child's channels first
         with self._release_lock:
             asked = {s.index: (s, [*s.unreleased, *tokens]) for s in self._shards}
             if not any(t for _, t in asked.values()):
