@@ -649,7 +649,11 @@ class MemStoreClient:
         if len(group) > MAX_ID_CHARS - 16:  # room for ":<shard>:<part>"
             raise InvalidArgument(f"update id {group[:40]!r}... is {len(group)} characters long; at most "
                                   f"{MAX_ID_CHARS - 16}")
+        # A key, its row and (update_read) a read key a row: together within twice the limit,
+        # a shard's message limit at the largest setting. The same split with or without
+        # reads, so an id names the same parts either way.
         row_bytes = values.shape[1] * values.element_size()
+        row_bytes = max(row_bytes, -(-(16 + row_bytes) // 2))
         chunks = []  # (shard, chunk number, first row, keys)
         for shard in range(self.num_shards):
             lo = int(plan.bounds[shard])

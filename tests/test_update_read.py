@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from memstore import ClientConfig, InProcessStore, InvalidArgument, MemStoreClient, OptimizerSpec, TableSpec
+from memstore import ClientConfig, InitSpec, InProcessStore, InvalidArgument, MemStoreClient, OptimizerSpec, TableSpec
 from memstore import wire
 from memstore.server import CHANNEL_OPTIONS, SERVICE
 from memstore.v1 import memstore_pb2 as pb
@@ -57,6 +57,29 @@ def test_read_back_spans_chunks(shards_3):
         fresh, rows = client.update_read(spec.name, keys, np.ones((len(keys), 16), np.float32), 0.5, np.arange(0, 3001, 3))
         np.testing.assert_array_equal(fresh, np.arange(0, 3000, 6))
         np.testing.assert_array_equal(rows.numpy(), client.lookup(spec.name, fresh))
+        client.drop_table(spec.name)
+
+
+def test_tiny_rows_read_back_stay_within_the_message_limit(shards_3):
+    """Rows of 2 bytes: a request carries 8 bytes of key and up to 8 of read key a row, so it
+    is split until both with the rows fit in twice max_request_bytes (a shard's message
+    limit at the largest setting)."""
+    spec = TableSpec("readback.tiny", num_rows=3000, dim=1, dtype="float16", init=InitSpec("zeros"),
+                     optimizer=OptimizerSpec("sgd"))
+    limit = 900
+    with MemStoreClient(shards_3.addresses, ClientConfig(max_request_bytes=limit)) as client:
+        client.create_table(spec)
+
+        def updates():  # (calls, bytes in) per shard
+            return [next((m.calls, m.bytes_in) for m in s.methods if m.method == "Update") for s in client.stats()]
+
+        before = updates()
+        keys = np.arange(3000)
+        fresh, rows = client.update_read(spec.name, keys, np.ones((3000, 1), np.float32), 0.5, keys)
+        np.testing.assert_array_equal(fresh, keys)
+        assert (rows.numpy() == -0.5).all()
+        for (c0, b0), (c1, b1) in zip(before, updates()):
+            assert (b1 - b0) / (c1 - c0) <= 2 * limit + 200, f"{(b1 - b0) / (c1 - c0):.0f} bytes a request"
         client.drop_table(spec.name)
 
 
