@@ -224,6 +224,7 @@ class MemStoreClient:
         self._release_lock = threading.Lock()  # one ReleaseSegments fan-out at a time (shards' unreleased)
         self._inherited: list[Any] = []  # a forked child's copies of the parent's channels and threads
         self._inherited_channels = False  # in a forked child, until its first call makes its own
+        self._closer: threading.Thread | None = None  # finishes a close() begun on one of _pool's threads
         _CLIENTS.add(self)
 
     @classmethod
@@ -930,15 +931,21 @@ class MemStoreClient:
         *_async calls made before it run to the end first; any call after it raises
         ClientClosed. From a callback of one of this client's futures (which runs on the
         client's own thread, and cannot wait for itself), it returns at once and a thread
-        of its own finishes closing once the callback has returned."""
+        of its own finishes closing once the callback has returned; a later close() from
+        another thread waits for that."""
+        own_thread = getattr(self._local, "may_call", False)
         with self._pool_lock:
-            if self._closed:
-                return
-            self._closed = True
-        if getattr(self._local, "may_call", False):
-            threading.Thread(target=self._finish_close, name="memstore-client-close").start()
-            return
-        self._finish_close()
+            closer, first = self._closer, not self._closed
+            if first:
+                self._closed = True
+                if own_thread:
+                    closer = self._closer = threading.Thread(target=self._finish_close, name="memstore-client-close")
+        if first and own_thread:
+            closer.start()
+        elif first:
+            self._finish_close()
+        elif closer is not None and not own_thread:
+            closer.join()
 
     def _finish_close(self) -> None:
         self._local.may_call = True  # its ReleaseSegments

@@ -419,6 +419,8 @@ def test_close_from_a_callback_of_the_clients_own_future(shards_2):
     client = MemStoreClient(shards_2.addresses)
     client.create_table(TableSpec("closing_callback", num_rows=100, dim=4))
     assert close_in_own_callback(client, "closing_callback").result().shape == (100, 4)
+    client.close()  # from this thread: returns once the closing thread has finished
+    assert client._pool._shutdown and client._ended
     with pytest.raises(ClientClosed):
         client.lookup("closing_callback", [1])
     with MemStoreClient(shards_2.addresses) as other:
