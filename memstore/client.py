@@ -30,7 +30,7 @@ import torch
 from memstore import keys as keyplan
 from memstore import segments, wire
 from memstore.alloc import keep_freed_memory
-from memstore.lookups import LookupCall, chunks
+from memstore.lookups import KEY_BYTES, LookupCall, chunks
 from memstore.errors import (
     ClientClosed,
     DeadlineExceeded,
@@ -654,7 +654,7 @@ class MemStoreClient:
         # a shard's message limit at the largest setting. The same split with or without
         # reads, so an id names the same parts either way.
         row_bytes = values.shape[1] * values.element_size()
-        row_bytes = max(row_bytes, -(-(16 + row_bytes) // 2))
+        row_bytes = max(row_bytes, -(-(2 * KEY_BYTES + row_bytes) // 2))
         chunks = []  # (shard, chunk number, first row, keys)
         for shard in range(self.num_shards):
             lo = int(plan.bounds[shard])

@@ -26,6 +26,7 @@ from memstore.v1 import memstore_pb2 as pb
 
 KEY_BYTES = 8  # a key on the wire: little-endian int64
 
+
 def ranges(n: int, pieces: int) -> list[tuple[int, int]]:
     """[0, n) cut into `pieces` near-equal ranges (none when n is 0)."""
     cuts = [n * i // pieces for i in range(pieces + 1)]

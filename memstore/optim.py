@@ -47,7 +47,6 @@ from memstore.spec import OptimizerSpec, check_learning_rate
 ROW_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # Values per float32 temporary on CPU: 1 MiB, so a chunk's few temporaries stay in cache.
 CPU_CHUNK_ELEMENTS = 1 << 18
-FLOAT16_MAX = float(torch.finfo(torch.float16).max)
 
 
 class SparseOptimizer:
@@ -301,7 +300,7 @@ def _write_rows(rows: torch.Tensor, ix: torch.Tensor, delta: torch.Tensor, decay
         put_rows(rows, ix, rounding.round_to(p, rounding.noise(words, rows.shape[1]), rows.dtype))
         return
     if rows.dtype == torch.float16:  # saturates at +-65,504, where rounding would give Inf
-        p.clamp_(-FLOAT16_MAX, FLOAT16_MAX)
+        p.clamp_(-rounding.LARGEST[torch.float16], rounding.LARGEST[torch.float16])
     put_rows(rows, ix, p.to(rows.dtype))
 
 

@@ -37,7 +37,7 @@ _STREAM = np.uint64(0x726F756E64696E67)  # keys the noise apart from the initial
 _MULT = (0x7FEB352D, 0x2C1B3C6D)
 _HALF_MIN_NORMAL = 2.0 ** -14
 _HALF_STEP_BELOW = 2.0 ** 24  # 1 / float16's step below its smallest normal value
-_MAX = {torch.bfloat16: float(torch.finfo(torch.bfloat16).max), torch.float16: float(torch.finfo(torch.float16).max)}
+LARGEST = {torch.bfloat16: float(torch.finfo(torch.bfloat16).max), torch.float16: float(torch.finfo(torch.float16).max)}
 
 
 def row_words(seed: int, keys: torch.Tensor, rounds: torch.Tensor) -> torch.Tensor:
@@ -69,7 +69,7 @@ def round_to(values: torch.Tensor, u: torch.Tensor, dtype: torch.dtype) -> torch
     """float32 `values` [k, dim] rounded stochastically to `dtype` (bfloat16 or float16) by
     the noise `u` (noise()). Values are finite; one beyond the dtype's largest finite value
     is held at it (rounding up would make it Inf)."""
-    top = _MAX[dtype]
+    top = LARGEST[dtype]
     x = values.clamp(-top, top)
     bits = x.view(torch.int32)
     if dtype == torch.bfloat16:
