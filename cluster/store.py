@@ -106,7 +106,7 @@ def stop_local_ray(gcs_address: str) -> int:
     port = gcs_address.rsplit(":", 1)[1]
     # Ray's daemons name their GCS so; a user's `--address=` (a script, this CLI) is not matched.
     markers = (f"--gcs_server_port={port}", f"--gcs-address={gcs_address}")
-    pids = []
+    programs = {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit() or int(entry) == os.getpid():
             continue
@@ -116,9 +116,27 @@ def stop_local_ray(gcs_address: str) -> int:
         except OSError:
             continue
         if any(arg in markers for arg in argv):
-            pids.append(int(entry))
-    pids += _descendants(pids)  # the raylet's agents (dashboard, runtime env) name no address
+            programs[int(entry)] = os.path.basename(argv[0])
+    # the raylet's agents (dashboard, runtime env) name no address
+    pids = list(programs) + _descendants(list(programs))
     pids = [p for p in pids if p not in _ancestors()]  # never this process or what runs it
+    # As `ray stop` does: the raylet first (its agents exit with it), the GCS last: a GCS sent
+    # SIGTERM while its raylet runs waits out the whole grace period (10 s here).
+    raylet = [p for p in pids if programs.get(p) == "raylet"]
+    gcs = [p for p in pids if programs.get(p) == "gcs_server"]
+    for wave in (raylet, [p for p in pids if p not in raylet and p not in gcs], gcs):
+        _terminate(wave)
+    with contextlib.suppress(OSError):
+        with open(CURRENT_CLUSTER_FILE) as f:
+            stale = f.read().strip() == gcs_address
+        if stale:
+            os.remove(CURRENT_CLUSTER_FILE)
+    return len(pids)
+
+
+def _terminate(pids: list[int]) -> None:
+    """SIGTERM to pids, SIGKILL to those still running 10 s later; returns when all have
+    exited or 5 s after that."""
     for sig, wait_s in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 5.0)):
         for pid in pids:
             try:
@@ -128,12 +146,8 @@ def stop_local_ray(gcs_address: str) -> int:
         deadline = time.monotonic() + wait_s
         while time.monotonic() < deadline and any(_running(p) for p in pids):
             time.sleep(0.1)
-    with contextlib.suppress(OSError):
-        with open(CURRENT_CLUSTER_FILE) as f:
-            stale = f.read().strip() == gcs_address
-        if stale:
-            os.remove(CURRENT_CLUSTER_FILE)
-    return len(pids)
+        if not any(_running(p) for p in pids):
+            return
 
 
 def _descendants(roots: list[int]) -> list[int]:

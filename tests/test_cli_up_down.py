@@ -14,6 +14,7 @@ import time
 
 import numpy as np
 
+from cluster import store
 from memstore import MemStoreClient
 
 
@@ -21,6 +22,22 @@ def memstore(*args: str, timeout: float = 180) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     return subprocess.run([sys.executable, "-m", "memstore.cli.main", *args], capture_output=True, text=True,
                           timeout=timeout, env=env)
+
+
+def processes_of_the_local_ray() -> list[int]:
+    """The GCS and raylet of the local Ray (they name its GCS's port) and every process below them."""
+    port = store._local_ray_address().rsplit(":", 1)[1]
+    named = []
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                argv = f.read().decode(errors="replace").split("\0")
+        except OSError:
+            continue
+        if f"--gcs_server_port={port}" in argv or any(a.startswith("--gcs-address=") and a.endswith(f":{port}")
+                                                      for a in argv):
+            named.append(int(entry))
+    return named + store._descendants(named)
 
 
 def test_up_ls_health_down_round_trip(tmp_path):
@@ -64,10 +81,13 @@ def test_up_ls_health_down_round_trip(tmp_path):
         missing = memstore("health", "no-such-store")
         assert missing.returncode == 2 and "no store named 'no-such-store'" in missing.stderr
         assert len(missing.stderr.strip().splitlines()) == 1
+        ray_processes = processes_of_the_local_ray()
+        assert len(ray_processes) >= 3, ray_processes  # its GCS, raylet, agents, the shards' workers
     finally:
         down = memstore("down", "cli-store")
     assert down.returncode == 0, down.stderr
     assert "stopped the local Ray" in down.stdout
+    assert not [p for p in ray_processes if store._running(p)], "a process of the stopped Ray still runs"
     assert not os.path.exists(data_dir)  # the data dir `up` chose is released too
     after = memstore("health", "cli-store", timeout=60)
     assert after.returncode == 2, after.stdout + after.stderr  # no Ray, no store
