@@ -12,6 +12,9 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
+import threading
 import time
 import urllib.request
 
@@ -72,6 +75,33 @@ def test_stats_finds_the_shards_by_store_name(probe_store, capsys):
     assert code == 0, err
     (t,) = json_doc(out)["tables"]
     assert (t["lookup_keys"], t["rows_touched"], t["lookups"]) == (120, 40, 6)
+
+
+def test_status_json_stdout_holds_the_document_only_while_ray_sends_notices(probe_store):
+    """`memstore status --json` as its own process is a Ray driver; Ray's notices to every driver
+    (here published by this test, every 20 ms while it runs) go to its stderr, not its stdout."""
+    from ray._private.utils import publish_error_to_driver
+
+    gcs = ray._private.worker.global_worker.gcs_client
+    done, sent = threading.Event(), []
+
+    def publish():
+        while not done.wait(0.02):
+            sent.append(f"notice {len(sent)} for every driver")
+            publish_error_to_driver("memstore_test", sent[-1], gcs)
+
+    publisher = threading.Thread(target=publish)
+    publisher.start()
+    try:
+        proc = subprocess.run([sys.executable, "-m", "memstore.cli.main", "status", NAME, "--json",
+                               "--address", ray.get_runtime_context().gcs_address],
+                              capture_output=True, text=True, timeout=120)
+    finally:
+        done.set()
+        publisher.join()
+    assert "for every driver" in proc.stderr, (proc.stderr, len(sent))  # the notices reached it
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["summary"]["serving"] == 2, proc.stdout[-3000:]
 
 
 def test_killed_shard_is_restarting_and_degraded_until_it_is_back(probe_store, capsys):

@@ -10,6 +10,7 @@ import argparse
 import enum
 import logging
 import sys
+import threading
 import traceback
 
 from memstore.cli import checkpoint, demo, down, exp, health, ls, plan, restore, serve, stats, status, train, up
@@ -39,9 +40,52 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+class CommandStdout:
+    """sys.stdout while a command runs: what the command's own thread writes reaches stdout,
+    what any other thread writes goes to stderr. Ray's notice thread prints cluster notices
+    (a killed worker, a dead node) on every driver's stdout, and each command here is a
+    driver: stdout now holds the command's output only (one JSON document with --json)."""
+
+    def __init__(self, stdout, stderr) -> None:
+        self._stdout, self._stderr, self._owner = stdout, stderr, threading.get_ident()
+
+    def _stream(self):
+        return self._stdout if threading.get_ident() == self._owner else self._stderr
+
+    def write(self, text: str) -> int:
+        return self._stream().write(text)
+
+    def flush(self) -> None:
+        self._stream().flush()
+
+    def __getattr__(self, name: str):  # isatty, fileno, encoding, ... of the real stdout
+        return getattr(self._stdout, name)
+
+
+def main(argv: list[str] | None = None, *, leave_ray: bool = False) -> int:
+    """Runs one command; leave_ray also disconnects from Ray before stdout is given back
+    (the `memstore` command): the notices Ray holds back and prints as a driver disconnects
+    (repeats it folded into one line) go to stderr as well."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    stdout, sys.stdout = sys.stdout, CommandStdout(sys.stdout, sys.stderr)
+    try:
+        return _run(args)
+    finally:
+        sys.stdout.flush()
+        ray = sys.modules.get("ray")
+        if leave_ray and ray is not None and ray.is_initialized():
+            sys.stdout = sys.stderr  # the command has had its say; Ray flushes held notices here
+            ray.shutdown()
+        sys.stdout = stdout
+
+
+def command() -> int:
+    """The `memstore` console command."""
+    return main(leave_ray=True)
+
+
+def _run(args: argparse.Namespace) -> int:
     try:
         return SUBCOMMANDS[args.command].run(args)
     except KeyboardInterrupt:
@@ -68,4 +112,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(command())
