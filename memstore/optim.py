@@ -12,8 +12,8 @@ torch.optim.SparseAdam and of TorchRec's fused row-wise optimizers).
   row's update depends only on its own history.
 weight_decay is decoupled (AdamW's p *= 1 - lr * wd) and touches only the updated rows.
 With stochastic_rounding, 16-bit rows are written by memstore.rounding, and the state holds
-each row's update count ("rounds") that its noise depends on. float16 rows saturate at
-+-65,504 rather than overflow to Inf.
+each row's update count ("rounds") that its noise depends on. 16-bit rows saturate at
+their largest value (float16 +-65,504) rather than overflow to Inf.
 
 Relies on plain torch only, on whatever device the rows live. The caller holds the table's
 lock and guarantees that `idx` is unique and in range and that `grads` is already summed per
@@ -299,8 +299,9 @@ def _write_rows(rows: torch.Tensor, ix: torch.Tensor, delta: torch.Tensor, decay
     if words is not None:
         put_rows(rows, ix, rounding.round_to(p, rounding.noise(words, rows.shape[1]), rows.dtype))
         return
-    if rows.dtype == torch.float16:  # saturates at +-65,504, where rounding would give Inf
-        p.clamp_(-rounding.LARGEST[torch.float16], rounding.LARGEST[torch.float16])
+    if rows.dtype in rounding.LARGEST:  # 16-bit rows saturate at their largest value (float16's
+        top = rounding.LARGEST[rows.dtype]  # 65,504) where rounding would give Inf
+        p.clamp_(-top, top)
     put_rows(rows, ix, p.to(rows.dtype))
 
 

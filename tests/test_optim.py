@@ -485,13 +485,17 @@ def test_row_wise_adagrad_gives_the_same_bits_on_any_thread_count():
 
 
 @pytest.mark.parametrize("stochastic", [False, True])
-def test_float16_rows_saturate_instead_of_overflowing_to_inf(stochastic):
-    """An update past float16's largest value leaves the row at +-65,504, not Inf (which
-    would turn every later lookup of it, and the loss, into Inf or NaN)."""
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_16_bit_rows_saturate_instead_of_overflowing_to_inf(dtype, stochastic):
+    """An update past the dtype's largest value (float16 65,504, bfloat16 3.39e38) leaves the
+    row there, not at Inf (which would turn every later lookup of it, and the loss, into Inf
+    or NaN). bfloat16's step from 3.0e38 overflows float32's sum itself."""
+    top = torch.finfo(dtype).max
     opt = make_optimizer(OptimizerSpec("sgd", stochastic_rounding=stochastic))
-    rows = torch.tensor([[60_000.0, -60_000.0, 1.0]]).to(torch.float16)
-    opt.step(rows, opt.init_state(1, 3), torch.tensor([0]), torch.tensor([[-1.0, 1.0, 0.0]]), 10_000.0)
-    assert rows.float().tolist() == [[65_504.0, -65_504.0, 1.0]]
+    rows = torch.tensor([[0.9 * top, -0.9 * top, 1.0]]).to(dtype)
+    lr = 10_000.0 if dtype == torch.float16 else 1e30
+    opt.step(rows, opt.init_state(1, 3), torch.tensor([0]), torch.tensor([[-top / lr, top / lr, 0.0]]), lr)
+    assert rows.float().tolist() == [[top, -top, 1.0]]
 
 
 @pytest.mark.parametrize("dim", [1, 100, 1000, 65_536])
