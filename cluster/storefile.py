@@ -20,7 +20,6 @@ import os
 import uuid
 from pathlib import Path
 
-from memstore import checkpoint, wal
 from memstore.errors import InvalidArgument
 
 log = logging.getLogger(__name__)
@@ -63,6 +62,8 @@ def write(data_dir: str | Path, state: dict) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    from memstore import wal  # here, not above: the CLI's store commands run without torch
+
     wal.fsync_dir(directory)
 
 
@@ -97,6 +98,8 @@ def discard_unborn(data_dir: str, store: str, num_shards: int) -> None:
     if record is None or record.get("came_up") is not False or (record.get("store"), record.get("num_shards")) != (
             store, num_shards):
         return
+    from memstore import wal
+
     log.warning("%s holds a store whose first up never finished: bringing it up anew", data_dir)
     for shard_dir in Path(data_dir, "wal").glob(f"shard-*-of-{num_shards:05d}"):
         for g, path in wal.wal_files(shard_dir):
@@ -108,6 +111,8 @@ def discard_unborn(data_dir: str, store: str, num_shards: int) -> None:
 def highest_generation(data_dir: str) -> int:
     """The highest cut version the data dir shows: of a log file or of a checkpoint. A cut
     that failed after some shards rotated left its generation's files; none may be reused."""
+    from memstore import checkpoint, wal
+
     found = [g for d in Path(data_dir, "wal").glob("shard-*-of-*") for g, _ in wal.wal_files(d)]
     found += [v for v, _ in checkpoint._numbered_checkpoints(Path(data_dir, "checkpoints"))]
     return max(found, default=0)

@@ -5,6 +5,7 @@ updates over gRPC; `MemStoreClient` routes, de-duplicates and retries; `InProces
 the same interface in one process, the reference the sharded store is tested against.
 """
 
+import importlib
 import os
 import sys
 
@@ -17,39 +18,25 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 if sys.byteorder != "little":  # rows and keys travel and are stored little-endian
     raise ImportError("memstore needs a little-endian machine")
 
-from memstore.client import ClientConfig, MemStoreClient  # noqa: E402
-from memstore.errors import (  # noqa: E402
-    ClientClosed,
-    DeadlineExceeded,
-    InvalidArgument,
-    MemStoreError,
-    ResourceExhausted,
-    SegmentUnreachable,
-    TableChanged,
-    TableExists,
-    TableNotFound,
-    Unavailable,
-    WrongShard,
-)
-from memstore.local import InProcessStore  # noqa: E402
-from memstore.spec import InitSpec, OptimizerSpec, TableSpec  # noqa: E402
+# The public names, each imported from its module on first use: a process that needs only
+# some (the CLI's commands that talk to a store: ls, health, status, up, down) starts without
+# torch, in ~1 s instead of ~3 s.
+_HOMES = {
+    "ClientConfig": "memstore.client", "MemStoreClient": "memstore.client", "InProcessStore": "memstore.local",
+    "InitSpec": "memstore.spec", "OptimizerSpec": "memstore.spec", "TableSpec": "memstore.spec",
+    **{name: "memstore.errors" for name in (
+        "ClientClosed", "DeadlineExceeded", "InvalidArgument", "MemStoreError", "ResourceExhausted",
+        "SegmentUnreachable", "TableChanged", "TableExists", "TableNotFound", "Unavailable", "WrongShard")},
+}
+__all__ = sorted(_HOMES)
 
-__all__ = [
-    "ClientClosed",
-    "ClientConfig",
-    "DeadlineExceeded",
-    "InProcessStore",
-    "InitSpec",
-    "InvalidArgument",
-    "MemStoreClient",
-    "MemStoreError",
-    "OptimizerSpec",
-    "ResourceExhausted",
-    "SegmentUnreachable",
-    "TableChanged",
-    "TableExists",
-    "TableNotFound",
-    "TableSpec",
-    "Unavailable",
-    "WrongShard",
-]
+
+def __getattr__(name: str):
+    if name not in _HOMES:
+        raise AttributeError(f"module 'memstore' has no attribute {name!r}")
+    value = globals()[name] = getattr(importlib.import_module(_HOMES[name]), name)
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_HOMES))

@@ -33,25 +33,12 @@ from memstore.errors import (InvalidArgument, MemStoreError, ResourceExhausted, 
 from memstore.metrics import ShardMetrics
 from memstore.partition import shard_of
 from memstore.segments import SegmentMap, SegmentRef
+from memstore.service import CHANNEL_OPTIONS, MAX_MESSAGE_BYTES, SERVICE  # noqa: F401 (the client's too)
 from memstore.spec import DTYPE_BYTES, TableSpec
 from memstore.v1 import memstore_pb2 as pb
 
 log = logging.getLogger("memstore.server")
 LOG_WATCH_S = 1.0  # how often health looks for a failed write-ahead log
-
-SERVICE = "memstore.v1.MemStore"
-# Largest message either side accepts. The client splits batches well below this.
-MAX_MESSAGE_BYTES = 256 << 20
-# HTTP/2 flow control sized for multi-MiB replies: with gRPC's defaults (64 KiB initial window,
-# window grown by BDP probing, 16 KiB frames) a 4 MiB reply on loopback ran at ~0.5 GB/s;
-# with a 16 MiB window and the largest frame, ~1.5-2 GB/s (bench/bench_store.py measures both).
-CHANNEL_OPTIONS = [
-    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-    ("grpc.http2.lookahead_bytes", 16 << 20),
-    ("grpc.http2.bdp_probe", 0),
-    ("grpc.http2.max_frame_size", (1 << 24) - 1),
-]
 
 # Rates and latency percentiles in Stats cover this many recent seconds / calls per method.
 STATS_WINDOW_S = 10.0

@@ -9,21 +9,25 @@ travel as plain dicts (msgpack in checkpoints, TOML in store configs, the proto'
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 from dataclasses import dataclass, field
 from typing import Any
 
+import sys
+from typing import TYPE_CHECKING
+
 import numpy as np
-import torch
 
 from memstore.errors import InvalidArgument
 
-DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "float16": torch.float16,
-}
+if TYPE_CHECKING:
+    import torch
+
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+# The largest finite value of each storage dtype (bfloat16's: float32's exponent, 7 bits of mantissa).
+DTYPE_LARGEST = {"float32": float(np.finfo(np.float32).max),
+                 "bfloat16": float(np.uint32(0x7F7F0000).view(np.float32)), "float16": float(np.finfo(np.float16).max)}
 OPTIMIZER_KINDS = ("adam", "adagrad", "sgd")
 INIT_KINDS = ("normal", "uniform", "zeros")
 FLOAT32_MAX = float(np.finfo(np.float32).max)
@@ -92,7 +96,7 @@ class InitSpec:
             raise InvalidArgument(f"init kind {self.kind!r} is not one of {INIT_KINDS}")
         if not (self.std >= 0.0 and self.bound >= 0.0):
             raise InvalidArgument(f"init std and bound must be >= 0: {self.std}, {self.bound}")
-        largest = torch.finfo(DTYPES.get(dtype, torch.float32)).max
+        largest = DTYPE_LARGEST.get(dtype, DTYPE_LARGEST["float32"])
         if self.kind == "normal" and not self.std <= largest / 8:
             raise InvalidArgument(f"init std {self.std} would draw rows that are not finite in {dtype} "
                                   f"(at most {largest / 8:.6g})")
@@ -131,8 +135,8 @@ class TableSpec:
         if not (isinstance(self.dim, int) and 0 < self.dim <= 1 << 16):
             raise InvalidArgument(f"table {self.name!r}: dim must be in 1..65536, got {self.dim!r}")
         for what, value in (("dtype", self.dtype), ("wire_dtype", self.wire_dtype)):
-            if value not in DTYPES:
-                raise InvalidArgument(f"table {self.name!r}: {what} {value!r} is not one of {tuple(DTYPES)}")
+            if value not in DTYPE_BYTES:
+                raise InvalidArgument(f"table {self.name!r}: {what} {value!r} is not one of {tuple(DTYPE_BYTES)}")
         if not (isinstance(self.seed, int) and 0 <= self.seed < 2**63):
             raise InvalidArgument(f"table {self.name!r}: seed must be an integer in [0, 2**63), got {self.seed!r}")
         self.init.validate(self.dtype)
@@ -144,11 +148,11 @@ class TableSpec:
 
     @property
     def torch_dtype(self) -> torch.dtype:
-        return DTYPES[self.dtype]
+        return torch_dtypes()[self.dtype]
 
     @property
     def wire_torch_dtype(self) -> torch.dtype:
-        return DTYPES[self.wire_dtype]
+        return torch_dtypes()[self.wire_dtype]
 
     @property
     def row_bytes(self) -> int:
@@ -211,7 +215,8 @@ def check_learning_rate(lr: Any, spec: "OptimizerSpec | None" = None) -> float:
 
 def as_key_array(keys: Any) -> np.ndarray:
     """Any integer array, tensor or sequence of keys as a C-contiguous int64 numpy array."""
-    if isinstance(keys, torch.Tensor):
+    torch = sys.modules.get("torch")  # not imported: keys are no tensor (the CLI runs without torch)
+    if torch is not None and isinstance(keys, torch.Tensor):
         if keys.is_floating_point() or keys.is_complex() or keys.dtype == torch.bool:
             raise InvalidArgument(f"keys must be integers, got a tensor of {keys.dtype}")
         keys = keys.detach().cpu().numpy()  # as it is: a uint64 key of 2**63 or more is checked below
@@ -241,3 +246,18 @@ def _beyond_int64(keys: Any) -> InvalidArgument | None:
     if not len(bad):
         return None
     return InvalidArgument(f"key {flat[bad[0]]} is out of range: keys lie in [0, num_rows), num_rows < 2**62")
+
+
+@functools.cache
+def torch_dtypes() -> dict[str, torch.dtype]:
+    """{storage dtype name: torch dtype}, made on first use: importing this module (as the
+    CLI's commands that only talk to a store do) does not import torch."""
+    import torch
+
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def __getattr__(name: str):
+    if name == "DTYPES":  # torch_dtypes(), for `from memstore.spec import DTYPES`
+        return torch_dtypes()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -4,14 +4,18 @@ its address)."""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import grpc
 import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from memstore.errors import TableNotFound, Unavailable
-from memstore.server import CHANNEL_OPTIONS, SERVICE
-from memstore.telemetry import TelemetrySnapshot
+from memstore.service import CHANNEL_OPTIONS, SERVICE
 from memstore.v1 import memstore_pb2 as pb
+
+if TYPE_CHECKING:
+    from memstore.telemetry import TelemetrySnapshot
 
 
 def shard_status(shard: dict, timeout_s: float = 2.0) -> dict:
@@ -50,6 +54,8 @@ def table_telemetry(address: str, tables: list[str] = (),
     """The TableStats of the shard at `address`: (shard index, shard count, one snapshot per
     table, all when none named). TableNotFound for a table the shard lacks, Unavailable when
     it does not answer."""
+    from memstore.telemetry import TelemetrySnapshot  # here: status and health run without torch
+
     try:
         with grpc.insecure_channel(address, options=CHANNEL_OPTIONS) as ch:
             call = ch.unary_unary(f"/{SERVICE}/TableStats", request_serializer=lambda m: m.SerializeToString(),

@@ -24,6 +24,15 @@ def memstore(*args: str, timeout: float = 180) -> subprocess.CompletedProcess:
                           timeout=timeout, env=env)
 
 
+def imported(*args: str) -> set[str]:
+    """The modules a `memstore` command imported (python -X importtime), after checking it succeeded."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    r = subprocess.run([sys.executable, "-X", "importtime", "-m", "memstore.cli.main", *args], capture_output=True,
+                       text=True, timeout=60, env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return {line.rsplit("|", 1)[1].strip() for line in r.stderr.splitlines() if line.startswith("import time:")}
+
+
 def processes_of_the_local_ray() -> list[int]:
     """The GCS and raylet of the local Ray (they name its GCS's port) and every process below them."""
     port = store._local_ray_address().rsplit(":", 1)[1]
@@ -58,6 +67,9 @@ def test_up_ls_health_down_round_trip(tmp_path):
         with MemStoreClient(addresses) as client:
             assert client.lookup("engram.l1", np.arange(5)).shape == (5, 64)
             assert client.spec("engram.l1").optimizer.beta2 == 0.999
+        # The operator's commands start in ~1 s: without torch, which takes ~1 s more to import.
+        for command in (("ls",), ("health", "cli-store"), ("status", "cli-store", "--json")):
+            assert "torch" not in imported(*command), command
         ls = memstore("ls")
         assert ls.returncode == 0 and "cli-store" in ls.stdout and "2 shards" in ls.stdout
         again = memstore("up", "--name", "cli-store", "--shards", "2")

@@ -23,7 +23,7 @@ def check(address: str, timeout: float) -> str:
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    from memstore.server import SERVICE
+    from memstore.service import SERVICE
 
     try:
         with grpc.insecure_channel(address) as ch:
