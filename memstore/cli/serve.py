@@ -46,9 +46,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from memstore.engine import ShardEngine
-    from memstore.server import ShardServer, settle_shard_process
-
     if not 0 < args.num_shards <= 4096:
         raise ValueError(f"--num-shards must be in 1..4096, got {args.num_shards}")
     if not 0 <= args.port < 65536:
@@ -63,6 +60,9 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--workers must be >= 1, got {args.workers}")
     if args.torch_threads < 0:
         raise ValueError(f"--torch-threads must be >= 0, got {args.torch_threads}")
+    from memstore.engine import ShardEngine  # after the flags' checks: a bad flag fails in a fraction
+    from memstore.server import ShardServer, settle_shard_process  # of a second, without torch
+
     if args.torch_threads:
         import torch
 
