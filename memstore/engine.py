@@ -321,9 +321,9 @@ class ShardEngine:
         read = None
         if read_keys is not None:
             read_local = self.local_index(table, read_keys, unique=False)
-            spec = table.spec
-            read = lambda: table.gather(  # noqa: E731
-                read_local, lambda version: torch.empty(len(read_local), spec.dim, dtype=spec.wire_torch_dtype))
+            # Allocated now: a write must not apply and then fail for want of room for its reply.
+            room = torch.empty(len(read_local), table.spec.dim, dtype=table.spec.wire_torch_dtype)
+            read = lambda: table.gather(read_local, lambda version: room)  # noqa: E731
         grads32 = grads.float()
         digest = write_digest("update", keys, lr) if update_id else None
         # Now, not only when it applies: a request's other parts must not apply before this one is refused.
@@ -332,7 +332,7 @@ class ShardEngine:
             table, update_id, digest, group, parts, lambda: table.apply(local, grads32, lr),
             lambda version: wal.update_record(name, keys, grads, lr, update_id, version, group, parts), read,
             gated=gated,
-        ))
+        ), lambda: self._check_id_reuse(table, update_id, digest))
 
     def apply_together(self, writes: list["PreparedWrite"]) -> list[tuple[int, bool, torch.Tensor | None]]:
         """Applies prepared writes of one request, all or none of them as far as tables go:
@@ -350,7 +350,14 @@ class ShardEngine:
         try:
             # One pass of the gate for the request (WriteGate.write_all): a part a cut holds
             # back must not stop one it released behind it.
-            with self.gate.write_all([(w.group, w.parts) for w in writes]) as applied:
+            with self.gate.write_all([(w.group, w.parts) for w in writes]) as applied, contextlib.ExitStack() as held:
+                # Every part's id checked again with all their tables' ids_locks held (in name
+                # order, as snapshot takes them), before the first applies: an equal id another
+                # call applied since prepare_update must refuse this request whole, not midway.
+                for table in sorted({id(w.table): w.table for w in writes}.values(), key=lambda t: t.spec.name):
+                    held.enter_context(table.ids_lock)
+                for write in writes:
+                    write.check_id()
                 done = []
                 for i, write in enumerate(writes):
                     done.append(write(gated=False))
@@ -462,11 +469,12 @@ class PreparedWrite:
     Several of one request apply through ShardEngine.apply_together."""
 
     def __init__(self, table: ShardTable, group: str, parts: int,
-                 run: Callable[[bool], tuple[int, bool, torch.Tensor | None]]) -> None:
+                 run: Callable[[bool], tuple[int, bool, torch.Tensor | None]], check_id: Callable[[], object]) -> None:
         self.table = table
         self.group = group  # the client call it is a part of, and that call's parts in all
         self.parts = parts
         self._run = run
+        self.check_id = check_id  # INVALID_ARGUMENT if its update id was applied as another write meanwhile
 
     def __call__(self, gated: bool = True) -> tuple[int, bool, torch.Tensor | None]:
         """gated=False: inside the gate's write_all of its request (apply_together)."""

@@ -40,6 +40,10 @@ from memstore.v1 import memstore_pb2 as pb
 log = logging.getLogger("memstore.server")
 LOG_WATCH_S = 1.0  # how often health looks for a failed write-ahead log
 
+# A reply's header (its parts, versions) next to its rows: the rows a request asks back may
+# take the rest of a message, checked before anything is read or written (_check_reply).
+REPLY_HEADER_ROOM = 1 << 20
+
 # Rates and latency percentiles in Stats cover this many recent seconds / calls per method.
 STATS_WINDOW_S = 10.0
 FREE_AT_CUT = 2  # server threads a frozen write gate never parks writes on (WriteGate.max_waiting)
@@ -74,6 +78,16 @@ class MethodCounters:
             return {"rate_per_s": 0.0, "p50_ms": 0.0, "p99_ms": 0.0, "window_s": window_s}
         p50, p99 = np.percentile(lat, [50, 99]) * 1e3
         return {"rate_per_s": len(lat) / window_s, "p50_ms": float(p50), "p99_ms": float(p99), "window_s": window_s}
+
+
+def _check_reply(method: str, row_bytes: int) -> None:
+    """INVALID_ARGUMENT for a request whose reply would carry more rows than a message holds
+    (keys may repeat: a small request can ask for a huge reply), before anything is read,
+    allocated or written: a write must not apply and then fail on its reply."""
+    most = MAX_MESSAGE_BYTES - REPLY_HEADER_ROOM
+    if row_bytes > most:
+        raise InvalidArgument(f"the reply to this {method} would carry {row_bytes:,} bytes of rows, more than the "
+                              f"{most:,} a message may: ask for fewer rows per request (the client splits them)")
 
 
 class MemStoreServicer:
@@ -141,6 +155,8 @@ class MemStoreServicer:
         header, payload = wire.decode_frame(frame, pb.LookupRequest)
         self._route(header.route)
         spec, keys, slots, delivery = self._lookup_part(header, payload)
+        if delivery is None:
+            _check_reply("Lookup", len(keys) * spec.wire_row_bytes)
         head = pb.LookupResponse(num_keys=len(keys), dim=spec.dim, dtype=wire.DTYPE_TO_PB[spec.wire_dtype],
                                  delivered=delivery is not None)
         reply = []
@@ -166,7 +182,7 @@ class MemStoreServicer:
             raise InvalidArgument(f"LookupMany payload is {len(payload)} bytes; its parts' keys "
                                   f"need {sizes} = {sum(sizes)}")
         starts = np.cumsum([0, *sizes])
-        head, reads, delivered = pb.LookupManyResponse(), [], 0
+        head, reads, delivered, replying = pb.LookupManyResponse(), [], 0, 0
         for request, lo, hi in zip(header.parts, starts[:-1], starts[1:]):  # every part checked before any is read
             spec, keys, slots, delivery = self._lookup_part(request, payload[lo:hi])
             part = head.parts.add(num_keys=len(keys), dim=spec.dim, dtype=wire.DTYPE_TO_PB[spec.wire_dtype],
@@ -178,6 +194,8 @@ class MemStoreServicer:
 
             reads.append((self.engine.prepare_lookup(request.table, keys, alloc, slots), delivery is None))
             delivered += 0 if delivery is None else len(keys) * spec.wire_row_bytes
+            replying += 0 if delivery is not None else len(keys) * spec.wire_row_bytes
+        _check_reply("LookupMany", replying)
         replied = []
         for read, in_reply in reads:
             rows = read()
@@ -225,6 +243,7 @@ class MemStoreServicer:
         header, payload = wire.decode_frame(frame, pb.UpdateRequest)
         self._route(header.route)
         apply, spec, num_keys = self._prepare_update(header, payload)
+        _check_reply("Update", header.num_read_keys * spec.wire_row_bytes)
         version, dup, rows = apply()
         head = self._update_response(version, dup, rows, spec)
         out = wire.encode_frame(head, *(() if rows is None else (wire.tensor_bytes(rows),)))
@@ -250,6 +269,8 @@ class MemStoreServicer:
             at += size
         if at != len(payload):
             raise InvalidArgument(f"UpdateMany payload is {len(payload)} bytes; its parts take {at}")
+        _check_reply("UpdateMany", sum(part.num_read_keys * spec.wire_row_bytes
+                                       for part, (_, spec, _) in zip(header.parts, prepared)))
         head, rows = pb.UpdateManyResponse(), []
         done = self.engine.apply_together([apply for apply, _, _ in prepared])
         for (_, spec, _), (version, dup, read) in zip(prepared, done):

@@ -196,8 +196,8 @@ def check_learning_rate(lr: Any, spec: "OptimizerSpec | None" = None) -> float:
     """lr as a float, or InvalidArgument: it must be >= 0 and finite in float32, where the
     optimizers compute (1e39 is finite as a Python float and Inf there); with `spec`, the
     decay factor 1 - lr * weight_decay must lie in [0, 1] (below, it flips every updated
-    row's sign, and grows it) and Adam's first bias-corrected step lr / (1 - beta1) must be
-    finite too."""
+    row's sign, and grows it), Adam's first bias-corrected step lr / (1 - beta1) must be
+    finite too, and Adagrad's largest scale lr / eps at most half float32's largest."""
     try:
         value = float(lr)
     except (TypeError, ValueError):
@@ -210,6 +210,11 @@ def check_learning_rate(lr: Any, spec: "OptimizerSpec | None" = None) -> float:
     if spec is not None and spec.kind == "adam" and not value / (1.0 - spec.beta1) <= FLOAT32_MAX:
         raise InvalidArgument(f"learning rate {lr} over 1 - beta1 ({1.0 - spec.beta1:g}), Adam's first step size, "
                               "is not finite in float32")
+    # Adagrad scales a row's gradient by lr / (sqrt(acc) + eps), at most lr / eps: an infinite
+    # scale makes a row's zero gradients NaN (0 x Inf). Half float32's largest: room for its rounding.
+    if spec is not None and spec.kind == "adagrad" and not value / spec.eps <= FLOAT32_MAX / 2:
+        raise InvalidArgument(f"learning rate {lr} over eps {spec.eps:g}, Adagrad's largest gradient scale, is "
+                              f"beyond {FLOAT32_MAX / 2:.3g} (half float32's largest)")
     return value
 
 

@@ -102,7 +102,9 @@ class ShardTable:
         self.telemetry = TableTelemetry(self.local_rows)  # reads per row, lookups, updates
         # update id -> (version it produced, engine.write_digest or None: unknown); guarded by ids_lock
         self.applied_ids: OrderedDict[str, tuple[int, int | None]] = OrderedDict()
-        self.ids_lock = threading.Lock()  # serialises id-tagged writes: check id, apply, record id
+        # Serialises id-tagged writes: check id, apply, record id. Reentrant: a request's
+        # writes (ShardEngine.apply_together) hold it around each one's own _write.
+        self.ids_lock = threading.RLock()
 
     def _too_big(self, need: int, why: str) -> str:
         return (f"table {self.spec.name!r} needs {need / 2**30:.2f} GiB of rows and optimizer state on shard "

@@ -753,3 +753,82 @@ def test_bad_input_with_a_shard_down_is_invalid_argument_not_unavailable(down):
     finally:
         for s in servers:
             s.stop(0)
+
+
+def test_a_request_whose_reply_would_not_fit_a_message_changes_nothing(shards_2):
+    """Keys may repeat, so a small request can ask for a reply beyond the message limit (1,100
+    keys of 256 KiB rows: 288 MB): refused before anything is read or written. An update of
+    such read keys was applied and then failed on its reply (RESOURCE_EXHAUSTED: the caller
+    took it for not applied)."""
+    dim = 65_536
+    spec = TableSpec("wide", num_rows=4, dim=dim, optimizer=OptimizerSpec("sgd"))
+    address = shards_2.addresses[0]
+    route = pb.Route(shard_index=0, num_shards=2)
+    many_keys = np.zeros(1_100, np.int64)  # key 0, on shard 0, again and again
+    with MemStoreClient(shards_2.addresses) as client:
+        client.create_table(spec)
+        try:
+            before = client.lookup("wide", np.arange(4))
+            lookup = pb.LookupRequest(table="wide", route=route, num_keys=len(many_keys))
+            halves = [pb.LookupRequest(table="wide", num_keys=550)] * 2
+            update = pb.UpdateRequest(table="wide", route=route, num_keys=1, dim=dim, dtype=pb.FLOAT32, lr=1.0,
+                                      num_read_keys=len(many_keys))
+            grads = np.ones((1, dim), np.float32)
+            for method, frame in (
+                ("Lookup", wire.encode_frame(lookup, many_keys)),
+                ("LookupMany", wire.encode_frame(pb.LookupManyRequest(route=route, parts=halves), many_keys)),
+                ("Update", wire.encode_frame(update, np.array([2]), grads, many_keys)),
+                ("UpdateMany", wire.encode_frame(pb.UpdateManyRequest(route=route, parts=[update]), np.array([2]),
+                                                 grads, many_keys)),
+            ):
+                code, message = raw_code(address, method, frame)
+                assert code == grpc.StatusCode.INVALID_ARGUMENT, (method, code, message)
+                assert f"reply to this {method} would carry 288,358,400 bytes of rows" in message, message
+            np.testing.assert_array_equal(client.lookup("wide", np.arange(4)), before)
+            assert [i.version for i in client.describe("wide")] == [0, 0]
+        finally:
+            client.drop_table("wide")
+
+
+def test_an_update_many_part_whose_id_another_call_took_since_its_checks_applies_no_part():
+    """The race of two calls under one update id, made deterministic: update_many's parts are
+    checked (prepare_update), then another write takes one part's id, then they apply. The
+    request is refused whole; its other part changed a row before."""
+    from memstore.engine import ShardEngine
+
+    engine = ShardEngine(0, 1)
+    for name in ("a", "b"):
+        engine.create_table(TableSpec(name, num_rows=10, dim=2, optimizer=OptimizerSpec("sgd")))
+    ones = torch.ones(1, 2)
+    writes = [engine.prepare_update("a", np.array([1]), ones, 0.5, "fresh"),
+              engine.prepare_update("b", np.array([2]), ones, 0.5, "taken")]
+    engine.update("b", np.array([3]), ones, 0.5, "taken")  # the same id, other keys: another write
+    before = engine.lookup("a", np.arange(10))
+    with pytest.raises(InvalidArgument, match="'taken' was already applied to table 'b' as another write"):
+        engine.apply_together(writes)
+    assert torch.equal(engine.lookup("a", np.arange(10)), before)
+    assert (engine.table("a").version, engine.table("b").version) == (0, 1)
+
+
+@pytest.mark.parametrize("eps, lr", [(1.2e-38, 5.0), (1e-8, 1e38)])
+def test_an_adagrad_learning_rate_whose_scale_is_infinite_is_refused(store, shards_2, eps, lr):
+    """Adagrad scales gradients by lr / (sqrt(acc) + eps), up to lr / eps: infinite, it turned a
+    row's zero gradients into NaN (0 x Inf) and the row with them. Refused, by the client and
+    by a shard."""
+    spec = TableSpec("scaled", num_rows=10, dim=4, optimizer=OptimizerSpec("adagrad", eps=eps))
+    with MemStoreClient(shards_2.addresses) as client:
+        client.create_table(spec)
+        try:
+            before = client.lookup("scaled", np.arange(10))
+            grads = np.zeros((1, 4), np.float32)
+            grads[0, 0] = 1.0
+            with pytest.raises(InvalidArgument, match="Adagrad's largest gradient scale"):
+                client.update("scaled", [2], grads, lr=lr)
+            code, message = raw_code(shards_2.addresses[0], "Update",
+                                     update_frame(0, [2], grads, table="scaled", lr=lr))
+            assert code == grpc.StatusCode.INVALID_ARGUMENT and "Adagrad's largest gradient scale" in message
+            np.testing.assert_array_equal(client.lookup("scaled", np.arange(10)), before)
+            client.update("scaled", [2], grads, lr=lr / 1e3 if eps < 1e-30 else 1e30)  # within the bound: finite
+            assert np.isfinite(client.lookup("scaled", [2])).all()
+        finally:
+            client.drop_table("scaled")
