@@ -333,17 +333,37 @@ class WriteAheadLog:
         """Makes the current file durable, closes it and continues in `path` (a new generation:
         a file holding records is refused, since replay from its checkpoint would apply them)."""
         path = Path(path)
-        if path.exists() and path.stat().st_size > len(MAGIC):
+        existed = path.exists()
+        if existed and path.stat().st_size > len(MAGIC):
             raise WalError(f"{path} already holds records: a log generation is never continued after a rotation")
         with self._lock:
             self._check_usable()
             while self._syncing:
                 self._durable.wait()
             self._sync_locked(self._written)
-            fd = _open_for_append(Path(path))
+            try:
+                fd = _open_for_append(path)
+            except BaseException as e:
+                self._forget_new_file(path, existed, e)
+                raise
             os.close(self._fd)
             self._fd, self._path = fd, Path(path)
             self._end = self._durable_end = os.lseek(fd, 0, os.SEEK_END)
+
+    def _forget_new_file(self, path: Path, existed: bool, error: BaseException) -> None:
+        """After a rotation failed opening `path` (a full disk, a failed directory fsync),
+        with writes to go on in the current file: removes the file it made. A newer file
+        tells replay that this one was closed whole (replay_dir's `newest`), so a torn last
+        record here, from a crash, would stop recovery. Unremovable, the log stops instead."""
+        if existed:
+            return
+        try:
+            path.unlink(missing_ok=True)
+            fsync_dir(path.parent)
+        except OSError as cleanup:
+            self._error = WalError(f"rotating to {path} failed ({error}) and the file it made could not be removed "
+                                   f"({cleanup}): writes stop here, the log so far is whole")
+            self._durable.notify_all()
 
     def close(self) -> None:
         with self._lock:

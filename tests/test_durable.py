@@ -137,6 +137,49 @@ def test_a_failed_compaction_keeps_the_old_base_and_every_log(tmp_path):
         first.close()
 
 
+@pytest.mark.parametrize("cleanup_fails", [False, True])
+def test_a_rotation_that_fails_leaves_no_newer_log_so_a_later_torn_record_is_only_torn(
+        tmp_path, monkeypatch, cleanup_fails):
+    """The disk fails the directory fsync of the next log's file, once it exists (an I/O error:
+    injected, the one thing faked here). Writes go on in the current log; a crash tears its
+    last record. Recovery drops that record as torn: the failed rotation removed the newer
+    file, which replay took for proof that this log had been closed whole ("damaged", and
+    recovery refused). If the file cannot be removed either, the log stops writes instead."""
+    d = tmp_path / "shard"
+    first = open_shard(d, compact_bytes=0)
+    try:
+        for spec in SPECS:
+            first.engine.create_table(spec)
+        drive([first.engine], steps=2, seed=1)
+        real = wal.fsync_dir
+        failures = iter([OSError(5, "Input/output error")] + [OSError(5, "again")] * cleanup_fails)
+
+        def flaky_fsync_dir(path):
+            error = next(failures, None)
+            if error is not None:
+                raise error
+            real(path)
+
+        monkeypatch.setattr(wal, "fsync_dir", flaky_fsync_dir)
+        with pytest.raises(OSError, match="Input/output error"):
+            first.compact()
+        if cleanup_fails:
+            with pytest.raises(wal.WalError, match="could not be removed"):
+                drive([first.engine], steps=1, seed=2)
+            return
+        assert [g for g, _ in wal.wal_files(d)] == [0]
+        drive([first.engine], steps=2, seed=2)  # acknowledged, into log 0
+        crash = crashed(d, tmp_path / "crash")
+        head, payload = wal.encode_frame(wal.drop_record("t"))
+        with open(wal.wal_path(crash, 0), "ab") as f:
+            f.write(head + payload[: len(payload) // 2])  # torn mid-append
+        second = open_shard(crash, compact_bytes=0)
+        assert_same_shard(first.engine, second.engine)
+        second.close()
+    finally:
+        first.close()
+
+
 def test_the_log_is_compacted_in_the_background_under_concurrent_writes(tmp_path):
     """Compaction past a tiny threshold, twice or more, while two threads update and one
     creates and drops tables: a recovery then equals the live shard bit for bit."""
