@@ -36,16 +36,23 @@ class ShardFreeze:
         self._stack: ExitStack | None = None  # the held locks; None when not held
 
     def acquire(self) -> "ShardFreeze":
+        """Holds the shard's tables as they are once all are locked: tables dropped or made
+        between their listing and the locks (a drop, a create, then writes elsewhere that a
+        cut would hold next to the dropped table's old rows) make it list and lock again."""
         assert self._stack is None, "this freeze is already held"
-        stack = ExitStack()
-        tables = sorted(self.engine.tables(), key=lambda t: t.spec.name)
-        try:
-            for table in tables:
-                stack.enter_context(table.ids_lock)
-                stack.enter_context(table.lock.read())
-        except BaseException:
+        while True:
+            stack = ExitStack()
+            tables = sorted(self.engine.tables(), key=lambda t: t.spec.name)
+            try:
+                for table in tables:
+                    stack.enter_context(table.ids_lock)
+                    stack.enter_context(table.lock.read())
+                if {id(t) for t in self.engine.tables()} == {id(t) for t in tables}:
+                    break
+            except BaseException:
+                stack.close()
+                raise
             stack.close()
-            raise
         self.tables, self._stack = tables, stack
         return self
 

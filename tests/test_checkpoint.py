@@ -339,3 +339,29 @@ def test_a_long_table_name_and_its_fallback_file_name_do_not_collide(tmp_path):
     drive(engines, steps=2, seed=7, specs=specs)
     path = ck.save_checkpoint(engines, ck.checkpoint_dir(tmp_path, 1), {"name": "test", "version": 1})
     assert_same_tables(engines, [ck.load_shard(path, 0, 1)], specs)
+
+
+def test_a_table_dropped_and_made_again_while_a_cut_lists_the_tables_is_cut_as_it_is_now(tmp_path):
+    """Between ShardFreeze's listing of the tables and its locks, another client drops `x`,
+    makes it again (dim 4) and writes to `a`: the cut held the old `x` (dim 2) next to a's
+    write made after the drop, a state the shard never was in. It lists and locks again."""
+    engine = ShardEngine()
+    engine.create_table(TableSpec("a", num_rows=10, dim=2))
+    engine.create_table(TableSpec("x", num_rows=10, dim=2))
+    listing = engine.tables
+
+    def listed_then_changed():
+        tables = listing()
+        del engine.tables  # once: later listings are the engine's own
+        engine.drop_table("x")
+        engine.create_table(TableSpec("x", num_rows=10, dim=4))
+        engine.update("a", np.arange(3), torch.ones(3, 2), 0.1, "after-the-drop")
+        return tables
+
+    engine.tables = listed_then_changed
+    path = ck.save_checkpoint([engine], tmp_path / "ckpt", {"version": 1})
+    restored = ck.load_shard(path, 0, 1)
+    assert restored.table("x").spec.dim == 4
+    for name in ("a", "x"):
+        assert torch.equal(restored.lookup(name, np.arange(10)), engine.lookup(name, np.arange(10))), name
+        assert restored.table(name).version == engine.table(name).version, name
