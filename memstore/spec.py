@@ -139,7 +139,8 @@ class TableSpec:
                 raise InvalidArgument(f"table {self.name!r}: {what} {value!r} is not one of {tuple(DTYPE_BYTES)}")
         if not (isinstance(self.seed, int) and 0 <= self.seed < 2**63):
             raise InvalidArgument(f"table {self.name!r}: seed must be an integer in [0, 2**63), got {self.seed!r}")
-        self.init.validate(self.dtype)
+        # Rows must be finite where they are stored and where they travel (float32 rows on a float16 wire).
+        self.init.validate(min((self.dtype, self.wire_dtype), key=DTYPE_LARGEST.__getitem__))
         self.optimizer.validate()
         if self.optimizer.stochastic_rounding and self.dtype == "float32":
             raise InvalidArgument(f"table {self.name!r}: stochastic_rounding is for bfloat16 or float16 rows; "

@@ -521,6 +521,7 @@ def create_raw(address: str, spec: pb.TableSpec, shard: int = 0, num_shards: int
     ({"init": InitSpec(std=float("inf"))}, "std"),
     ({"init": InitSpec("uniform", bound=1e39)}, "bound"),
     ({"init": InitSpec(std=1e5), "dtype": "float16"}, "std"),  # rows beyond float16's 65504
+    ({"init": InitSpec("uniform", bound=1e6), "wire_dtype": "float16"}, "bound"),  # stored, but Inf on the wire
 ])
 def test_specs_whose_rows_or_updates_cannot_be_finite_are_refused(store, shards_2, change, named):
     spec = dataclasses.replace(SPEC, name="infinite", **change)
@@ -832,3 +833,22 @@ def test_an_adagrad_learning_rate_whose_scale_is_infinite_is_refused(store, shar
             assert np.isfinite(client.lookup("scaled", [2])).all()
         finally:
             client.drop_table("scaled")
+
+
+@pytest.mark.parametrize("delivered", [False, True])
+def test_rows_an_update_takes_past_a_narrower_wire_dtype_read_as_its_largest(shards_2, delivered):
+    """float32 rows on a float16 wire: a row that updates take past 65,504 reads as +-65,504
+    (it was Inf), in a reply and delivered into a same-host client's memory; the shard keeps
+    the float32 value."""
+    spec = TableSpec("narrow", num_rows=10, dim=2, wire_dtype="float16", init=InitSpec("zeros"),
+                     optimizer=OptimizerSpec("sgd"))
+    config = ClientConfig(shared_memory=delivered)
+    with MemStoreClient(shards_2.addresses, config=config) as client:
+        client.create_table(spec)
+        try:
+            for _ in range(2):
+                client.update("narrow", [3, 4], np.array([[-5e4, 5e4], [1.0, 2.0]], np.float32), lr=1.0)
+            np.testing.assert_array_equal(client.lookup("narrow", [3, 4, 5]),
+                                          [[65_504, -65_504], [-2, -4], [0, 0]])
+        finally:
+            client.drop_table("narrow")
