@@ -598,6 +598,28 @@ def test_a_table_larger_than_the_host_is_resource_exhausted(shards_2):
     assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "available" in msg
 
 
+def test_memory_promised_to_a_table_and_not_yet_taken_is_not_promised_again(shards_2):
+    """A zero-initialised table takes its memory only as it is written: each shard was asked
+    for 60 % of the host's available memory twice, and said yes twice (a host promised 120 %
+    would have its shards killed as training wrote the rows). The second is refused until the
+    first is dropped. No row is written: the test takes no memory."""
+    from memstore.alloc import available_bytes
+
+    rows = int(1.2 * available_bytes() / 4096)  # dim 1024 float32, half on each shard: 60 % each
+    first, second = (TableSpec(name, num_rows=rows, dim=1024, init=InitSpec("zeros"), optimizer=OptimizerSpec("sgd"))
+                     for name in ("promised", "again"))
+    with MemStoreClient(shards_2.addresses) as client:
+        client.create_table(first)
+        try:
+            with pytest.raises(ResourceExhausted, match="'again' needs .* promised to this shard's other tables"):
+                client.create_table(second)
+            assert "again" not in [t.name for t in client.list_tables()]
+        finally:
+            client.drop_table("promised")
+        client.create_table(second)  # its room was given back with the dropped table
+        client.drop_table("again")
+
+
 def test_a_malformed_control_message_is_invalid_argument(shards_2):
     code, msg = raw_code(shards_2.addresses[0], "CreateTable", b"\xff\xff\xff")
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "CreateTableRequest" in msg
