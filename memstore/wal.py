@@ -74,7 +74,7 @@ import numpy as np
 import torch
 
 from memstore.errors import MemStoreError
-from memstore.spec import DTYPES, TableSpec
+from memstore.spec import DTYPE_BYTES, DTYPES, TableSpec
 
 if TYPE_CHECKING:  # the engine logs through this module; only replay needs its type
     from memstore.engine import ShardEngine
@@ -526,9 +526,37 @@ def _read_frame(f, offset: int, size: int) -> tuple[int, dict] | None:
 
 def replay(path: Path | str, newest: bool = True) -> Iterator[dict]:
     """The records of one log file in order; a torn or corrupt tail ends it (only in the
-    newest generation: see _frames)."""
-    for _, record in _frames(path, newest):
+    newest generation: see _frames). A whole frame whose record is not one this version
+    writes (a writer's bug, a newer format) is WalError naming the file and offset."""
+    for offset, record in _frames(path, newest):
+        why = _malformed(record)
+        if why:
+            raise WalError(f"{path}: the record ending at offset {offset} is not a record this memstore "
+                           f"writes ({why}); recovery stops here, nothing is deleted")
         yield record
+
+
+_FIELDS = {"update": {"lr": (int, float)}, "assign": {"keep_state": (bool,)}, "create": {"spec": (dict,)},
+           "drop": {}, "cut": {}}
+_ROWS = {"keys": (bytes,), "values": (bytes,), "dim": (int,), "dtype": (str,)}
+
+
+def _malformed(record) -> str:
+    """Why `record` is not a well-formed record, or ""."""
+    if not isinstance(record, dict) or record.get("kind") not in _FIELDS or not isinstance(record.get("table"), str):
+        return f"kind {record.get('kind')!r}" if isinstance(record, dict) else f"a {type(record).__name__}"
+    kind = record["kind"]
+    need = _FIELDS[kind] | (_ROWS if kind in ("update", "assign") else {})
+    wrong = sorted(name for name, types in need.items() if not isinstance(record.get(name), types))
+    if wrong:
+        return f"{kind} record with missing or mistyped {wrong}"
+    if kind in ("update", "assign"):
+        if record["dtype"] not in DTYPE_BYTES or record["dim"] < 1 or len(record["keys"]) % 8:
+            return f"{kind} of dtype {record['dtype']!r}, dim {record['dim']}, {len(record['keys'])} key bytes"
+        want = len(record["keys"]) // 8 * record["dim"] * DTYPE_BYTES[record["dtype"]]
+        if len(record["values"]) != want:
+            return f"{kind} of {len(record['keys']) // 8} keys x dim {record['dim']} with {len(record['values'])} value bytes, not {want}"
+    return ""
 
 
 def valid_length(path: Path | str) -> int:

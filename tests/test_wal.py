@@ -9,8 +9,10 @@ record with the version the engine returned); replayed engines must end bit-iden
 from __future__ import annotations
 
 import os
+import re
 import resource
 import threading
+import zlib
 from pathlib import Path
 
 import msgpack
@@ -466,3 +468,31 @@ def test_a_damaged_last_record_of_a_generation_a_newer_one_follows_stops_replay(
     newest = wal.wal_path(tmp_path, 1)
     newest.write_bytes(newest.read_bytes()[:-3])  # torn: the newest generation's last write
     assert list(wal.replay_dir(tmp_path)) == [as_plain(r) for r in (records[0], records[2])]
+
+
+_KEYS2 = np.arange(2, dtype="<i8").tobytes()
+
+
+@pytest.mark.parametrize("record, why", [
+    (5, "a int"),
+    ({"kind": "rename", "table": "t"}, "kind 'rename'"),
+    ({"kind": "update", "table": "t"}, "missing or mistyped ['dim', 'dtype', 'keys', 'lr', 'values']"),
+    ({"kind": "update", "table": "t", "lr": 0.1, "dtype": "float32", "dim": 3, "keys": _KEYS2,
+      "values": np.zeros(4, "<f4").tobytes()}, "2 keys x dim 3 with 16 value bytes, not 24"),
+    ({"kind": "assign", "table": "t", "keep_state": False, "dtype": "float64", "dim": 2, "keys": _KEYS2,
+      "values": np.zeros(4, "<f8").tobytes()}, "dtype 'float64'"),
+])
+def test_a_whole_frame_that_is_no_record_stops_replay_naming_the_file_and_offset(tmp_path, record, why):
+    """A frame whose checksum holds but whose record this version never writes (a writer's
+    bug, a newer format): WalError with the file, the offset and what is wrong, not a raw
+    KeyError or TypeError from deep in the apply."""
+    path = tmp_path / "wal-0.log"
+    with wal.WriteAheadLog(path) as log:
+        log.append(wal.create_record(TableSpec("t", num_rows=10, dim=2)))
+    payload = msgpack.packb(record)
+    with open(path, "ab") as f:
+        f.write(wal._FRAME.pack(len(payload), zlib.crc32(payload)) + payload)
+    end = path.stat().st_size
+    with pytest.raises(wal.WalError, match=f"{path}: the record ending at offset {end} .*{re.escape(why)}"):
+        wal.replay_into(ShardEngine(), wal.replay(path))
+    assert path.stat().st_size == end  # nothing cut off
