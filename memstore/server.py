@@ -225,11 +225,12 @@ class MemStoreServicer:
                                f"made room for dim {d.dim} of {wire.PB_TO_DTYPE.get(d.dtype, d.dtype)}")
         end = d.first + n
         ref = SegmentRef(d.segment.pid, d.segment.fd, d.segment.size, d.segment.token)
+        key_region = self.segments.region(ref, d.keys_offset, 8 * end)  # each within the segment: checked first
+        region = self.segments.region(ref, d.rows_offset, end * spec.wire_row_bytes)
         if d.keys_offset < d.rows_offset + end * spec.wire_row_bytes and d.rows_offset < d.keys_offset + 8 * end:
             raise InvalidArgument(f"delivery of {spec.name!r}: its keys and rows regions overlap")
         # A private copy: the client's memory could change under the checks.
-        keys = self.segments.region(ref, d.keys_offset, 8 * end).view("<i8")[d.first :].copy()
-        region = self.segments.region(ref, d.rows_offset, end * spec.wire_row_bytes)
+        keys = key_region.view("<i8")[d.first :].copy()
         rows = torch.from_numpy(region).view(spec.wire_torch_dtype).view(end, spec.dim)
         if self.engine.num_shards == 1:
             return spec, keys, None, rows[d.first :]

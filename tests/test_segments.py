@@ -484,6 +484,8 @@ def test_bad_deliveries_get_their_code_and_write_nothing(shards_1):
             (frame(good, 10, keys), grpc.StatusCode.INVALID_ARGUMENT, "no payload"),
             (frame(delivery(seg, 0, 40)), grpc.StatusCode.INVALID_ARGUMENT, "overlap"),
             (frame(delivery(seg, 0, (1 << 20) - 64)), grpc.StatusCode.INVALID_ARGUMENT, "outside segment data"),
+            # Beyond the segment, whatever else: said so (it was called an overlap of its regions).
+            (frame(delivery(seg, 0, 1024, first=2**64 - 1), 1), grpc.StatusCode.INVALID_ARGUMENT, "outside segment data"),
             (frame(good, -1), grpc.StatusCode.INVALID_ARGUMENT, "-1 keys"),
             (frame(good, table="nope"), grpc.StatusCode.NOT_FOUND, "does not exist"),
             (frame(delivery(seg, 0, 1024, dim=2)), grpc.StatusCode.INVALID_ARGUMENT, "made room for dim 2"),
