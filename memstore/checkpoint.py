@@ -248,9 +248,13 @@ def _seal(staging: Path, final: Path, kind: str, meta: dict, specs: dict, shards
     if final.exists():
         raise CheckpointError(f"checkpoint {final} already exists", final)
     os.rename(staging, final)
-    fsync_dir(final.parent)
-    if set_latest:
-        _advance_latest(final, meta.get("version"))
+    try:
+        fsync_dir(final.parent)
+        if set_latest:
+            _advance_latest(final, meta.get("version"))
+    except OSError as e:  # the checkpoint is whole: say so, rather than report it as not written
+        raise CheckpointError(f"checkpoint {final} is written whole, but committing it failed after its rename "
+                              f"({e}): LATEST may still name the one before", final) from e
     return final
 
 
@@ -612,8 +616,12 @@ def _advance_latest(final: Path, version) -> None:
             log.warning("LATEST stays at %s (version %s): %s is older", current, current_version, final)
             return
     tmp = root / f"{LATEST}{_STAGING}{uuid.uuid4().hex}"
-    _write_file(tmp, f"{final.name}\n".encode())
-    os.rename(tmp, root / LATEST)
+    try:
+        _write_file(tmp, f"{final.name}\n".encode())
+        os.rename(tmp, root / LATEST)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     fsync_dir(root)
 
 

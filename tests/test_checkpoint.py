@@ -365,3 +365,30 @@ def test_a_table_dropped_and_made_again_while_a_cut_lists_the_tables_is_cut_as_i
     for name in ("a", "x"):
         assert torch.equal(restored.lookup(name, np.arange(10)), engine.lookup(name, np.arange(10))), name
         assert restored.table(name).version == engine.table(name).version, name
+
+
+def test_a_commit_that_fails_after_its_rename_says_the_checkpoint_is_whole_and_leaves_no_temporary(tmp_path,
+                                                                                                     monkeypatch):
+    """The disk refuses LATEST's new contents (full: injected, the one thing faked here) after the
+    checkpoint's directory was renamed into place: the error says it is whole and LATEST still
+    names the one before (it was a bare OSError, as if nothing were written), and the temporary
+    LATEST file is removed (prune_checkpoints removes only directories)."""
+    engine = ShardEngine()
+    engine.create_table(TableSpec("t", num_rows=10, dim=2))
+    first = ck.save_checkpoint([engine], ck.checkpoint_dir(tmp_path, 1), {"version": 1})
+    real = ck._write_file
+
+    def full_disk_for_latest(path, data):
+        if path.name.startswith(ck.LATEST):
+            with open(path, "wb") as f:
+                f.write(data[:1])  # begun, then the disk is full
+            raise OSError(28, "No space left on device")
+        real(path, data)
+
+    monkeypatch.setattr(ck, "_write_file", full_disk_for_latest)
+    second = ck.checkpoint_dir(tmp_path, 2)
+    with pytest.raises(ck.CheckpointError, match=r"ckpt-2 is written whole, but committing it failed .*No space left"):
+        ck.save_checkpoint([engine], second, {"version": 2})
+    assert ck.latest_checkpoint(tmp_path) == first
+    assert ck.read_manifest(second)["store"]["version"] == 2  # whole: a restore may name it
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["LATEST", "ckpt-1", "ckpt-2"]
