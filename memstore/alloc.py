@@ -20,7 +20,6 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import mmap
-import os
 import threading
 
 import torch
@@ -81,12 +80,3 @@ def available_bytes() -> int | None:
     except (OSError, ValueError, IndexError):
         pass
     return None
-
-
-def resident_bytes() -> int:
-    """This process's resident memory (RSS), 0 where /proc does not say."""
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        return 0

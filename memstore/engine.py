@@ -413,8 +413,10 @@ class ShardEngine:
         they apply, and the read sees this write and no later one. A table replaced while the
         write waited at the gate (a restore) makes it UNAVAILABLE: the client retries on the
         new one."""
-        # gated=False: inside a gate's write_all already (apply_together), which counts it.
-        with (self.gate.write(group, parts) if gated else contextlib.nullcontext([False])) as applied, table.ids_lock:
+        # gated=False: inside a gate's write_all already (apply_together), which counts it and
+        # holds the ids_lock of every table of the request.
+        with (self.gate.write(group, parts) if gated else contextlib.nullcontext([False])) as applied, (
+                table.ids_lock if gated else contextlib.nullcontext()):
             with self._lock:
                 current = self._tables.get(table.spec.name)
             if current is not table:

@@ -244,7 +244,6 @@ class MemStoreServicer:
         header, payload = wire.decode_frame(frame, pb.UpdateRequest)
         self._route(header.route)
         apply, spec, num_keys = self._prepare_update(header, payload)
-        _check_reply("Update", header.num_read_keys * spec.wire_row_bytes)
         version, dup, rows = apply()
         head = self._update_response(version, dup, rows, spec)
         out = wire.encode_frame(head, *(() if rows is None else (wire.tensor_bytes(rows),)))
@@ -261,6 +260,8 @@ class MemStoreServicer:
             table, again = next(i for n, i in enumerate(ids) if i in ids[:n])
             raise InvalidArgument(f"UpdateMany carries update id {again!r} of table {table!r} in more than one part: "
                                   "an id names one update")
+        _check_reply("UpdateMany", sum(part.num_read_keys * self.engine.table(part.table).spec.wire_row_bytes
+                                       for part in header.parts))
         prepared, at = [], 0
         for part in header.parts:  # every part is checked before the first applies
             size = self._update_bytes(part)
@@ -270,8 +271,6 @@ class MemStoreServicer:
             at += size
         if at != len(payload):
             raise InvalidArgument(f"UpdateMany payload is {len(payload)} bytes; its parts take {at}")
-        _check_reply("UpdateMany", sum(part.num_read_keys * spec.wire_row_bytes
-                                       for part, (_, spec, _) in zip(header.parts, prepared)))
         head, rows = pb.UpdateManyResponse(), []
         done = self.engine.apply_together([apply for apply, _, _ in prepared])
         for (_, spec, _), (version, dup, read) in zip(prepared, done):
@@ -305,6 +304,7 @@ class MemStoreServicer:
         self._check_size(header, spec, spec.wire_dtype)
         keys, grads = self._values(header, payload[:cut], spec.wire_dtype, "gradient")
         read_keys = wire.keys_from_payload(payload[cut:], header.num_read_keys) if header.num_read_keys else None
+        _check_reply("Update", header.num_read_keys * spec.wire_row_bytes)  # before the engine allocates its rows
         apply = self.engine.prepare_update(header.table, keys, grads, header.lr, header.update_id, header.group,
                                            header.parts, read_keys, table=table)
         return apply, spec, len(keys)

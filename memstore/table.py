@@ -9,7 +9,6 @@ whole, either before or after the update.
 from __future__ import annotations
 
 import threading
-import weakref
 from collections import OrderedDict
 from contextlib import contextmanager
 from typing import Iterator
@@ -70,36 +69,6 @@ class RWLock:
                 self._cond.notify_all()
 
 
-# Bytes of rows and state promised to this process's live tables. Zeroed memory is not taken
-# until it is written (optimizer state, zero-initialised rows), so MemAvailable alone let a
-# host promise the same memory to table after table; each table is refused unless it fits
-# beside what the others may still take.
-_promised = 0
-_promised_lock = threading.Lock()
-
-
-def _promise(need: int, too_big) -> None:
-    """Counts `need` bytes as promised, or raises ResourceExhausted (too_big(need, why)'s
-    message) when the host's available memory, less what earlier tables were promised and
-    have not taken yet (promised beyond this process's RSS), is short of it."""
-    global _promised
-    with _promised_lock:
-        room = alloc.available_bytes()
-        if room is not None:
-            untaken = max(0, _promised - alloc.resident_bytes())
-            if need > room - untaken:
-                raise ResourceExhausted(too_big(need, f"its host has {room / 2**30:.2f} GiB available, "
-                                                      f"{untaken / 2**30:.2f} GiB of it promised to this shard's "
-                                                      "other tables"))
-        _promised += need
-
-
-def _forget(need: int) -> None:
-    global _promised
-    with _promised_lock:
-        _promised -= need
-
-
 class ShardTable:
     """The rows of `spec` that shard `shard_index` of `num_shards` holds (keys k % S == i)."""
 
@@ -117,28 +86,23 @@ class ShardTable:
         # Refused up front rather than left to the kernel: an overcommitted table that fills
         # in would get the whole shard, every table of it, killed for memory.
         need = self.local_rows * (spec.row_bytes + self.optimizer.state_row_bytes(spec.dim))
-        _promise(need, self._too_big)
+        room = alloc.available_bytes()
+        if room is not None and need > room:
+            raise ResourceExhausted(self._too_big(need, f"its host has {room / 2**30:.2f} GiB available"))
         try:
             self.rows = alloc.zeros((self.local_rows, spec.dim), spec.torch_dtype)
             self.state = self.optimizer.init_state(self.local_rows, spec.dim)
         except (MemoryError, OSError, RuntimeError) as e:  # RuntimeError: torch's allocator
-            _forget(need)
             raise ResourceExhausted(self._too_big(need, f"allocating it failed: {e}")) from None
-        except BaseException:
-            _forget(need)
-            raise
-        weakref.finalize(self, _forget, need)
         self._rows_np = as_numpy(self.rows)  # the same memory, for single-threaded gathers
-        if initialise and spec.init.kind != "zeros":  # alloc.zeros' rows are: writing them would take the memory now
+        if initialise:
             fill_initial_rows(self.rows, spec.init, spec.seed, shard_index, num_shards)
         self.version = 0  # updates + assigns applied; guarded by lock
         self.lock = RWLock()
         self.telemetry = TableTelemetry(self.local_rows)  # reads per row, lookups, updates
         # update id -> (version it produced, engine.write_digest or None: unknown); guarded by ids_lock
         self.applied_ids: OrderedDict[str, tuple[int, int | None]] = OrderedDict()
-        # Serialises id-tagged writes: check id, apply, record id. Reentrant: a request's
-        # writes (ShardEngine.apply_together) hold it around each one's own _write.
-        self.ids_lock = threading.RLock()
+        self.ids_lock = threading.Lock()  # serialises id-tagged writes: check id, apply, record id
 
     def _too_big(self, need: int, why: str) -> str:
         return (f"table {self.spec.name!r} needs {need / 2**30:.2f} GiB of rows and optimizer state on shard "
@@ -183,8 +147,8 @@ class ShardTable:
         would read as Inf there."""
         if wire != torch.float16 or rows.dtype == torch.float16:
             return rows
-        top = torch.finfo(torch.float16).max
-        return rows.clamp_(-top, top)
+        top = torch.finfo(torch.float16).max  # not a bfloat16 value: clamped there, it rounds to 65,536
+        return (rows.float() if rows.dtype == torch.bfloat16 else rows).clamp_(-top, top)
 
     def _scatter(self, local: torch.Tensor, out: torch.Tensor, slots: np.ndarray) -> None:
         """out[slots[i]] = rows[local[i]] (under the read lock). Same dtype: gathered in

@@ -539,15 +539,19 @@ def replay(path: Path | str, newest: bool = True) -> Iterator[dict]:
 _FIELDS = {"update": {"lr": (int, float)}, "assign": {"keep_state": (bool,)}, "create": {"spec": (dict,)},
            "drop": {}, "cut": {}}
 _ROWS = {"keys": (bytes,), "values": (bytes,), "dim": (int,), "dtype": (str,)}
+_OPTIONAL = {"version": (int,), "update_id": (str,), "group": (str,), "parts": (int,), "drop_id": (str,)}
 
 
 def _malformed(record) -> str:
     """Why `record` is not a well-formed record, or ""."""
-    if not isinstance(record, dict) or record.get("kind") not in _FIELDS or not isinstance(record.get("table"), str):
-        return f"kind {record.get('kind')!r}" if isinstance(record, dict) else f"a {type(record).__name__}"
+    if not isinstance(record, dict):
+        return f"a {type(record).__name__}"
+    if record.get("kind") not in _FIELDS:
+        return f"kind {record.get('kind')!r}"
     kind = record["kind"]
-    need = _FIELDS[kind] | (_ROWS if kind in ("update", "assign") else {})
+    need = {"table": (str,)} | _FIELDS[kind] | (_ROWS if kind in ("update", "assign") else {})
     wrong = sorted(name for name, types in need.items() if not isinstance(record.get(name), types))
+    wrong += sorted(name for name, types in _OPTIONAL.items() if name in record and not isinstance(record[name], types))
     if wrong:
         return f"{kind} record with missing or mistyped {wrong}"
     if kind in ("update", "assign"):

@@ -598,28 +598,6 @@ def test_a_table_larger_than_the_host_is_resource_exhausted(shards_2):
     assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "available" in msg
 
 
-def test_memory_promised_to_a_table_and_not_yet_taken_is_not_promised_again(shards_2):
-    """A zero-initialised table takes its memory only as it is written: each shard was asked
-    for 60 % of the host's available memory twice, and said yes twice (a host promised 120 %
-    would have its shards killed as training wrote the rows). The second is refused until the
-    first is dropped. No row is written: the test takes no memory."""
-    from memstore.alloc import available_bytes
-
-    rows = int(1.2 * available_bytes() / 4096)  # dim 1024 float32, half on each shard: 60 % each
-    first, second = (TableSpec(name, num_rows=rows, dim=1024, init=InitSpec("zeros"), optimizer=OptimizerSpec("sgd"))
-                     for name in ("promised", "again"))
-    with MemStoreClient(shards_2.addresses) as client:
-        client.create_table(first)
-        try:
-            with pytest.raises(ResourceExhausted, match="'again' needs .* promised to this shard's other tables"):
-                client.create_table(second)
-            assert "again" not in [t.name for t in client.list_tables()]
-        finally:
-            client.drop_table("promised")
-        client.create_table(second)  # its room was given back with the dropped table
-        client.drop_table("again")
-
-
 def test_a_malformed_control_message_is_invalid_argument(shards_2):
     code, msg = raw_code(shards_2.addresses[0], "CreateTable", b"\xff\xff\xff")
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "CreateTableRequest" in msg
@@ -857,12 +835,13 @@ def test_an_adagrad_learning_rate_whose_scale_is_infinite_is_refused(store, shar
             client.drop_table("scaled")
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("delivered", [False, True])
-def test_rows_an_update_takes_past_a_narrower_wire_dtype_read_as_its_largest(shards_2, delivered):
-    """float32 rows on a float16 wire: a row that updates take past 65,504 reads as +-65,504
-    (it was Inf), in a reply and delivered into a same-host client's memory; the shard keeps
-    the float32 value."""
-    spec = TableSpec("narrow", num_rows=10, dim=2, wire_dtype="float16", init=InitSpec("zeros"),
+def test_rows_an_update_takes_past_a_narrower_wire_dtype_read_as_its_largest(shards_2, delivered, dtype):
+    """float32 or bfloat16 rows on a float16 wire: a row that updates take past 65,504 reads as
+    +-65,504 (it was Inf), in a reply and delivered into a same-host client's memory; the
+    shard keeps the stored value."""
+    spec = TableSpec("narrow", num_rows=10, dim=2, dtype=dtype, wire_dtype="float16", init=InitSpec("zeros"),
                      optimizer=OptimizerSpec("sgd"))
     config = ClientConfig(shared_memory=delivered)
     with MemStoreClient(shards_2.addresses, config=config) as client:

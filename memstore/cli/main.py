@@ -72,12 +72,16 @@ def main(argv: list[str] | None = None, *, leave_ray: bool = False) -> int:
     try:
         return _run(args)
     finally:
-        sys.stdout.flush()
-        ray = sys.modules.get("ray")
-        if leave_ray and ray is not None and ray.is_initialized():
-            sys.stdout = sys.stderr  # the command has had its say; Ray flushes held notices here
-            ray.shutdown()
-        sys.stdout = stdout
+        try:
+            sys.stdout.flush()
+            ray = sys.modules.get("ray")
+            if leave_ray and ray is not None and ray.is_initialized():
+                sys.stdout = sys.stderr  # the command has had its say; Ray flushes held notices here
+                ray.shutdown()
+        except Exception as e:  # the command's outcome stands; a failed disconnect is one line
+            print(f"memstore {args.command}: warning: disconnecting from Ray failed: {e}", file=sys.stderr)
+        finally:
+            sys.stdout = stdout
 
 
 def command() -> int:
