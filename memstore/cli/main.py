@@ -65,7 +65,7 @@ class CommandStdout:
 def main(argv: list[str] | None = None, *, leave_ray: bool = False) -> int:
     """Runs one command; leave_ray also disconnects from Ray before stdout is given back
     (the `memstore` command): the notices Ray holds back and prints as a driver disconnects
-    (repeats it folded into one line) go to stderr as well."""
+    (the repeats it folded into one line) go to stderr as well."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     stdout, sys.stdout = sys.stdout, CommandStdout(sys.stdout, sys.stderr)
