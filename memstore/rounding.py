@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from memstore.partition import splitmix64
+from memstore.spec import DTYPE_LARGEST
 
 ROUNDS = "rounds"  # the optimizer state that counts each row's updates (int32, wraps)
 _STREAM = np.uint64(0x726F756E64696E67)  # keys the noise apart from the initial values' streams
@@ -37,7 +38,7 @@ _STREAM = np.uint64(0x726F756E64696E67)  # keys the noise apart from the initial
 _MULT = (0x7FEB352D, 0x2C1B3C6D)
 _HALF_MIN_NORMAL = 2.0 ** -14
 _HALF_STEP_BELOW = 2.0 ** 24  # 1 / float16's step below its smallest normal value
-LARGEST = {torch.bfloat16: float(torch.finfo(torch.bfloat16).max), torch.float16: float(torch.finfo(torch.float16).max)}
+LARGEST = {torch.bfloat16: DTYPE_LARGEST["bfloat16"], torch.float16: DTYPE_LARGEST["float16"]}  # by torch dtype
 
 
 def row_words(seed: int, keys: torch.Tensor, rounds: torch.Tensor) -> torch.Tensor:

@@ -21,7 +21,7 @@ from memstore.errors import ResourceExhausted, TableChanged
 from memstore.keys import as_numpy
 from memstore.optim import make_optimizer
 from memstore.partition import fill_initial_rows, local_rows
-from memstore.spec import TableSpec
+from memstore.spec import DTYPE_LARGEST, TableSpec
 from memstore.telemetry import TableTelemetry
 
 # How many update ids a table remembers for retry de-duplication. A client retries an
@@ -147,7 +147,7 @@ class ShardTable:
         would read as Inf there."""
         if wire != torch.float16 or rows.dtype == torch.float16:
             return rows
-        top = torch.finfo(torch.float16).max  # not a bfloat16 value: clamped there, it rounds to 65,536
+        top = DTYPE_LARGEST["float16"]  # not a bfloat16 value: clamped there, it rounds to 65,536
         return (rows.float() if rows.dtype == torch.bfloat16 else rows).clamp_(-top, top)
 
     def _scatter(self, local: torch.Tensor, out: torch.Tensor, slots: np.ndarray) -> None:
