@@ -13,15 +13,31 @@ transparent huge pages (2 MiB), a gather of 32,768 random rows from a 1 GiB tabl
 0.26 ms instead of 0.54-0.91 ms (measured on this project's 2-core VM). Linux serves huge
 pages to anonymous private mappings advised MADV_HUGEPAGE when THP is "always" or "madvise";
 elsewhere the same call gives ordinary pages.
+
+Room for a table: a shard refuses a table its host cannot hold (memstore.table) rather than
+be killed for memory once updates fill it in. The check holds only if memory promised is
+memory taken, so zeros touches every page it maps (~0.1 s a GiB, what the first writes
+would pay anyway), and a shard checks and takes a table's memory under reserving_memory(),
+one at a time across the host's processes: two shard processes creating tables at once
+would each count the other's as still free. available_bytes is the smaller of the host's
+MemAvailable and the headroom of the process's memory cgroup (a container's or a pod's
+limit, which MemAvailable does not see).
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
+import fcntl
 import mmap
+import os
+import tempfile
 import threading
+from pathlib import Path
+from typing import Iterator
 
+import numpy as np
 import torch
 
 _M_TRIM_THRESHOLD = -1
@@ -50,9 +66,10 @@ HUGE_PAGE_BYTES = 2 << 20  # x86-64 and arm64 (4 KiB base pages) transparent hug
 
 
 def zeros(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-    """A zero-filled CPU tensor; one of HUGE_PAGE_BYTES or more lives in its own anonymous
-    mapping, 2 MiB-aligned and advised for huge pages, unmapped when the tensor is freed.
-    Pages are zeroed by the kernel on first touch, so an untouched table costs nothing."""
+    """A zero-filled CPU tensor whose memory is all the process's when it returns; one of
+    HUGE_PAGE_BYTES or more lives in its own anonymous mapping, 2 MiB-aligned and advised for
+    huge pages, every page touched (so taken from the host now, not when an update first
+    reaches it), unmapped when the tensor is freed."""
     nbytes = torch.Size(shape).numel() * torch.empty(0, dtype=dtype).element_size()
     advise = getattr(mmap, "MADV_HUGEPAGE", None)
     if nbytes < HUGE_PAGE_BYTES or advise is None:
@@ -64,19 +81,128 @@ def zeros(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         region.madvise(advise, offset, nbytes)
     except OSError:  # THP compiled out, or "never": ordinary pages, same semantics
         pass
+    # One byte a page written: the kernel maps (and zeroes) each page as the write faults.
+    np.frombuffer(region, dtype=np.uint8, count=nbytes, offset=offset)[:: mmap.PAGESIZE] = 0
     # The tensor holds the mapping through the buffer protocol; it is unmapped with the tensor.
     flat = torch.frombuffer(region, dtype=torch.uint8, count=nbytes, offset=offset)
     return flat.view(dtype).view(shape)
 
 
-def available_bytes() -> int | None:
-    """Memory the kernel says can be had now without swapping (MemAvailable), or None where
-    it does not say (not Linux)."""
+def available_bytes(proc: Path = Path("/proc"), cgroups: Path = Path("/sys/fs/cgroup")) -> int | None:
+    """Memory this process can take now without swapping or meeting its cgroup's OOM killer:
+    the smaller of the host's MemAvailable and cgroup_headroom; None where neither says
+    (not Linux). The paths are parameters for tests."""
+    said = [b for b in (_mem_available(proc / "meminfo"), cgroup_headroom(proc / "self" / "cgroup", cgroups))
+            if b is not None]
+    return min(said) if said else None
+
+
+def _mem_available(meminfo: Path) -> int | None:
     try:
-        with open("/proc/meminfo") as f:
+        with open(meminfo) as f:
             for line in f:
                 if line.startswith("MemAvailable:"):
                     return int(line.split()[1]) * 1024
     except (OSError, ValueError, IndexError):
         pass
+    return None
+
+
+# Per cgroup version: the limit file, the usage file, and the memory.stat field of file
+# cache the kernel reclaims before it kills (counted in usage; the "working set" excludes it).
+_CGROUP_FILES = {
+    2: ("memory.max", "memory.current", "inactive_file"),
+    1: ("memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file"),
+}
+_NO_LIMIT = 1 << 62  # cgroup v1 writes "no limit" as a huge page-rounded number (2^63 - 4096)
+
+
+def cgroup_headroom(self_cgroup: Path, cgroups: Path) -> int | None:
+    """The least room left under a memory limit on the path from this process's memory
+    cgroup up to its mount's root (limit - usage + reclaimable file cache, at each level that
+    sets a limit), cgroup v2 or v1; None where no level sets one or none can be read. Inside a
+    container with its own cgroup namespace the mount's root is the container's cgroup."""
+    try:
+        lines = self_cgroup.read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        _, controllers, path = (line.split(":", 2) + ["", ""])[:3]
+        if controllers == "" and (cgroups / "cgroup.controllers").exists():
+            version, mount = 2, cgroups
+        elif "memory" in controllers.split(","):
+            version, mount = 1, cgroups / "memory"
+        else:
+            continue
+        here = mount / path.strip().lstrip("/")
+        if not here.is_dir():  # the process's path is not under this mount (a namespace)
+            here = mount
+        levels = [here, *here.parents[: len(here.parts) - len(mount.parts)]]  # up to the mount
+        rooms = [r for r in (_room(d, version) for d in levels) if r is not None]
+        return min(rooms) if rooms else None
+    return None
+
+
+def _room(directory: Path, version: int) -> int | None:
+    """limit - usage + inactive file cache of one cgroup; None where it sets no limit."""
+    limit_file, usage_file, cache_field = _CGROUP_FILES[version]
+    try:
+        limit = (directory / limit_file).read_text().strip()
+        if limit == "max" or int(limit) >= _NO_LIMIT:
+            return None
+        usage = int((directory / usage_file).read_text())
+        stat = dict(line.split() for line in (directory / "memory.stat").read_text().splitlines() if " " in line)
+        return max(0, int(limit) - usage + int(stat.get(cache_field, 0)))
+    except (OSError, ValueError):
+        return None
+
+
+_reserving = threading.Lock()  # serialises this process's reservations; guards _held_fd
+_held_fd: int | None = None  # the open LOCK_FILE while a reservation holds its flock
+LOCK_FILE = Path("/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()) / "memstore-memory.lock"
+
+
+@contextlib.contextmanager
+def reserving_memory() -> Iterator[None]:
+    """Held while a table checks available_bytes and takes its memory: one at a time in this
+    process (a lock) and across the host's processes (flock on LOCK_FILE, let go by the kernel
+    if the holder dies). Where the file cannot be opened, this process's reservations alone
+    are serialised."""
+    global _held_fd
+    with _reserving:
+        fd = _open_lock_file()
+        try:
+            if fd is not None:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                _held_fd = fd
+            yield
+        finally:
+            _held_fd = None
+            if fd is not None:
+                os.close(fd)  # lets go of the flock
+
+
+def _after_fork_in_child() -> None:
+    """A child forked during a reservation: its copy of the locked file would keep the flock
+    held after the parent closes its own, and its copy of _reserving is locked for good."""
+    global _reserving, _held_fd
+    if _held_fd is not None:
+        os.close(_held_fd)  # not flock(LOCK_UN): that would let go of the parent's lock too
+        _held_fd = None
+    _reserving = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def _open_lock_file() -> int | None:
+    # Opened for reading (enough for flock): another user's file in a sticky /dev/shm can be
+    # read, not opened with O_CREAT (fs.protected_regular).
+    for flags in (os.O_RDONLY, os.O_RDONLY | os.O_CREAT):
+        try:
+            return os.open(LOCK_FILE, flags | os.O_CLOEXEC, 0o644)
+        except FileNotFoundError:
+            continue
+        except OSError:
+            return None
     return None

@@ -69,6 +69,12 @@ class RWLock:
                 self._cond.notify_all()
 
 
+def table_row_bytes(spec: TableSpec) -> int:
+    """Bytes a shard holds for each of its rows of `spec`: the row, its optimizer state and
+    its read counter (memstore.telemetry)."""
+    return spec.row_bytes + make_optimizer(spec.optimizer).state_row_bytes(spec.dim) + TableTelemetry.ROW_BYTES
+
+
 class ShardTable:
     """The rows of `spec` that shard `shard_index` of `num_shards` holds (keys k % S == i)."""
 
@@ -84,22 +90,24 @@ class ShardTable:
         self.local_rows = local_rows(spec.num_rows, shard_index, num_shards)
         self.optimizer = make_optimizer(spec.optimizer)
         # Refused up front rather than left to the kernel: an overcommitted table that fills
-        # in would get the whole shard, every table of it, killed for memory.
-        need = self.local_rows * (spec.row_bytes + self.optimizer.state_row_bytes(spec.dim))
-        room = alloc.available_bytes()
-        if room is not None and need > room:
-            raise ResourceExhausted(self._too_big(need, f"its host has {room / 2**30:.2f} GiB available"))
-        try:
-            self.rows = alloc.zeros((self.local_rows, spec.dim), spec.torch_dtype)
-            self.state = self.optimizer.init_state(self.local_rows, spec.dim)
-        except (MemoryError, OSError, RuntimeError) as e:  # RuntimeError: torch's allocator
-            raise ResourceExhausted(self._too_big(need, f"allocating it failed: {e}")) from None
+        # in would get the whole shard, every table of it, killed for memory. Checked and
+        # taken (every page touched) under the host's reservation: see memstore.alloc.
+        need = self.local_rows * table_row_bytes(spec)
+        with alloc.reserving_memory():
+            room = alloc.available_bytes()
+            if room is not None and need > room:
+                raise ResourceExhausted(self._too_big(need, f"its host has {room / 2**30:.2f} GiB available"))
+            try:
+                self.rows = alloc.zeros((self.local_rows, spec.dim), spec.torch_dtype)
+                self.state = self.optimizer.init_state(self.local_rows, spec.dim)
+                self.telemetry = TableTelemetry(self.local_rows)  # reads per row, lookups, updates
+            except (MemoryError, OSError, RuntimeError) as e:  # RuntimeError: torch's allocator
+                raise ResourceExhausted(self._too_big(need, f"allocating it failed: {e}")) from None
         self._rows_np = as_numpy(self.rows)  # the same memory, for single-threaded gathers
         if initialise:
             fill_initial_rows(self.rows, spec.init, spec.seed, shard_index, num_shards)
         self.version = 0  # updates + assigns applied; guarded by lock
         self.lock = RWLock()
-        self.telemetry = TableTelemetry(self.local_rows)  # reads per row, lookups, updates
         # update id -> (version it produced, engine.write_digest or None: unknown); guarded by ids_lock
         self.applied_ids: OrderedDict[str, tuple[int, int | None]] = OrderedDict()
         self.ids_lock = threading.Lock()  # serialises id-tagged writes: check id, apply, record id

@@ -76,6 +76,8 @@ class TelemetrySnapshot:
 class TableTelemetry:
     """Read counts per local row and request counters of one shard's part of one table."""
 
+    ROW_BYTES = 8  # an int64 read count a row
+
     def __init__(self, local_rows: int) -> None:
         self.local_rows = local_rows
         self._reads = alloc.zeros((local_rows,), torch.int64)  # reads per local row; random access: huge pages

@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import re
+import select
+import signal
+import subprocess
+import sys
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +19,8 @@ import torch
 from memstore import alloc
 from memstore.optim import make_optimizer
 from memstore.spec import OptimizerSpec, TableSpec
-from memstore.table import ShardTable
+from memstore.table import ShardTable, table_row_bytes
+from memstore.telemetry import TableTelemetry
 
 THP = Path("/sys/kernel/mm/transparent_hugepage/enabled")
 
@@ -80,3 +88,147 @@ def test_optimizer_state_is_zero_and_table_rows_deterministic():
     state = make_optimizer(spec.optimizer).init_state(100_000, 8)
     assert set(state) == set(whole.state) and all(not t.any() for t in state.values())
     assert np.isfinite(whole.rows.numpy()).all()
+
+
+def resident_bytes(t: torch.Tensor) -> int:
+    """Bytes of the mapping that holds `t` that sit in memory now (its smaps Rss)."""
+    return int(mapping_flags(t.data_ptr())["Rss"].split()[0]) * 1024
+
+
+def test_large_tensors_are_resident_when_made():
+    """Promised memory is taken memory: a table's check sees the tables made before it."""
+    t = alloc.zeros((1 << 24,), torch.float32)  # 64 MiB, never written by the test
+    assert resident_bytes(t) >= t.numel() * t.element_size()
+
+
+def test_a_table_takes_all_it_counts_when_made():
+    spec = TableSpec("t", num_rows=300_000, dim=16, optimizer=OptimizerSpec("adam"))
+    table = ShardTable(spec, 0, 1)
+    held = [table.rows, *table.state.values(), table.telemetry._reads]
+    assert table.telemetry._reads.element_size() == TableTelemetry.ROW_BYTES
+    assert sum(t.numel() * t.element_size() for t in held) == 300_000 * table_row_bytes(spec)  # the need it checked
+    for t in held:  # optimizer state and read counters included, never written yet
+        assert resident_bytes(t) >= t.numel() * t.element_size()
+
+
+MADE = """
+import sys
+from memstore.spec import TableSpec
+from memstore.table import ShardTable
+print("ready", flush=True)
+ShardTable(TableSpec("t", num_rows=10, dim=4), 0, 1)
+print("made", flush=True)
+"""
+
+
+def test_tables_are_reserved_one_at_a_time_across_processes():
+    """Two shard processes of one host creating tables at once would each count the other's
+    memory as free: the second waits for the first's reservation."""
+    with alloc.reserving_memory():
+        proc = subprocess.Popen([sys.executable, "-c", MADE], stdout=subprocess.PIPE, text=True,
+                                cwd=Path(__file__).resolve().parents[1])
+        try:
+            assert proc.stdout.readline().strip() == "ready"
+            ready, _, _ = select.select([proc.stdout], [], [], 1.5)
+            assert not ready and proc.poll() is None  # waiting on this process's reservation
+        except BaseException:
+            proc.kill()
+            raise
+    out, _ = proc.communicate(timeout=60)
+    assert out.strip() == "made" and proc.returncode == 0
+
+
+def test_tables_are_reserved_one_at_a_time_across_threads():
+    made = threading.Event()
+    with alloc.reserving_memory():
+        worker = threading.Thread(target=lambda: (ShardTable(TableSpec("t", num_rows=10, dim=4), 0, 1), made.set()))
+        worker.start()
+        assert not made.wait(0.5)
+    worker.join(30)
+    assert made.is_set()
+
+
+def write_tree(root: Path, files: dict[str, str]) -> None:
+    for name, text in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(text)
+
+
+GIB = 1 << 30
+
+
+def test_cgroup_v2_headroom_is_the_least_on_the_path_to_the_root(tmp_path):
+    proc, cg = tmp_path / "proc", tmp_path / "cgroup"
+    write_tree(proc, {"self/cgroup": "0::/pods/pod1/shard\n", "meminfo": f"MemAvailable: {20 * GIB // 1024} kB\n"})
+    write_tree(cg, {
+        "cgroup.controllers": "memory\n",
+        "pods/memory.max": f"{16 * GIB}\n", "pods/memory.current": f"{10 * GIB}\n",
+        "pods/memory.stat": "anon 1\ninactive_file 0\n",
+        "pods/pod1/memory.max": f"{8 * GIB}\n", "pods/pod1/memory.current": f"{5 * GIB}\n",
+        "pods/pod1/memory.stat": f"anon 5\ninactive_file {GIB}\nactive_file {GIB}\n",
+        "pods/pod1/shard/memory.max": "max\n", "pods/pod1/shard/memory.current": f"{5 * GIB}\n",
+        "pods/pod1/shard/memory.stat": "inactive_file 0\n",
+    })
+    # pod1: 8 - 5 + 1 (its inactive file cache) = 4 GiB; pods: 16 - 10 = 6; the shard's own: no limit.
+    assert alloc.cgroup_headroom(proc / "self/cgroup", cg) == 4 * GIB
+    assert alloc.available_bytes(proc, cg) == 4 * GIB
+    (cg / "pods/pod1/memory.max").write_text("max\n")
+    assert alloc.available_bytes(proc, cg) == 6 * GIB
+    (cg / "pods/memory.max").write_text("max\n")
+    assert alloc.cgroup_headroom(proc / "self/cgroup", cg) is None
+    assert alloc.available_bytes(proc, cg) == 20 * GIB  # MemAvailable alone
+
+
+def test_cgroup_v1_headroom_and_a_namespaced_path(tmp_path):
+    proc, cg = tmp_path / "proc", tmp_path / "cgroup"
+    write_tree(proc, {"self/cgroup": "5:cpu,cpuacct:/x\n4:memory:/docker/abc\n0::/\n"})
+    write_tree(cg, {  # no cgroup.controllers: v2 is not mounted here
+        "memory/memory.limit_in_bytes": "9223372036854771712\n", "memory/memory.usage_in_bytes": "1\n",
+        "memory/memory.stat": "total_inactive_file 0\n",
+        "memory/docker/abc/memory.limit_in_bytes": f"{2 * GIB}\n",
+        "memory/docker/abc/memory.usage_in_bytes": f"{GIB}\n",
+        "memory/docker/abc/memory.stat": f"inactive_file 7\ntotal_inactive_file {GIB // 2}\n",
+    })
+    assert alloc.cgroup_headroom(proc / "self/cgroup", cg) == 3 * GIB // 2
+    assert alloc.available_bytes(proc, cg) == 3 * GIB // 2  # no meminfo: the cgroup alone
+    # A container's own cgroup namespace: its path reads "/" of a mount that is its cgroup.
+    (proc / "self/cgroup").write_text("4:memory:/\n")
+    (cg / "memory/memory.limit_in_bytes").write_text(f"{GIB}\n")
+    (cg / "memory/memory.usage_in_bytes").write_text(f"{GIB + 5}\n")
+    assert alloc.cgroup_headroom(proc / "self/cgroup", cg) == 0  # over its limit: no room, not negative
+    (proc / "self/cgroup").write_text("4:memory:/not/here\n")  # a host path this mount lacks
+    assert alloc.cgroup_headroom(proc / "self/cgroup", cg) == 0
+
+
+def test_no_cgroup_or_meminfo_says_nothing(tmp_path):
+    assert alloc.cgroup_headroom(tmp_path / "missing", tmp_path) is None
+    assert alloc.available_bytes(tmp_path, tmp_path) is None
+    write_tree(tmp_path, {"self/cgroup": "3:pids:/\n", "cg/memory/memory.limit_in_bytes": "junk\n"})
+    assert alloc.cgroup_headroom(tmp_path / "self/cgroup", tmp_path / "cg") is None
+
+
+def reserve_and_let_go() -> None:
+    with alloc.reserving_memory():
+        pass
+
+
+def test_a_child_forked_during_a_reservation_holds_none_of_it():
+    with alloc.reserving_memory():
+        pid = os.fork()
+        if pid == 0:  # the child: reserves (must not wait on itself or the parent), then stays alive
+            try:
+                with alloc.reserving_memory():
+                    pass
+                time.sleep(5)
+            finally:
+                os._exit(0)
+    try:
+        # The parent reserves again while the child lives: its copy of the file must not hold the flock.
+        again = threading.Thread(target=reserve_and_let_go)
+        again.start()
+        again.join(10)
+        assert not again.is_alive(), "the forked child kept the parent's reservation"
+    finally:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        again.join(10)

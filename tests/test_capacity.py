@@ -34,9 +34,10 @@ def test_hand_checked_plan():
     assert p.rows == 4000 and p.table_params == 64_000
     assert p.table_bytes == 4000 * 16 * 4 == 256_000
     assert p.optimizer_bytes == 4000 * (16 * 4 * 2 + 8) == 544_000  # Adam: two float32 moments + int64 step
-    # 800,000 bytes; a node holds 0.0005 GiB = 536,870.9 -> 2 nodes; shards of at most
-    # 107,374.2 bytes -> 7.45 -> 4 per node
-    assert (p.nodes, p.shards) == (2, 8) and p.bytes_per_shard == 100_000
+    assert p.counter_bytes == 4000 * 8 == 32_000  # each shard's int64 read count per row
+    # 832,000 bytes; a node holds 0.0005 GiB = 536,870.9 -> 2 nodes; shards of at most
+    # 107,374.2 bytes -> 7.75 -> 4 per node
+    assert (p.nodes, p.shards) == (2, 8) and p.bytes_per_shard == 104_000
     # per worker: 500 tokens; 2-gram heads 250 distinct keys each, 3-gram heads 400 -> 1,300
     assert p.keys_per_step == 2 * 500 * 4 == 4000 and p.rows_per_step == 2 * 1300
     assert p.dedup_rate == pytest.approx(1 - 2600 / 4000)
@@ -81,6 +82,21 @@ def test_optimizer_state_and_dtypes():
     p = plan(PlanConfig(**{**HAND.__dict__, "wire_dtype": "bfloat16"}), [1.0, 1.0])
     assert p.table_bytes == 4000 * 16 * 4 and p.lookup_in_bytes == 2000 * 32
     assert p.dedup_rate == 0.0  # every key distinct
+
+
+@pytest.mark.parametrize("kw", [{}, {"optimizer": "adagrad"}, {"optimizer": "sgd", "momentum": 0.9},
+                                {"dtype": "bfloat16", "stochastic_rounding": True}])
+def test_the_plan_holds_what_a_shard_takes(kw):
+    """Bytes a row the plan counts = bytes a row a shard checks and takes (memstore.table)."""
+    from memstore.spec import OptimizerSpec, TableSpec
+    from memstore.table import table_row_bytes
+
+    cfg = PlanConfig(**{**HAND.__dict__, **kw})
+    p = plan(cfg, [1.0, 1.0])
+    spec = TableSpec("t", num_rows=10, dim=cfg.head_dim, dtype=cfg.dtype,
+                     optimizer=OptimizerSpec(cfg.optimizer, momentum=cfg.momentum,
+                                             stochastic_rounding=cfg.stochastic_rounding))
+    assert p.held_bytes == p.rows * table_row_bytes(spec)
 
 
 def test_presets_match_the_paper():

@@ -56,6 +56,7 @@ from trainer.allocation import head_rows
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}  # memstore.spec.DTYPE_BYTES, without torch
 OPTIMIZERS = ("adam", "adagrad", "sgd")
 KEY_BYTES = 8  # int64 keys on the wire
+READ_COUNTER_BYTES = 8  # a shard's read count per row: memstore.telemetry.TableTelemetry.ROW_BYTES, without torch
 GIB = 1 << 30
 MAX_SHARDS = 4096  # the most shards a store may have (cluster.store.check_deploy)
 
@@ -177,6 +178,7 @@ class Plan:
     table_params: int
     table_bytes: int
     optimizer_bytes: int
+    counter_bytes: int  # the shards' per-row read counters (memstore.telemetry)
     nodes: int
     shards: int
     unique_fraction: tuple[float, ...]  # per order n = 2..max_ngram_size, at tokens_per_worker tokens
@@ -190,7 +192,7 @@ class Plan:
 
     @property
     def held_bytes(self) -> int:
-        return self.table_bytes + self.optimizer_bytes
+        return self.table_bytes + self.optimizer_bytes + self.counter_bytes
 
     @property
     def bytes_per_shard(self) -> float:
@@ -259,7 +261,8 @@ class Plan:
     def to_dict(self) -> dict:
         return {"config": dataclasses.asdict(self.cfg), "tables": self.cfg.num_tables, "rows": self.rows,
                 "table_params": self.table_params, "table_bytes": self.table_bytes,
-                "optimizer_bytes": self.optimizer_bytes, "held_bytes": self.held_bytes, "nodes": self.nodes,
+                "optimizer_bytes": self.optimizer_bytes, "counter_bytes": self.counter_bytes,
+                "held_bytes": self.held_bytes, "nodes": self.nodes,
                 "shards": self.shards, "bytes_per_shard": self.bytes_per_shard,
                 "unique_fraction": list(self.unique_fraction), "step_unique_fraction": list(self.step_unique_fraction),
                 "keys_per_step": self.keys_per_step,
@@ -304,7 +307,8 @@ def plan(cfg: PlanConfig, unique_fraction: Sequence[float], step_unique_fraction
     rows = sum(table_rows(cfg))
     table_bytes = rows * cfg.row_bytes
     optimizer_bytes = rows * cfg.optimizer_bytes_per_row()
-    nodes, shards = place(table_bytes + optimizer_bytes, cfg)
+    counter_bytes = rows * READ_COUNTER_BYTES
+    nodes, shards = place(table_bytes + optimizer_bytes + counter_bytes, cfg)
     if shards > MAX_SHARDS:
         raise ValueError(f"the tables need {shards:,} shards of at most {cfg.max_shard_gib:g} GiB; a store has at most "
                          f"{MAX_SHARDS} (raise max_shard_gib)")
@@ -321,7 +325,7 @@ def plan(cfg: PlanConfig, unique_fraction: Sequence[float], step_unique_fraction
                          + cfg.prefetch_depth * unique_per_worker * KEY_BYTES  # watched keys
                          + cfg.refresh_fraction * unique_per_worker * (KEY_BYTES + cfg.wire_row_bytes))  # rows back
     return Plan(cfg=cfg, rows=rows, table_params=rows * cfg.head_dim, table_bytes=table_bytes,
-                optimizer_bytes=optimizer_bytes, nodes=nodes, shards=shards,
+                optimizer_bytes=optimizer_bytes, counter_bytes=counter_bytes, nodes=nodes, shards=shards,
                 unique_fraction=tuple(float(u) for u in unique_fraction),
                 step_unique_fraction=tuple(float(u) for u in step_unique_fraction), keys_per_step=keys,
                 rows_per_step=cfg.workers * unique_per_worker,

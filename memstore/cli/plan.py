@@ -138,7 +138,8 @@ def render(p, source: dict) -> str:
         f"{' (primes)' if c.exact_primes else ''}",
         f"  params      {p.table_params / 1e9:.2f} B{ref_text}",
         f"  memory      rows {_gib(p.table_bytes)} + {c.optimizer} state {_gib(p.optimizer_bytes)} "
-        f"({p.optimizer_bytes / p.table_bytes:.2f}x the rows) = {_gib(p.held_bytes)}",
+        f"({p.optimizer_bytes / p.table_bytes:.2f}x the rows) + read counters {_gib(p.counter_bytes)} "
+        f"= {_gib(p.held_bytes)}",
         f"  placement   {p.nodes} node(s) of {c.node_memory_gib:g} GiB, {c.usable_fraction:.0%} usable: "
         f"{p.held_bytes / (p.nodes * usable):.0%} of it used; {p.shards} shard(s) of "
         f"{_gib(p.bytes_per_shard)} (limit {c.max_shard_gib:g} GiB)",
