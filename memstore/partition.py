@@ -11,6 +11,9 @@ whichever shard builds it, so a table built with 1 or 5 shards holds identical r
 
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 import torch
 
@@ -54,34 +57,65 @@ def splitmix64(counter: np.ndarray) -> np.ndarray:
 def _uniform01(seed: int, counter: np.ndarray, stream: int) -> np.ndarray:
     """Uniform doubles in (0, 1) from 53 random bits of (seed, stream, counter)."""
     key = splitmix64(np.array([seed * 2 + stream], dtype=np.uint64))[0]
-    bits = splitmix64(counter ^ key) >> np.uint64(11)
-    return (bits.astype(np.float64) + 0.5) * (1.0 / (1 << 53))
+    bits = splitmix64(counter ^ key)
+    bits >>= np.uint64(11)
+    out = bits.astype(np.float64)
+    out += 0.5
+    out *= 1.0 / (1 << 53)
+    return out
 
 
 def initial_values(init: InitSpec, seed: int, keys: np.ndarray, dim: int) -> np.ndarray:
-    """float64 [len(keys), dim]: the initial rows of the given global keys."""
+    """float64 [len(keys), dim]: the initial rows of the given global keys. The same bits
+    as ever: recovery re-creates a table from its spec and replays its log over these rows."""
     counter = (keys.astype(np.uint64)[:, None] * np.uint64(dim) + np.arange(dim, dtype=np.uint64)).ravel()
     if init.kind == "zeros":
         return np.zeros((len(keys), dim))
     if init.kind == "uniform":
         u = _uniform01(seed, counter, 0)
-        return ((2.0 * u - 1.0) * init.bound).reshape(len(keys), dim)
-    # Box-Muller over two independent streams of the same counter.
+        u *= 2.0
+        u -= 1.0
+        u *= init.bound
+        return u.reshape(len(keys), dim)
+    # Box-Muller over two independent streams of the same counter: sqrt(-2 ln u1) cos(2 pi u2),
+    # evaluated in place, each step the same operation on the same operands as written out.
     u1, u2 = _uniform01(seed, counter, 0), _uniform01(seed, counter, 1)
-    z = np.sqrt(-2.0 * np.log(u1)) * np.cos(2.0 * np.pi * u2)
-    return (z * init.std).reshape(len(keys), dim)
+    np.log(u1, out=u1)
+    u1 *= -2.0
+    np.sqrt(u1, out=u1)
+    u2 *= 2.0 * np.pi
+    np.cos(u2, out=u2)
+    u1 *= u2
+    u1 *= init.std
+    return u1.reshape(len(keys), dim)
 
 
 def fill_initial_rows(
     rows: torch.Tensor, init: InitSpec, seed: int, shard_index: int, num_shards: int
 ) -> None:
-    """Writes the initial values of this shard's rows into `rows` [local_rows, dim], in chunks."""
+    """Writes the initial values of this shard's rows into `rows` [local_rows, dim], in chunks
+    spread over INIT_THREADS threads (numpy lets go of the GIL in its loops; every value is a
+    function of its key alone, so the order the chunks are done in does not matter)."""
     n, dim = rows.shape
     if init.kind == "zeros":
         rows.zero_()
         return
     step = max(1, _CHUNK_VALUES // dim)
-    for start in range(0, n, step):
+
+    def fill(start: int) -> None:
         local = np.arange(start, min(n, start + step), dtype=np.int64)
         keys = local * num_shards + shard_index
         rows[start : start + len(local)] = torch.from_numpy(initial_values(init, seed, keys, dim))
+
+    starts = range(0, n, step)
+    if len(starts) == 1 or INIT_THREADS == 1:
+        for start in starts:  # a few chunks, not a loop over rows
+            fill(start)
+        return
+    with ThreadPoolExecutor(min(INIT_THREADS, len(starts)), thread_name_prefix="memstore-init") as pool:
+        list(pool.map(fill, starts))  # re-raises a chunk's error
+
+
+# Threads that build a new table's initial rows: the host's cores, up to 16 (each holds
+# ~40 MiB of temporaries). A table made while the shard serves shares the cores with it.
+INIT_THREADS = max(1, min(16, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
