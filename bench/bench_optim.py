@@ -2,8 +2,12 @@
 
 Run: python -m bench.bench_optim [--num-rows 4000000 --dim 64 --batch 65536 --reps 10]
 
-Each optimizer updates `batch` unique random rows (in random order) of a `num_rows` x `dim`
-float32 table, a fresh row set per repetition; the figure is the median over `reps` steps.
+Each optimizer updates `batch` unique random rows of a `num_rows` x `dim` float32 table, a
+fresh row set per repetition; the figure is the median over `reps` steps. The rows come in
+ascending order, as memstore's client sends a shard its keys (memstore.keys.plan_keys; all
+but a one-shard store's updates of distinct keys, which keep the batch's order). The same
+steps in random order are timed beside them ("random" column: ascending rows are written
+1.2-1.3x faster, and Adam sorts random ones itself).
 torch runs one intra-op thread, as in a shard (--threads), SparseAdam too.
 Tables sit in the memory a shard gives them (memstore.alloc.zeros: huge pages where the OS
 allows), SparseAdam's parameter too; optimizer state is each optimizer's own.
@@ -88,17 +92,27 @@ def _memstore_ms(spec, dtype, num_rows, dim, idx_sets, grads, reps) -> float:
 
 
 def measure_optimizers(num_rows: int = 4_000_000, dim: int = 64, batch: int = 65_536, reps: int = 10) -> dict:
-    """Median ms per step of each optimizer and of torch.optim.SparseAdam on the same rows."""
+    """Median ms per step of each optimizer and of torch.optim.SparseAdam on the same rows,
+    in ascending order (the figures the targets judge) and in random order."""
     gen = torch.Generator().manual_seed(0)
-    idx_sets = [torch.randperm(num_rows, generator=gen)[:batch] for _ in range(reps + 1)]
+    random_sets = [torch.randperm(num_rows, generator=gen)[:batch] for _ in range(reps + 1)]
+    ascending_sets = [idx.sort().values for idx in random_sets]
     grads = torch.randn(batch, dim, generator=gen)
-    ref_ms = _torch_sparse_adam_ms(num_rows, dim, idx_sets, grads, reps)
-    gc.collect()
-    results = {"torch_sparse_adam": {"ms": ref_ms, "mrows_s": batch / ref_ms / 1e3, "speedup": 1.0}}
-    for name, (spec, dtype, target) in CASES.items():
-        ms = _memstore_ms(spec, dtype, num_rows, dim, idx_sets, grads, reps)
+
+    def both(measure: Callable[[list[torch.Tensor]], float]) -> tuple[float, float]:
+        ms = measure(ascending_sets)
         gc.collect()
-        res = {"ms": ms, "mrows_s": batch / ms / 1e3, "speedup": ref_ms / ms, "dtype": str(dtype).removeprefix("torch.")}
+        random_ms = measure(random_sets)
+        gc.collect()
+        return ms, random_ms
+
+    ref_ms, ref_random_ms = both(lambda sets: _torch_sparse_adam_ms(num_rows, dim, sets, grads, reps))
+    results = {"torch_sparse_adam": {"ms": ref_ms, "mrows_s": batch / ref_ms / 1e3, "speedup": 1.0,
+                                     "random_order_ms": ref_random_ms}}
+    for name, (spec, dtype, target) in CASES.items():
+        ms, random_ms = both(lambda sets: _memstore_ms(spec, dtype, num_rows, dim, sets, grads, reps))
+        res = {"ms": ms, "mrows_s": batch / ms / 1e3, "speedup": ref_ms / ms, "dtype": str(dtype).removeprefix("torch."),
+               "random_order_ms": random_ms}
         if target is not None:
             kind, value = target
             res["target"] = {kind: value}
@@ -114,7 +128,7 @@ def measure_optimizers(num_rows: int = 4_000_000, dim: int = 64, batch: int = 65
 
 
 def print_table(report: dict) -> None:
-    print(f"{'optimizer':<18} {'rows':>8} {'ms/step':>8} {'M rows/s':>9} {'x SparseAdam':>13}  target")
+    print(f"{'optimizer':<18} {'rows':>8} {'ms/step':>8} {'M rows/s':>9} {'x SparseAdam':>13} {'random':>7}  target")
     for name, r in report["results"].items():
         target = ""
         if "target" in r:
@@ -125,7 +139,8 @@ def print_table(report: dict) -> None:
                 design = report["config"]["design_sparse_adam_ms"]
                 target += (f"; {r['speedup_vs_design_sparse_adam']:.2f}x DESIGN's {design:g} ms: "
                            f"{'met' if r['meets_target_vs_design'] else 'MISSED'}")
-        print(f"{name:<18} {r.get('dtype', 'float32'):>8} {r['ms']:8.2f} {r['mrows_s']:9.2f} {r['speedup']:13.2f}  {target}")
+        print(f"{name:<18} {r.get('dtype', 'float32'):>8} {r['ms']:8.2f} {r['mrows_s']:9.2f} {r['speedup']:13.2f} "
+              f"{r['random_order_ms']:7.2f}  {target}")
 
 
 def main() -> None:

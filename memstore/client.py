@@ -580,7 +580,7 @@ class MemStoreClient:
         grads = keyplan.as_value_tensor(grads, arr.shape, spec, "gradient")
         if watch is not None:
             keyplan.check_key_range(watch, spec)  # a bad watched key is bad input too
-        plan = keyplan.plan_keys(flat, spec, self.num_shards)
+        plan = keyplan.plan_keys(flat, spec, self.num_shards, values=True)
         summed = keyplan.to_wire(plan, grads, spec.wire_torch_dtype, spec, "gradient")  # (U, dim), repeats summed
         keyplan.check_gradient_scale(summed, lr, plan.unique, table)
         header = pb.UpdateRequest(table=table, dim=spec.dim, dtype=wire.DTYPE_TO_PB[spec.wire_dtype], lr=lr,
@@ -619,7 +619,7 @@ class MemStoreClient:
             spec = self.spec(table)
             arr = as_key_array(keys)
             values = keyplan.as_value_tensor(rows, arr.shape, spec, "row")
-            plan = keyplan.plan_keys(arr.reshape(-1), spec, self.num_shards)
+            plan = keyplan.plan_keys(arr.reshape(-1), spec, self.num_shards, values=True)
             keyplan.check_no_duplicates(plan, spec, "assign")
             ordered = keyplan.to_wire(plan, values, spec.torch_dtype, spec, "row")  # (U, dim)
             header = pb.AssignRequest(table=table, dim=spec.dim, dtype=wire.DTYPE_TO_PB[spec.dtype],

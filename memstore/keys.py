@@ -24,7 +24,8 @@ from memstore.spec import FLOAT32_MAX, TableSpec, as_key_array
 class KeyPlan:
     """A batch of N keys resolved to U distinct keys grouped by shard.
 
-    unique: int64 [U] the distinct keys, grouped by shard (unless the plan is not grouped);
+    unique: int64 [U] the distinct keys, grouped by shard and ascending within each shard
+      (a plan that is not grouped keeps a distinct batch's own order);
     bounds: int64 [S + 1] shard s owns unique[bounds[s]:bounds[s+1]], or None (not grouped);
     position: int64 [N] for each key of the batch (flattened), its index in `unique`; None
       when the batch's keys are already distinct (then U == N), and instead
@@ -111,32 +112,66 @@ def as_numpy(t: torch.Tensor) -> np.ndarray:
     return t.numpy() if t.dtype == torch.float32 else t.view(torch.int16).numpy()
 
 
-def plan_keys(flat_keys: np.ndarray, spec: TableSpec, num_shards: int, group: bool = True) -> KeyPlan:
-    """Validates keys against the table and groups their distinct values by shard (or, with
-    group=False, leaves them in batch order: shards that read the keys from a client's
-    segment pick their own).
+def plan_keys(flat_keys: np.ndarray, spec: TableSpec, num_shards: int, group: bool = True,
+              values: bool = False) -> KeyPlan:
+    """Validates keys against the table and groups their distinct values by shard, each
+    shard's ascending (or, with group=False, leaves distinct keys in batch order: shards
+    that read the keys from a client's segment pick their own). values: the call sends a
+    value per key (an update, an assign); with one shard, a distinct batch then keeps its
+    own order, since putting its values in order (a gather of them all, 16 MiB for 65,536
+    keys of dim 64) costs more than the ascending writes save. Several shards' values are
+    gathered into shard order anyway.
 
     numpy, not torch, for the sorts: torch's parallel sort slowed 200x when the cores were
     busy (OpenMP threads spinning against the trainer's); numpy's runs on the calling thread.
     """
     check_key_range(flat_keys, spec)
-    # A plain sort (0.3 ms for 65k keys) tells distinct batches apart, which then skip
-    # np.unique's inverse; batches with repeats pay for both sorts.
-    ordered = np.sort(flat_keys)
-    one = num_shards == 1 or not group
-    if not (ordered[1:] == ordered[:-1]).any():  # distinct: keep the batch's own order
-        if one:
-            return KeyPlan(flat_keys, _one_group(len(flat_keys)) if group else None)
-        order, bounds = _group_by_shard(flat_keys, num_shards)
+    # One sort tells distinct batches apart, gives the distinct keys and each batch key's
+    # place among them, and the order a shard's keys are sent in: ascending. A shard writes
+    # ascending rows faster (a 65,536-row update of a 4 M-row table: row-wise Adagrad
+    # 1.2-1.3x, Adam 1.25x and no sort of its own; measured) and gathers them faster.
+    ordered, ascending = _sort_with_order(flat_keys, spec.num_rows)
+    first = np.empty(len(ordered), dtype=bool)  # the first of its run of equal keys
+    first[:1] = True
+    np.not_equal(ordered[1:], ordered[:-1], out=first[1:])
+    if first.all():  # distinct
+        if not group:  # shards pick their own keys in batch order
+            return KeyPlan(flat_keys, None)
+        if num_shards == 1:
+            if ascending is None or values:  # in order already, or not worth it
+                return KeyPlan(flat_keys, _one_group(len(flat_keys)))
+            return KeyPlan(ordered, _one_group(len(flat_keys)), slot=torch.from_numpy(ascending), batch=flat_keys)
+        order, bounds = _group_by_shard(ordered, num_shards)  # ascending within each shard
+        if ascending is not None:
+            order = ascending[order]
         return KeyPlan(flat_keys[order], bounds, slot=torch.from_numpy(order), batch=flat_keys)
-    unique, inverse = np.unique(flat_keys, return_inverse=True)
-    inverse = torch.from_numpy(inverse.astype(np.int64, copy=False))
+    # Repeats: np.unique's work from the sort already made (3.6 ms for 65,536 keys with
+    # repeats, against 9.2 ms for a sort and np.unique(return_inverse=True); measured).
+    one = num_shards == 1 or not group
+    unique = ordered[first]
+    inverse = torch.empty(len(flat_keys), dtype=torch.int64)
+    inverse.numpy()[ascending] = np.cumsum(first) - 1  # batch key i is unique[inverse[i]]
     if one:
         return KeyPlan(unique, _one_group(len(unique)) if group else None, position=inverse)
     order, bounds = _group_by_shard(unique, num_shards)
     rank = np.empty_like(order)
     rank[order] = np.arange(len(order))
     return KeyPlan(unique[order], bounds, position=torch.from_numpy(rank)[inverse])
+
+
+def _sort_with_order(keys: np.ndarray, num_rows: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """(keys sorted, the permutation that sorts them), the permutation None where the keys
+    ascend already. Sorted as key * n + position where that fits in int64 (keys were checked
+    to lie in [0, num_rows)): 0.2 ms more than a plain sort of 65,536 keys, where argsort
+    takes 0.7 ms more (measured)."""
+    n = len(keys)
+    if n < 2 or bool((keys[1:] > keys[:-1]).all()):
+        return keys, None
+    if num_rows <= (2**63 - 1) // n:
+        ordered, order = np.divmod(np.sort(keys * n + np.arange(n, dtype=np.int64)), n)
+        return ordered, order
+    order = np.argsort(keys)
+    return keys[order], order
 
 
 def _one_group(n: int) -> np.ndarray:

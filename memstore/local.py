@@ -123,7 +123,7 @@ class InProcessStore:
         grads = keyplan.as_value_tensor(grads, arr.shape, spec, "gradient")
         if watch is not None:
             keyplan.check_key_range(watch, spec)  # a bad watched key is bad input too
-        plan = keyplan.plan_keys(flat, spec, 1)
+        plan = keyplan.plan_keys(flat, spec, 1, values=True)
         # The same rounding as on the wire, so both stores apply identical gradients.
         summed = keyplan.to_wire(plan, grads, spec.wire_torch_dtype, spec, "gradient")
         fresh = None if watch is None else np.intersect1d(plan.unique, watch)
@@ -135,7 +135,7 @@ class InProcessStore:
         arr = as_key_array(keys)
         flat = arr.reshape(-1)
         values = keyplan.as_value_tensor(rows, arr.shape, spec, "row")
-        plan = keyplan.plan_keys(flat, spec, 1)
+        plan = keyplan.plan_keys(flat, spec, 1, values=True)
         keyplan.check_no_duplicates(plan, spec, "assign")
         self.engine.assign(table, plan.unique, keyplan.to_wire(plan, values, spec.torch_dtype, spec, "row"),
                            keep_optimizer_state)
