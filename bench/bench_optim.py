@@ -7,7 +7,8 @@ fresh row set per repetition; the figure is the median over `reps` steps. The ro
 ascending order, as memstore's client sends a shard its keys (memstore.keys.plan_keys; all
 but a one-shard store's updates of distinct keys, which keep the batch's order). The same
 steps in random order are timed beside them ("random" column: ascending rows are written
-1.2-1.3x faster, and Adam sorts random ones itself).
+1.2-1.3x faster, and Adam sorts random ones itself). SparseAdam coalesces (sorts) its
+gradient whatever the order, so DESIGN's fixed figure for it stands for both.
 torch runs one intra-op thread, as in a shard (--threads), SparseAdam too.
 Tables sit in the memory a shard gives them (memstore.alloc.zeros: huge pages where the OS
 allows), SparseAdam's parameter too; optimizer state is each optimizer's own.

@@ -18,8 +18,8 @@ Room for a table: a shard refuses a table its host cannot hold (memstore.table) 
 be killed for memory once updates fill it in. The check holds only if memory promised is
 memory taken, so zeros touches every page it maps (~0.1 s a GiB, what the first writes
 would pay anyway), and a shard checks and takes a table's memory under reserving_memory(),
-one at a time across the host's processes: two shard processes creating tables at once
-would each count the other's as still free. available_bytes is the smaller of the host's
+one at a time across the processes sharing /dev/shm: two shard processes creating tables at
+once would each count the other's as still free. available_bytes is the smaller of the host's
 MemAvailable and the headroom of the process's memory cgroup (a container's or a pod's
 limit, which MemAvailable does not see).
 """
@@ -151,44 +151,60 @@ def _room(directory: Path, version: int) -> int | None:
         if limit == "max" or int(limit) >= _NO_LIMIT:
             return None
         usage = int((directory / usage_file).read_text())
-        stat = dict(line.split() for line in (directory / "memory.stat").read_text().splitlines() if " " in line)
-        return max(0, int(limit) - usage + int(stat.get(cache_field, 0)))
     except (OSError, ValueError):
         return None
+    return max(0, int(limit) - usage + _stat_field(directory / "memory.stat", cache_field))
 
 
-_reserving = threading.Lock()  # serialises this process's reservations; guards _held_fd
-_held_fd: int | None = None  # the open LOCK_FILE while a reservation holds its flock
+def _stat_field(path: Path, name: str) -> int:
+    """One field of a memory.stat file; 0 where it cannot be read (no cache counted back:
+    the limit still holds)."""
+    try:
+        for line in path.read_text().splitlines():
+            field, _, value = line.partition(" ")
+            if field == name:
+                return int(value)
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
+_reserving = threading.Lock()  # serialises this process's reservations; guards _held
+_held: tuple[int, int] | None = None  # (pid, fd) of the open LOCK_FILE while a reservation holds or awaits its flock
 LOCK_FILE = Path("/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()) / "memstore-memory.lock"
 
 
 @contextlib.contextmanager
 def reserving_memory() -> Iterator[None]:
     """Held while a table checks available_bytes and takes its memory: one at a time in this
-    process (a lock) and across the host's processes (flock on LOCK_FILE, let go by the kernel
-    if the holder dies). Where the file cannot be opened, this process's reservations alone
-    are serialised."""
-    global _held_fd
+    process (a lock) and across the processes that share this /dev/shm (flock on LOCK_FILE,
+    let go by the kernel if the holder dies): a host's shard processes, unless containers
+    give each its own /dev/shm (then each container's cgroup limit is what bounds it). Where
+    the file cannot be opened, this process's reservations alone are serialised. Not
+    re-entrant: a thread holding it must not ask again."""
+    global _held
     with _reserving:
         fd = _open_lock_file()
+        if fd is not None:
+            _held = (os.getpid(), fd)  # before flock: a fork while it waits must close its copy too
         try:
             if fd is not None:
                 fcntl.flock(fd, fcntl.LOCK_EX)
-                _held_fd = fd
             yield
         finally:
-            _held_fd = None
-            if fd is not None:
+            if fd is not None and _held == (os.getpid(), fd):  # a forked child's hook closed its copy already
+                _held = None
                 os.close(fd)  # lets go of the flock
 
 
 def _after_fork_in_child() -> None:
-    """A child forked during a reservation: its copy of the locked file would keep the flock
-    held after the parent closes its own, and its copy of _reserving is locked for good."""
-    global _reserving, _held_fd
-    if _held_fd is not None:
-        os.close(_held_fd)  # not flock(LOCK_UN): that would let go of the parent's lock too
-        _held_fd = None
+    """A child forked during a reservation (by its thread or another): its copy of the open
+    file would keep the flock held after the parent closes its own, and its copy of
+    _reserving is locked for good."""
+    global _reserving, _held
+    if _held is not None:
+        os.close(_held[1])  # not flock(LOCK_UN): that would let go of the parent's lock too
+        _held = None
     _reserving = threading.Lock()
 
 

@@ -25,7 +25,8 @@ class KeyPlan:
     """A batch of N keys resolved to U distinct keys grouped by shard.
 
     unique: int64 [U] the distinct keys, grouped by shard and ascending within each shard
-      (a plan that is not grouped keeps a distinct batch's own order);
+      (distinct keys keep the batch's order in a plan that is not grouped, and in a
+      one-shard plan of values: plan_keys);
     bounds: int64 [S + 1] shard s owns unique[bounds[s]:bounds[s+1]], or None (not grouped);
     position: int64 [N] for each key of the batch (flattened), its index in `unique`; None
       when the batch's keys are already distinct (then U == N), and instead
@@ -126,6 +127,7 @@ def plan_keys(flat_keys: np.ndarray, spec: TableSpec, num_shards: int, group: bo
     busy (OpenMP threads spinning against the trainer's); numpy's runs on the calling thread.
     """
     check_key_range(flat_keys, spec)
+    flat_keys = flat_keys.astype(np.int64, copy=False)  # key * n below must not wrap in a narrower type
     # One sort tells distinct batches apart, gives the distinct keys and each batch key's
     # place among them, and the order a shard's keys are sent in: ascending. A shard writes
     # ascending rows faster (a 65,536-row update of a 4 M-row table: row-wise Adagrad

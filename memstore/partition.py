@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from memstore.spec import InitSpec
+from memstore.threads import serial_torch
 
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 _MIX1 = np.uint64(0xBF58476D1CE4E5B9)
@@ -94,13 +95,13 @@ def fill_initial_rows(
     rows: torch.Tensor, init: InitSpec, seed: int, shard_index: int, num_shards: int
 ) -> None:
     """Writes the initial values of this shard's rows into `rows` [local_rows, dim], in chunks
-    spread over INIT_THREADS threads (numpy lets go of the GIL in its loops; every value is a
+    spread over init_threads threads (numpy lets go of the GIL in its loops; every value is a
     function of its key alone, so the order the chunks are done in does not matter)."""
     n, dim = rows.shape
     if init.kind == "zeros":
         rows.zero_()
         return
-    step = max(1, _CHUNK_VALUES // dim)
+    step = _chunk_rows(dim)
 
     def fill(start: int) -> None:
         local = np.arange(start, min(n, start + step), dtype=np.int64)
@@ -108,14 +109,35 @@ def fill_initial_rows(
         rows[start : start + len(local)] = torch.from_numpy(initial_values(init, seed, keys, dim))
 
     starts = range(0, n, step)
-    if len(starts) == 1 or INIT_THREADS == 1:
+    threads = init_threads(n, dim)
+    if threads == 1:
         for start in starts:  # a few chunks, not a loop over rows
             fill(start)
         return
-    with ThreadPoolExecutor(min(INIT_THREADS, len(starts)), thread_name_prefix="memstore-init") as pool:
+    # Each thread's torch copies without an OpenMP team of its own (16 threads x 16 cores).
+    with ThreadPoolExecutor(threads, thread_name_prefix="memstore-init", initializer=serial_torch) as pool:
         list(pool.map(fill, starts))  # re-raises a chunk's error
 
 
-# Threads that build a new table's initial rows: the host's cores, up to 16 (each holds
-# ~40 MiB of temporaries). A table made while the shard serves shares the cores with it.
+# Threads that build a new table's initial rows: the host's cores, up to 16. A table made
+# while the shard serves shares the cores with it.
 INIT_THREADS = max(1, min(16, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
+# Bytes of temporaries a thread holds while it builds a chunk (float64 values, uint64
+# counters and their intermediates: 40 MiB for 2^20 values, measured), per value.
+_SCRATCH_BYTES_PER_VALUE = 48
+
+
+def _chunk_rows(dim: int) -> int:
+    return max(1, _CHUNK_VALUES // dim)
+
+
+def init_threads(num_rows: int, dim: int) -> int:
+    """Threads fill_initial_rows uses for num_rows x dim: one per chunk, up to INIT_THREADS."""
+    return max(1, min(INIT_THREADS, -(-num_rows // _chunk_rows(dim))))
+
+
+def init_scratch_bytes(num_rows: int, dim: int, init: InitSpec) -> int:
+    """Memory fill_initial_rows holds besides the rows while it builds them."""
+    if init.kind == "zeros" or num_rows == 0:
+        return 0
+    return init_threads(num_rows, dim) * min(num_rows, _chunk_rows(dim)) * dim * _SCRATCH_BYTES_PER_VALUE

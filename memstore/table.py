@@ -20,7 +20,7 @@ from memstore import alloc
 from memstore.errors import ResourceExhausted, TableChanged
 from memstore.keys import as_numpy
 from memstore.optim import make_optimizer
-from memstore.partition import fill_initial_rows, local_rows
+from memstore.partition import fill_initial_rows, init_scratch_bytes, local_rows
 from memstore.spec import DTYPE_LARGEST, TableSpec
 from memstore.telemetry import TableTelemetry
 
@@ -93,16 +93,18 @@ class ShardTable:
         # in would get the whole shard, every table of it, killed for memory. Checked and
         # taken (every page touched) under the host's reservation: see memstore.alloc.
         need = self.local_rows * table_row_bytes(spec)
+        scratch = init_scratch_bytes(self.local_rows, spec.dim, spec.init) if initialise else 0
         with alloc.reserving_memory():
             room = alloc.available_bytes()
-            if room is not None and need > room:
-                raise ResourceExhausted(self._too_big(need, f"its host has {room / 2**30:.2f} GiB available"))
+            if room is not None and need + scratch > room:
+                building = f" (and {scratch / 2**30:.2f} GiB more while its initial rows are built)" if scratch else ""
+                raise ResourceExhausted(self._too_big(need, f"{building}; its host has {room / 2**30:.2f} GiB available"))
             try:
                 self.rows = alloc.zeros((self.local_rows, spec.dim), spec.torch_dtype)
                 self.state = self.optimizer.init_state(self.local_rows, spec.dim)
                 self.telemetry = TableTelemetry(self.local_rows)  # reads per row, lookups, updates
             except (MemoryError, OSError, RuntimeError) as e:  # RuntimeError: torch's allocator
-                raise ResourceExhausted(self._too_big(need, f"allocating it failed: {e}")) from None
+                raise ResourceExhausted(self._too_big(need, f"; allocating it failed: {e}")) from None
         self._rows_np = as_numpy(self.rows)  # the same memory, for single-threaded gathers
         if initialise:
             fill_initial_rows(self.rows, spec.init, spec.seed, shard_index, num_shards)
@@ -113,8 +115,8 @@ class ShardTable:
         self.ids_lock = threading.Lock()  # serialises id-tagged writes: check id, apply, record id
 
     def _too_big(self, need: int, why: str) -> str:
-        return (f"table {self.spec.name!r} needs {need / 2**30:.2f} GiB of rows and optimizer state on shard "
-                f"{self.shard_index} of {self.num_shards}; {why}")
+        return (f"table {self.spec.name!r} needs {need / 2**30:.2f} GiB of rows, optimizer state and read counters "
+                f"on shard {self.shard_index} of {self.num_shards}{why}")
 
     @property
     def row_bytes(self) -> int:

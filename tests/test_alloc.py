@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import re
 import select
@@ -232,3 +233,57 @@ def test_a_child_forked_during_a_reservation_holds_none_of_it():
         os.kill(pid, signal.SIGKILL)
         os.waitpid(pid, 0)
         again.join(10)
+
+
+def lock_is_free() -> bool:
+    """Whether another process can take LOCK_FILE's flock now."""
+    probe = ("import fcntl, os, sys; fd = os.open(sys.argv[1], os.O_RDONLY)\n"
+             "try: fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)\nexcept BlockingIOError: sys.exit(3)")
+    return subprocess.run([sys.executable, "-c", probe, str(alloc.LOCK_FILE)], timeout=30).returncode == 0
+
+
+def test_a_child_forked_while_a_thread_awaits_the_flock_holds_none_of_it():
+    """Thread T waits in flock (another description holds it); the main thread forks; once T
+    has reserved and let go, the lock is free although the child lives on."""
+    other = os.open(alloc.LOCK_FILE, os.O_RDONLY | os.O_CREAT, 0o644)
+    fcntl.flock(other, fcntl.LOCK_EX)
+    waiting = threading.Thread(target=reserve_and_let_go)
+    waiting.start()
+    time.sleep(0.5)  # T is in flock now
+    pid = os.fork()
+    if pid == 0:
+        time.sleep(5)
+        os._exit(0)
+    try:
+        fcntl.flock(other, fcntl.LOCK_UN)
+        os.close(other)
+        waiting.join(10)
+        assert not waiting.is_alive()
+        assert lock_is_free(), "the forked child kept the waiting thread's lock"
+    finally:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+
+
+def test_a_child_forked_inside_a_reservation_leaves_it_without_closing_a_file_twice():
+    read, write = os.pipe()
+    pid = -1
+    try:
+        with alloc.reserving_memory():
+            pid = os.fork()
+            if pid == 0:
+                mine = os.open(os.devnull, os.O_RDONLY)  # may get the number the reservation's file had
+    except BaseException:
+        if pid == 0:  # the child never runs on into the rest of the test session
+            os._exit(1)
+        raise
+    if pid == 0:
+        try:
+            os.fstat(mine)
+            os.write(write, b"ok")
+        finally:
+            os._exit(0)
+    os.close(write)
+    os.waitpid(pid, 0)
+    assert os.read(read, 2) == b"ok", "the child's own file was closed by the reservation's exit"
+    os.close(read)

@@ -61,3 +61,11 @@ def test_an_ungrouped_plan_keeps_a_distinct_batch_in_order():
     batch = np.array([9, 2, 7, 0], dtype=np.int64)
     plan = plan_keys(batch, TableSpec("t", num_rows=10, dim=4), 2, group=False)
     assert plan.bounds is None and plan.unique.tolist() == [9, 2, 7, 0]
+
+
+@pytest.mark.parametrize("dtype", [np.int32, np.uint32, np.uint64, np.int16])
+def test_keys_of_any_integer_type_are_planned_as_int64(dtype):
+    batch = np.array([5, 30_000, 3, 5, 29_999], dtype=dtype)  # key * n would wrap in int16/int32
+    plan = plan_keys(batch, TableSpec("t", num_rows=2**31 - 1, dim=4), 2)
+    assert plan.unique.dtype == np.int64 and sorted(plan.unique.tolist()) == [3, 5, 29_999, 30_000]
+    np.testing.assert_array_equal(plan.unique[plan.position.numpy()], batch.astype(np.int64))

@@ -6,6 +6,7 @@ Run: python -m pytest tests/test_partition.py -q
 from __future__ import annotations
 
 import hashlib
+import tracemalloc
 
 import numpy as np
 import pytest
@@ -90,3 +91,23 @@ def test_a_table_built_in_chunks_on_threads_holds_each_keys_values(monkeypatch, 
     keys = np.arange(1, 200_003, 2)
     want = torch.from_numpy(initial_values(spec.init, 99, keys, 12)).to(rows.dtype)
     assert torch.equal(rows, want)
+
+
+def test_a_shard_with_no_rows_of_a_table_makes_it(monkeypatch):
+    monkeypatch.setattr(partition, "INIT_THREADS", 3)  # the threaded path, on any host
+    table = ShardTable(TableSpec("t", num_rows=3, dim=4), 4, 5)  # keys 0-2: none is shard 4's
+    assert table.rows.shape == (0, 4)
+
+
+@pytest.mark.parametrize("init", [InitSpec("normal", std=0.1), InitSpec("uniform", bound=0.1)])
+def test_a_chunks_temporaries_stay_within_what_a_table_counts(init):
+    """A table's room check counts init_scratch_bytes per building thread."""
+    dim = 64
+    keys = np.arange(partition._chunk_rows(dim), dtype=np.int64)  # one whole chunk
+    tracemalloc.start()
+    try:
+        initial_values(init, 3, keys, dim)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert 0 < peak <= partition.init_scratch_bytes(len(keys), dim, init)
