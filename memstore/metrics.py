@@ -7,7 +7,8 @@ The servicer calls `request`, `error` and `transfer` from the counting it alread
 and the process's memory are read from the engine when Prometheus scrapes, so they cost
 nothing on the request path.
 
-Relies on prometheus-client only (no gRPC here: status codes arrive as names such as "OK").
+Relies on prometheus-client and memstore.alloc (the host's free memory) only; no gRPC here: status
+codes arrive as names such as "OK".
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.process_collector import ProcessCollector
+
+from memstore import alloc
 
 # Request latency buckets (seconds): a small lookup answers in well under a millisecond, a
 # 16 MiB one in ~15 ms on loopback, an optimizer step on 65 k rows in tens of ms.
@@ -121,6 +124,10 @@ class _EngineCollector:
             updates.add_metric([name], tele.updates)
         total.add_metric([], held_sum)
         yield from (info, rows, held, total, touched, reads, updates)
+        room = alloc.available_bytes()
+        if room is not None:
+            yield GaugeMetricFamily("memstore_host_available_bytes", "memory a new table could take on this shard's "
+                                    "host now (MemAvailable, or less under its cgroup's limit)", value=room)
         state = e.log_facts()
         if state is not None:
             yield GaugeMetricFamily("memstore_log_bytes", "write-ahead log on disk that a restart would replay",

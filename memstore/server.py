@@ -26,7 +26,7 @@ from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from memstore import wire
-from memstore.alloc import keep_freed_memory
+from memstore.alloc import available_bytes, keep_freed_memory
 from memstore.engine import ShardEngine
 from memstore.errors import (InvalidArgument, MemStoreError, ResourceExhausted, SegmentUnreachable, TableChanged,
                              TableExists, TableNotFound, Unavailable, WrongShard)
@@ -128,6 +128,7 @@ class MemStoreServicer:
                 for name, c in self._counters.items()
             ]
         log = self.engine.log_facts()
+        room = available_bytes()
         return pb.StatsResponse(
             shard_index=self.engine.shard_index,
             num_shards=self.engine.num_shards,
@@ -138,6 +139,7 @@ class MemStoreServicer:
             mapped_segments=len(self.segments),
             mapped_segment_bytes=self.segments.mapped_bytes,
             **({"log": pb.LogState(**log)} if log is not None else {}),
+            **({"available_bytes": room} if room is not None else {}),
         )
 
     def TableStats(self, request: pb.TableStatsRequest, context) -> pb.TableStatsResponse:

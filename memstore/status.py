@@ -38,6 +38,8 @@ def shard_status(shard: dict, timeout_s: float = 2.0) -> dict:
         "bytes_held": sum(t.row_bytes + t.state_bytes for t in stats.tables),
         "rss_bytes": stats.rss_bytes,
         "mapped_segment_bytes": stats.mapped_segment_bytes,  # same-host clients' memory, not the shard's
+        # What a new table could take on the shard's host (shared by the shards there); None: unknown.
+        "available_bytes": stats.available_bytes if stats.HasField("available_bytes") else None,
         "uptime_s": stats.uptime_s,
         # A trainer reads and writes all of a step's tables in one LookupMany / UpdateMany.
         "lookups_per_s": methods["Lookup"].rate_per_s + methods["LookupMany"].rate_per_s,

@@ -6,6 +6,7 @@ Run: python -m pytest tests/test_metrics.py -q
 
 from __future__ import annotations
 
+import os
 import urllib.request
 
 import grpc
@@ -82,6 +83,8 @@ def test_scraped_counters_move_by_the_traffic(shard):
     assert value(after, "memstore_table_rows_touched", table="m") == 100
     assert value(after, "memstore_table_updates_total", table="m") == 1
     assert value(after, "memstore_shard", shard_index="0", num_shards="1") == 1
+    physical = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    assert 0 < value(after, "memstore_host_available_bytes") <= physical  # room for a new table on the host
 
 
 def test_servers_in_one_process_count_apart():

@@ -329,12 +329,17 @@ def test_status_is_true_to_the_store(cluster, engram_store):
     # The driver shares the shards' host: they wrote its rows into its memory, mapped while it runs.
     assert all(s["mapped_segment_bytes"] > 0 for s in doc["shards"])
     assert all(s["rss_bytes"] > s["bytes_held"] for s in doc["shards"])
+    assert all(s["available_bytes"] > 0 for s in doc["shards"])  # room for a new table on each shard's host
     assert doc["last_checkpoint"]["version"] == layout["recovery"]["version"]
     assert all(s["log_bytes"] is not None for s in doc["shards"])
     assert all(s["log"]["failed"] == "" and s["log"]["bytes"] >= 0 for s in doc["shards"])  # each shard's own view
     from memstore.cli.status import degraded, render
 
     assert doc["restoring"] is None and doc["resumed"] is None and not degraded(doc)
+    doc["shards"][1]["available_bytes"], doc["shards"][3]["available_bytes"] = 3 * 2**30, None
+    head, *rows = render(doc).splitlines()[:5]
+    at = head.index("free GiB") + len("free GiB")  # right-aligned under its heading
+    assert rows[1][:at].endswith(" 3.00") and rows[3][:at].endswith(" -")
     doc["shards"][2]["log"]["failed"] = "OSError: [Errno 30] Read-only file system"
     assert "shard 2: its write-ahead log failed (OSError: [Errno 30] Read-only file system): it refuses every " \
            "write until it restarts" in render(doc)

@@ -6,6 +6,7 @@ Run: python -m pytest tests/test_serve_cli.py -q
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
 
@@ -16,6 +17,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from memstore import MemStoreClient, TableSpec
 from memstore.server import SERVICE
+
+PHYSICAL_BYTES = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
 def test_health_service_reports_serving(shards_2):
@@ -47,6 +50,8 @@ def test_stats_count_calls_rows_and_bytes(shards_2):
         table = next(t for t in s.tables if t.spec.name == "stats")
         assert table.local_rows == 50 and table.row_bytes == 50 * 8 * 4 and table.version == 1
         assert s.rss_bytes > 10 << 20 and s.uptime_s > 0
+        # What a new table could take on the host: Linux says (MemAvailable, cgroup limits), so it is set.
+        assert s.HasField("available_bytes") and 0 < s.available_bytes <= PHYSICAL_BYTES
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:

@@ -29,13 +29,19 @@ def _mib(n) -> str:
     return f"{n / 2**20:,.1f}" if n is not None else "-"
 
 
+def _gib(n) -> str:
+    return f"{n / 2**30:,.2f}" if n is not None else "-"
+
+
 def _rate(r) -> str:
     return f"{r:.1f}" if r is not None else "-"
 
 
 def render(doc: dict) -> str:
+    # "free GiB": what a new table could take on the shard's host (its cgroup's limit counted).
     lines = [f"{'shard':>5}  {'address':<22} {'state':<12} {'tables':>6} {'rows':>12} {'held MiB':>9} "
-             f"{'RSS MiB':>8} {'shm MiB':>8} {'lookup/s':>9} {'update/s':>9} {'lookup p50/p99 ms':>18} {'log MiB':>8}"]
+             f"{'RSS MiB':>8} {'shm MiB':>8} {'free GiB':>8} {'lookup/s':>9} {'update/s':>9} {'lookup p50/p99 ms':>18} "
+             f"{'log MiB':>8}"]
     for s in doc["shards"]:
         lat = s.get("latency_ms", {})
         lat = lat.get("LookupMany") or lat.get("Lookup")  # a trainer's lookups are LookupMany
@@ -45,7 +51,8 @@ def render(doc: dict) -> str:
                         _rate(s.get("updates_per_s")))
         lines.append(f"{s['shard_index']:>5}  {s['address']:<22} {s['state']:<12} {s.get('tables', '-'):>6} "
                      f"{rows:>12} {_mib(s.get('bytes_held')):>9} {_mib(s.get('rss_bytes')):>8} "
-                     f"{_mib(s.get('mapped_segment_bytes')):>8} {lk:>9} {up:>9} {p:>18} {_mib(s['log_bytes']):>8}")
+                     f"{_mib(s.get('mapped_segment_bytes')):>8} {_gib(s.get('available_bytes')):>8} {lk:>9} {up:>9} "
+                     f"{p:>18} {_mib(s['log_bytes']):>8}")
     if missing := [s["shard_index"] for s in doc["shards"] if "rows" not in s]:
         lines.append(f"shards {missing} did not answer: the totals below leave them out")
     for s in doc["shards"]:  # what an operator must act on, under the table

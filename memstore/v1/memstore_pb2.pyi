@@ -341,7 +341,7 @@ class MethodStats(_message.Message):
     def __init__(self, method: _Optional[str] = ..., calls: _Optional[int] = ..., errors: _Optional[int] = ..., rows: _Optional[int] = ..., bytes_in: _Optional[int] = ..., bytes_out: _Optional[int] = ..., rate_per_s: _Optional[float] = ..., p50_ms: _Optional[float] = ..., p99_ms: _Optional[float] = ..., window_s: _Optional[float] = ..., bytes_delivered: _Optional[int] = ...) -> None: ...
 
 class StatsResponse(_message.Message):
-    __slots__ = ("shard_index", "num_shards", "tables", "methods", "uptime_s", "rss_bytes", "mapped_segments", "mapped_segment_bytes", "log")
+    __slots__ = ("shard_index", "num_shards", "tables", "methods", "uptime_s", "rss_bytes", "mapped_segments", "mapped_segment_bytes", "log", "available_bytes")
     SHARD_INDEX_FIELD_NUMBER: _ClassVar[int]
     NUM_SHARDS_FIELD_NUMBER: _ClassVar[int]
     TABLES_FIELD_NUMBER: _ClassVar[int]
@@ -351,6 +351,7 @@ class StatsResponse(_message.Message):
     MAPPED_SEGMENTS_FIELD_NUMBER: _ClassVar[int]
     MAPPED_SEGMENT_BYTES_FIELD_NUMBER: _ClassVar[int]
     LOG_FIELD_NUMBER: _ClassVar[int]
+    AVAILABLE_BYTES_FIELD_NUMBER: _ClassVar[int]
     shard_index: int
     num_shards: int
     tables: _containers.RepeatedCompositeFieldContainer[TableInfo]
@@ -360,7 +361,8 @@ class StatsResponse(_message.Message):
     mapped_segments: int
     mapped_segment_bytes: int
     log: LogState
-    def __init__(self, shard_index: _Optional[int] = ..., num_shards: _Optional[int] = ..., tables: _Optional[_Iterable[_Union[TableInfo, _Mapping]]] = ..., methods: _Optional[_Iterable[_Union[MethodStats, _Mapping]]] = ..., uptime_s: _Optional[float] = ..., rss_bytes: _Optional[int] = ..., mapped_segments: _Optional[int] = ..., mapped_segment_bytes: _Optional[int] = ..., log: _Optional[_Union[LogState, _Mapping]] = ...) -> None: ...
+    available_bytes: int
+    def __init__(self, shard_index: _Optional[int] = ..., num_shards: _Optional[int] = ..., tables: _Optional[_Iterable[_Union[TableInfo, _Mapping]]] = ..., methods: _Optional[_Iterable[_Union[MethodStats, _Mapping]]] = ..., uptime_s: _Optional[float] = ..., rss_bytes: _Optional[int] = ..., mapped_segments: _Optional[int] = ..., mapped_segment_bytes: _Optional[int] = ..., log: _Optional[_Union[LogState, _Mapping]] = ..., available_bytes: _Optional[int] = ...) -> None: ...
 
 class LogState(_message.Message):
     __slots__ = ("bytes", "failed", "compactions", "last_compaction_age_s", "last_compaction_s", "last_held_s", "compaction_error")
