@@ -22,7 +22,7 @@ import torch
 
 from memstore import checkpoint as ck
 from memstore import snapshot
-from memstore import wal
+from memstore import wal, walfile
 from memstore.engine import ShardEngine
 from memstore.spec import OptimizerSpec, TableSpec
 from test_checkpoint import assert_same_tables  # tests/ is on sys.path under pytest
@@ -145,7 +145,7 @@ def test_torn_tail_is_ignored_and_cut_on_reopen(tmp_path):
 ])
 def test_a_damaged_record_with_records_after_it_stops_replay_and_truncates_nothing(tmp_path, flip):
     path, records = five_records(tmp_path, seed=2)
-    ends = [end for end, _ in wal._frames(path)]
+    ends = [end for end, _ in walfile._frames(path)]
     data = bytearray(path.read_bytes())
     at, bit = flip
     data[ends[1] + at] ^= bit
@@ -455,7 +455,7 @@ def test_a_damaged_last_record_of_a_generation_a_newer_one_follows_stops_replay(
         log.append(r)
     log.close()
     old = wal.wal_path(tmp_path, 0)
-    ends = [len(wal.MAGIC)] + [end for end, _ in wal._frames(old)]
+    ends = [len(wal.MAGIC)] + [end for end, _ in walfile._frames(old)]
     data = bytearray(old.read_bytes())
     data[-3] ^= 1  # in the last record's payload
     old.write_bytes(bytes(data))
