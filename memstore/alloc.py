@@ -40,6 +40,8 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from memstore import cgroup
+
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
 _done = False
@@ -90,9 +92,9 @@ def zeros(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
 
 def available_bytes(proc: Path = Path("/proc"), cgroups: Path = Path("/sys/fs/cgroup")) -> int | None:
     """Memory this process can take now without swapping or meeting its cgroup's OOM killer:
-    the smaller of the host's MemAvailable and cgroup_headroom; None where neither says
-    (not Linux). The paths are parameters for tests."""
-    said = [b for b in (_mem_available(proc / "meminfo"), cgroup_headroom(proc / "self" / "cgroup", cgroups))
+    the smaller of the host's MemAvailable and memstore.cgroup.memory_headroom; None where
+    neither says (not Linux). The paths are parameters for tests."""
+    said = [b for b in (_mem_available(proc / "meminfo"), cgroup.memory_headroom(proc / "self" / "cgroup", cgroups))
             if b is not None]
     return min(said) if said else None
 
@@ -106,67 +108,6 @@ def _mem_available(meminfo: Path) -> int | None:
     except (OSError, ValueError, IndexError):
         pass
     return None
-
-
-# Per cgroup version: the limit file, the usage file, and the memory.stat field of file
-# cache the kernel reclaims before it kills (counted in usage; the "working set" excludes it).
-_CGROUP_FILES = {
-    2: ("memory.max", "memory.current", "inactive_file"),
-    1: ("memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file"),
-}
-_NO_LIMIT = 1 << 62  # cgroup v1 writes "no limit" as a huge page-rounded number (2^63 - 4096)
-
-
-def cgroup_headroom(self_cgroup: Path, cgroups: Path) -> int | None:
-    """The least room left under a memory limit on the path from this process's memory
-    cgroup up to its mount's root (limit - usage + reclaimable file cache, at each level that
-    sets a limit), cgroup v2 or v1; None where no level sets one or none can be read. Inside a
-    container with its own cgroup namespace the mount's root is the container's cgroup."""
-    try:
-        lines = self_cgroup.read_text().splitlines()
-    except OSError:
-        return None
-    for line in lines:
-        _, controllers, path = (line.split(":", 2) + ["", ""])[:3]
-        if controllers == "" and (cgroups / "cgroup.controllers").exists():
-            version, mount = 2, cgroups
-        elif "memory" in controllers.split(","):
-            version, mount = 1, cgroups / "memory"
-        else:
-            continue
-        here = mount / path.strip().lstrip("/")
-        if not here.is_dir():  # the process's path is not under this mount (a namespace)
-            here = mount
-        levels = [here, *here.parents[: len(here.parts) - len(mount.parts)]]  # up to the mount
-        rooms = [r for r in (_room(d, version) for d in levels) if r is not None]
-        return min(rooms) if rooms else None
-    return None
-
-
-def _room(directory: Path, version: int) -> int | None:
-    """limit - usage + inactive file cache of one cgroup; None where it sets no limit."""
-    limit_file, usage_file, cache_field = _CGROUP_FILES[version]
-    try:
-        limit = (directory / limit_file).read_text().strip()
-        if limit == "max" or int(limit) >= _NO_LIMIT:
-            return None
-        usage = int((directory / usage_file).read_text())
-    except (OSError, ValueError):
-        return None
-    return max(0, int(limit) - usage + _stat_field(directory / "memory.stat", cache_field))
-
-
-def _stat_field(path: Path, name: str) -> int:
-    """One field of a memory.stat file; 0 where it cannot be read (no cache counted back:
-    the limit still holds)."""
-    try:
-        for line in path.read_text().splitlines():
-            field, _, value = line.partition(" ")
-            if field == name:
-                return int(value)
-    except (OSError, ValueError):
-        pass
-    return 0
 
 
 _reserving = threading.Lock()  # serialises this process's reservations; guards _held

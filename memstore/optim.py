@@ -31,8 +31,6 @@ a shard, a large update's chunks run side by side on a small thread pool instead
 
 from __future__ import annotations
 
-import functools
-import os
 import threading
 from concurrent import futures
 from concurrent.futures import ThreadPoolExecutor
@@ -40,7 +38,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
-from memstore import alloc, rounding
+from memstore import alloc, cgroup, rounding
 from memstore.keys import as_numpy
 from memstore.spec import OptimizerSpec, check_learning_rate
 
@@ -272,10 +270,9 @@ def _chunk_pool() -> ThreadPoolExecutor | None:
         return _pool
 
 
-@functools.cache
 def _cores() -> int:
-    """Cores this process may run on (read once, not on every update)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    """Cores this process may run on: its affinity, within its cgroup's CPU quota (read once)."""
+    return cgroup.usable_cores()
 
 
 def _chunk_rows(rows: torch.Tensor) -> int:

@@ -11,12 +11,12 @@ whichever shard builds it, so a table built with 1 or 5 shards holds identical r
 
 from __future__ import annotations
 
-import os
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
 
+from memstore import cgroup
 from memstore.spec import InitSpec
 from memstore.threads import serial_torch
 
@@ -119,9 +119,9 @@ def fill_initial_rows(
         list(pool.map(fill, starts))  # re-raises a chunk's error
 
 
-# Threads that build a new table's initial rows: the host's cores, up to 16. A table made
-# while the shard serves shares the cores with it.
-INIT_THREADS = max(1, min(16, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
+# Threads that build a new table's initial rows: the cores this process may use (within its
+# cgroup's CPU quota), up to 16. A table made while the shard serves shares them with it.
+INIT_THREADS = min(16, cgroup.usable_cores())
 # Bytes of temporaries a thread holds while it builds a chunk (float64 values, uint64
 # counters and their intermediates: 40 MiB for 2^20 values, measured), per value.
 _SCRATCH_BYTES_PER_VALUE = 48

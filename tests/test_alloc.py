@@ -149,65 +149,6 @@ def test_tables_are_reserved_one_at_a_time_across_threads():
     assert made.is_set()
 
 
-def write_tree(root: Path, files: dict[str, str]) -> None:
-    for name, text in files.items():
-        (root / name).parent.mkdir(parents=True, exist_ok=True)
-        (root / name).write_text(text)
-
-
-GIB = 1 << 30
-
-
-def test_cgroup_v2_headroom_is_the_least_on_the_path_to_the_root(tmp_path):
-    proc, cg = tmp_path / "proc", tmp_path / "cgroup"
-    write_tree(proc, {"self/cgroup": "0::/pods/pod1/shard\n", "meminfo": f"MemAvailable: {20 * GIB // 1024} kB\n"})
-    write_tree(cg, {
-        "cgroup.controllers": "memory\n",
-        "pods/memory.max": f"{16 * GIB}\n", "pods/memory.current": f"{10 * GIB}\n",
-        "pods/memory.stat": "anon 1\ninactive_file 0\n",
-        "pods/pod1/memory.max": f"{8 * GIB}\n", "pods/pod1/memory.current": f"{5 * GIB}\n",
-        "pods/pod1/memory.stat": f"anon 5\ninactive_file {GIB}\nactive_file {GIB}\n",
-        "pods/pod1/shard/memory.max": "max\n", "pods/pod1/shard/memory.current": f"{5 * GIB}\n",
-        "pods/pod1/shard/memory.stat": "inactive_file 0\n",
-    })
-    # pod1: 8 - 5 + 1 (its inactive file cache) = 4 GiB; pods: 16 - 10 = 6; the shard's own: no limit.
-    assert alloc.cgroup_headroom(proc / "self/cgroup", cg) == 4 * GIB
-    assert alloc.available_bytes(proc, cg) == 4 * GIB
-    (cg / "pods/pod1/memory.max").write_text("max\n")
-    assert alloc.available_bytes(proc, cg) == 6 * GIB
-    (cg / "pods/memory.max").write_text("max\n")
-    assert alloc.cgroup_headroom(proc / "self/cgroup", cg) is None
-    assert alloc.available_bytes(proc, cg) == 20 * GIB  # MemAvailable alone
-
-
-def test_cgroup_v1_headroom_and_a_namespaced_path(tmp_path):
-    proc, cg = tmp_path / "proc", tmp_path / "cgroup"
-    write_tree(proc, {"self/cgroup": "5:cpu,cpuacct:/x\n4:memory:/docker/abc\n0::/\n"})
-    write_tree(cg, {  # no cgroup.controllers: v2 is not mounted here
-        "memory/memory.limit_in_bytes": "9223372036854771712\n", "memory/memory.usage_in_bytes": "1\n",
-        "memory/memory.stat": "total_inactive_file 0\n",
-        "memory/docker/abc/memory.limit_in_bytes": f"{2 * GIB}\n",
-        "memory/docker/abc/memory.usage_in_bytes": f"{GIB}\n",
-        "memory/docker/abc/memory.stat": f"inactive_file 7\ntotal_inactive_file {GIB // 2}\n",
-    })
-    assert alloc.cgroup_headroom(proc / "self/cgroup", cg) == 3 * GIB // 2
-    assert alloc.available_bytes(proc, cg) == 3 * GIB // 2  # no meminfo: the cgroup alone
-    # A container's own cgroup namespace: its path reads "/" of a mount that is its cgroup.
-    (proc / "self/cgroup").write_text("4:memory:/\n")
-    (cg / "memory/memory.limit_in_bytes").write_text(f"{GIB}\n")
-    (cg / "memory/memory.usage_in_bytes").write_text(f"{GIB + 5}\n")
-    assert alloc.cgroup_headroom(proc / "self/cgroup", cg) == 0  # over its limit: no room, not negative
-    (proc / "self/cgroup").write_text("4:memory:/not/here\n")  # a host path this mount lacks
-    assert alloc.cgroup_headroom(proc / "self/cgroup", cg) == 0
-
-
-def test_no_cgroup_or_meminfo_says_nothing(tmp_path):
-    assert alloc.cgroup_headroom(tmp_path / "missing", tmp_path) is None
-    assert alloc.available_bytes(tmp_path, tmp_path) is None
-    write_tree(tmp_path, {"self/cgroup": "3:pids:/\n", "cg/memory/memory.limit_in_bytes": "junk\n"})
-    assert alloc.cgroup_headroom(tmp_path / "self/cgroup", tmp_path / "cg") is None
-
-
 def reserve_and_let_go() -> None:
     with alloc.reserving_memory():
         pass
