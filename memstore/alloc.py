@@ -34,6 +34,7 @@ import mmap
 import os
 import tempfile
 import threading
+import time
 from pathlib import Path
 from typing import Iterator
 
@@ -41,6 +42,7 @@ import numpy as np
 import torch
 
 from memstore import cgroup
+from memstore.errors import Unavailable
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
@@ -115,27 +117,72 @@ _held: tuple[int, int] | None = None  # (pid, fd) of the open LOCK_FILE while a 
 LOCK_FILE = Path("/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()) / "memstore-memory.lock"
 
 
+# How long a table waits for the reservation before it gives up (Unavailable, which a client
+# retries): taking a table's memory runs at ~10 GiB/s, so only a stuck holder (a process
+# stopped or hung mid-create) keeps it this long; a client's call deadline is as long.
+RESERVE_WAIT_S = 60.0
+
+
 @contextlib.contextmanager
-def reserving_memory() -> Iterator[None]:
+def reserving_memory(wait_s: float | None = None) -> Iterator[None]:
     """Held while a table checks available_bytes and takes its memory: one at a time in this
     process (a lock) and across the processes that share this /dev/shm (flock on LOCK_FILE,
     let go by the kernel if the holder dies): a host's shard processes, unless containers
     give each its own /dev/shm (then each container's cgroup limit is what bounds it). Where
     the file cannot be opened, this process's reservations alone are serialised. Not
-    re-entrant: a thread holding it must not ask again."""
+    re-entrant: a thread holding it must not ask again. Unavailable, naming the holder,
+    after wait_s (RESERVE_WAIT_S) without it: a handler thread never waits for good."""
     global _held
-    with _reserving:
+    wait_s = RESERVE_WAIT_S if wait_s is None else wait_s
+    deadline = time.monotonic() + wait_s
+    lock = _reserving  # the one to let go of: a child forked inside gets a new _reserving
+    if not lock.acquire(timeout=wait_s):
+        raise Unavailable(f"another thread of this process has held the memory reservation for tables for {wait_s:g} s")
+    try:
         fd = _open_lock_file()
         if fd is not None:
             _held = (os.getpid(), fd)  # before flock: a fork while it waits must close its copy too
         try:
             if fd is not None:
-                fcntl.flock(fd, fcntl.LOCK_EX)
+                _flock_by(fd, deadline)
             yield
         finally:
             if fd is not None and _held == (os.getpid(), fd):  # a forked child's hook closed its copy already
                 _held = None
                 os.close(fd)  # lets go of the flock
+    finally:
+        lock.release()
+
+
+def _flock_by(fd: int, deadline: float) -> None:
+    """flock(fd, LOCK_EX), polled so that it can give up at `deadline`."""
+    pause = 0.001
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                holder = _flock_holder(fd)
+                who = f"process {holder}" if holder is not None else "another process"
+                raise Unavailable(f"{who} on this host has held the memory reservation for tables ({LOCK_FILE}) "
+                                  f"too long; if it is stuck, ending it lets the reservation go") from None
+            time.sleep(pause)
+            pause = min(2 * pause, 0.05)
+
+
+def _flock_holder(fd: int) -> int | None:
+    """The pid /proc/locks names for the flock on fd's file, or None."""
+    inode = os.fstat(fd).st_ino
+    try:
+        with open("/proc/locks") as f:
+            for line in f:
+                parts = line.split()  # "1: FLOCK ADVISORY WRITE <pid> <maj:min:inode> 0 EOF"
+                if len(parts) > 5 and parts[1] == "FLOCK" and parts[5].rsplit(":", 1)[-1] == str(inode):
+                    return int(parts[4])
+    except (OSError, ValueError):
+        pass
+    return None
 
 
 def _after_fork_in_child() -> None:

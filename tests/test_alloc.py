@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from memstore import alloc
+from memstore.errors import Unavailable
 from memstore.optim import make_optimizer
 from memstore.spec import OptimizerSpec, TableSpec
 from memstore.table import ShardTable, table_row_bytes
@@ -228,3 +229,61 @@ def test_a_child_forked_inside_a_reservation_leaves_it_without_closing_a_file_tw
     os.waitpid(pid, 0)
     assert os.read(read, 2) == b"ok", "the child's own file was closed by the reservation's exit"
     os.close(read)
+
+
+def attempt(**wait) -> BaseException | None:
+    """Reserves on a thread and returns its error (None: it reserved); a wait that never ends
+    fails the test instead of hanging it."""
+    out = []
+
+    def run():
+        try:
+            with alloc.reserving_memory(**wait):
+                pass
+            out.append(None)
+        except BaseException as e:
+            out.append(e)
+
+    worker = threading.Thread(target=run)
+    worker.start()
+    worker.join(10)
+    assert out, "the reservation waited on past its limit"
+    return out[0]
+
+
+def test_a_reservation_held_too_long_by_another_process_is_unavailable_naming_it(monkeypatch):
+    """A stuck holder (stopped, hung mid-create) must not keep a create's handler thread for
+    good: it gives up with Unavailable (a client retries it) naming the holder."""
+    other = os.open(alloc.LOCK_FILE, os.O_RDONLY | os.O_CREAT, 0o644)
+    fcntl.flock(other, fcntl.LOCK_EX)  # /proc/locks names this process as the holder
+    try:
+        start = time.monotonic()
+        error = attempt(wait_s=0.3)
+        assert isinstance(error, Unavailable) and 0.3 <= time.monotonic() - start < 5
+        assert f"process {os.getpid()} on this host has held the memory reservation" in str(error)
+        monkeypatch.setattr(alloc, "RESERVE_WAIT_S", 0.2)  # a table's create waits as long
+        with pytest.raises(Unavailable, match="memory reservation"):
+            ShardTable(TableSpec("t", num_rows=10, dim=4), 0, 1)
+    finally:
+        os.close(other)
+    with alloc.reserving_memory(wait_s=5):  # free again
+        pass
+
+
+def test_a_reservation_held_too_long_by_another_thread_is_unavailable():
+    held, done = threading.Event(), threading.Event()
+
+    def hold():
+        with alloc.reserving_memory():
+            held.set()
+            done.wait(10)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    held.wait(10)
+    try:
+        error = attempt(wait_s=0.2)
+        assert isinstance(error, Unavailable) and "another thread of this process" in str(error)
+    finally:
+        done.set()
+        holder.join(10)
