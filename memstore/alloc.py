@@ -117,34 +117,40 @@ _held: tuple[int, int] | None = None  # (pid, fd) of the open LOCK_FILE while a 
 LOCK_FILE = Path("/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()) / "memstore-memory.lock"
 
 
-# How long a table waits for the reservation before it gives up (Unavailable, which a client
-# retries): taking a table's memory runs at ~10 GiB/s, so only a stuck holder (a process
-# stopped or hung mid-create) keeps it this long; a client's call deadline is as long.
-RESERVE_WAIT_S = 60.0
+# A reservation is given up (Unavailable, naming the holder) only when one holder has kept it
+# this long. Taking a table's memory runs at ~10 GiB/s, so such a holder is stuck (stopped,
+# hung mid-create), not making a large table; a queue of holders, each quick, is waited out
+# however long it is (shards restoring side by side on one host). A handler thread so never
+# waits for good behind a stuck process.
+RESERVE_STUCK_S = 300.0
+# How often a waiter asks /proc/locks who holds the flock (a new holder restarts its clock).
+_HOLDER_POLL_S = 0.25
+_taken = 0  # reservations taken in this process so far: a waiting thread sees its holder change
 
 
 @contextlib.contextmanager
-def reserving_memory(wait_s: float | None = None) -> Iterator[None]:
+def reserving_memory(stuck_s: float | None = None) -> Iterator[None]:
     """Held while a table checks available_bytes and takes its memory: one at a time in this
     process (a lock) and across the processes that share this /dev/shm (flock on LOCK_FILE,
     let go by the kernel if the holder dies): a host's shard processes, unless containers
     give each its own /dev/shm (then each container's cgroup limit is what bounds it). Where
     the file cannot be opened, this process's reservations alone are serialised. Not
-    re-entrant: a thread holding it must not ask again. Unavailable, naming the holder,
-    after wait_s (RESERVE_WAIT_S) without it: a handler thread never waits for good."""
-    global _held
-    wait_s = RESERVE_WAIT_S if wait_s is None else wait_s
-    deadline = time.monotonic() + wait_s
+    re-entrant: a thread holding it must not ask again. Unavailable once one holder has kept
+    it stuck_s (RESERVE_STUCK_S) seconds while this one waited."""
+    global _held, _taken
+    stuck_s = RESERVE_STUCK_S if stuck_s is None else stuck_s
+    if not (isinstance(stuck_s, (int, float)) and 0 <= stuck_s < float("inf")):
+        raise ValueError(f"stuck_s must be a finite number of seconds, 0 or more, got {stuck_s!r}")
     lock = _reserving  # the one to let go of: a child forked inside gets a new _reserving
-    if not lock.acquire(timeout=wait_s):
-        raise Unavailable(f"another thread of this process has held the memory reservation for tables for {wait_s:g} s")
+    _acquire_unless_stuck(lock, stuck_s)
     try:
+        _taken += 1
         fd = _open_lock_file()
         if fd is not None:
             _held = (os.getpid(), fd)  # before flock: a fork while it waits must close its copy too
         try:
             if fd is not None:
-                _flock_by(fd, deadline)
+                _flock_unless_stuck(fd, stuck_s)
             yield
         finally:
             if fd is not None and _held == (os.getpid(), fd):  # a forked child's hook closed its copy already
@@ -154,32 +160,51 @@ def reserving_memory(wait_s: float | None = None) -> Iterator[None]:
         lock.release()
 
 
-def _flock_by(fd: int, deadline: float) -> None:
-    """flock(fd, LOCK_EX), polled so that it can give up at `deadline`."""
-    pause = 0.001
+def _acquire_unless_stuck(lock: threading.Lock, stuck_s: float) -> None:
+    """lock.acquire(), given up once one holder (told apart by _taken) has kept it stuck_s."""
+    seen, since = _taken, time.monotonic()
+    while not lock.acquire(timeout=min(_HOLDER_POLL_S, stuck_s)):
+        now = time.monotonic()
+        if _taken != seen:
+            seen, since = _taken, now
+        elif now - since >= stuck_s:
+            raise Unavailable(f"another thread of this process has held the memory reservation for tables for "
+                              f"{stuck_s:g} s: a create or restore of it is stuck")
+
+
+def _flock_unless_stuck(fd: int, stuck_s: float) -> None:
+    """flock(fd, LOCK_EX), polled, given up once one holder has kept it stuck_s."""
+    pause, seen, start = 0.001, _flock_holder(fd), time.monotonic()
+    since = checked = start
     while True:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             return
         except BlockingIOError:
-            if time.monotonic() >= deadline:
-                holder = _flock_holder(fd)
-                who = f"process {holder}" if holder is not None else "another process"
+            now = time.monotonic()
+            if now - checked >= _HOLDER_POLL_S:
+                checked, holder = now, _flock_holder(fd)
+                if holder != seen:  # None when /proc/locks does not say: then the whole wait counts
+                    seen, since = holder, now
+            if now - since >= stuck_s:
+                who = f"process {seen}" if seen is not None else "another process"
                 raise Unavailable(f"{who} on this host has held the memory reservation for tables ({LOCK_FILE}) "
-                                  f"too long; if it is stuck, ending it lets the reservation go") from None
+                                  f"for {now - since:.0f} s; if it is stuck, ending it lets the reservation go") from None
             time.sleep(pause)
             pause = min(2 * pause, 0.05)
 
 
 def _flock_holder(fd: int) -> int | None:
-    """The pid /proc/locks names for the flock on fd's file, or None."""
-    inode = os.fstat(fd).st_ino
+    """The pid /proc/locks names for the flock on fd's file (matched by device and inode:
+    each tmpfs numbers its own inodes), or None; 0 (a holder in another pid namespace) too."""
+    st = os.fstat(fd)
+    where = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
     try:
         with open("/proc/locks") as f:
             for line in f:
-                parts = line.split()  # "1: FLOCK ADVISORY WRITE <pid> <maj:min:inode> 0 EOF"
-                if len(parts) > 5 and parts[1] == "FLOCK" and parts[5].rsplit(":", 1)[-1] == str(inode):
-                    return int(parts[4])
+                parts = line.split()  # "1: FLOCK ADVISORY WRITE <pid> <maj:min:inode> 0 EOF"; waiters: "1: -> FLOCK"
+                if len(parts) > 5 and parts[1] == "FLOCK" and parts[5] == where:
+                    return int(parts[4]) or None
     except (OSError, ValueError):
         pass
     return None

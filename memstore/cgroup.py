@@ -58,8 +58,13 @@ def _least(self_cgroup: Path, cgroups: Path, controller: str, of_level) -> int |
 def usable_cores() -> int:
     """Cores this process may run on: its affinity mask, and no more than its CPU quota
     allows (read once: thread pools are sized from it)."""
+    return cores_within_quota()
+
+
+def cores_within_quota(self_cgroup: Path = SELF_CGROUP, cgroups: Path = CGROUPS) -> int:
+    """usable_cores() of the given cgroup files (not cached)."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    quota = cpu_limit()
+    quota = cpu_limit(self_cgroup, cgroups)
     return max(1, min(cores, quota) if quota is not None else cores)
 
 
@@ -72,18 +77,19 @@ def _levels(self_cgroup: Path, cgroups: Path, controller: str) -> tuple[int, lis
         return None
     for line in lines:
         _, controllers, path = (line.split(":", 2) + ["", ""])[:3]
-        if controllers == "" and (cgroups / "cgroup.controllers").exists():
+        # os.path's tests, not Path's: they say False for a directory this user may not read.
+        if controllers == "" and os.path.exists(cgroups / "cgroup.controllers"):
             version, mount = 2, cgroups
         elif controller in controllers.split(","):
             # v1 mounts a controller alone or co-mounted ("cpu,cpuacct"), often with a link per name.
-            mounts = [m for m in (cgroups / controllers, cgroups / controller) if m.is_dir()]
+            mounts = [m for m in (cgroups / controllers, cgroups / controller) if os.path.isdir(m)]
             if not mounts:
                 continue
             version, mount = 1, mounts[0]
         else:
             continue
         here = mount / path.strip().lstrip("/")
-        if not here.is_dir():  # the process's path is not under this mount (a namespace)
+        if ".." in here.parts or not os.path.isdir(here):  # not under this mount (a namespace)
             here = mount
         return version, [here, *here.parents[: len(here.parts) - len(mount.parts)]]
     return None

@@ -103,3 +103,22 @@ def test_this_process_may_use_at_least_one_core_and_no_more_than_its_affinity():
     import os
 
     assert 1 <= cgroup.usable_cores() <= len(os.sched_getaffinity(0))
+
+
+def test_a_quota_below_the_affinity_mask_sizes_the_pools(tmp_path):
+    import os
+
+    proc, cg = tmp_path / "proc", tmp_path / "cgroup"
+    write_tree(proc, {"self/cgroup": "0::/shard\n"})
+    write_tree(cg, {"cgroup.controllers": "cpu\n", "shard/cpu.max": "100000 100000\n"})
+    assert cgroup.cores_within_quota(proc / "self/cgroup", cg) == 1
+    (cg / "shard/cpu.max").write_text("max 100000\n")
+    assert cgroup.cores_within_quota(proc / "self/cgroup", cg) == len(os.sched_getaffinity(0))
+
+
+def test_a_path_that_climbs_out_of_the_mount_reads_the_mount(tmp_path):
+    proc, cg = tmp_path / "proc", tmp_path / "cgroup"
+    write_tree(proc, {"self/cgroup": "0::/../elsewhere\n"})  # a process outside its namespace's root
+    write_tree(cg, {"cgroup.controllers": "memory\n", "memory.max": "1000\n", "memory.current": "400\n"})
+    write_tree(tmp_path, {"elsewhere/memory.max": "100\n", "elsewhere/memory.current": "0\n"})  # not a cgroup of the mount
+    assert cgroup.memory_headroom(proc / "self/cgroup", cg) == 600
