@@ -104,8 +104,10 @@ def stop_local_ray(gcs_address: str) -> int:
     Returns the number of processes signalled."""
     ray.shutdown()
     port = gcs_address.rsplit(":", 1)[1]
-    # Ray's daemons name their GCS so; a user's `--address=` (a script, this CLI) is not matched.
+    # Ray's daemons name their GCS so; a user's `--address=` (a script, this CLI) is not matched,
+    # but that of the Ray Client server `ray start --head` leaves running (reparented to init).
     markers = (f"--gcs_server_port={port}", f"--gcs-address={gcs_address}")
+    client_server = ("ray.util.client.server", f"--address={gcs_address}")
     programs = {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit() or int(entry) == os.getpid():
@@ -115,7 +117,7 @@ def stop_local_ray(gcs_address: str) -> int:
                 argv = f.read().decode(errors="replace").split("\0")
         except OSError:
             continue
-        if any(arg in markers for arg in argv):
+        if any(arg in markers for arg in argv) or all(arg in argv for arg in client_server):
             programs[int(entry)] = os.path.basename(argv[0])
     # the raylet's agents (dashboard, runtime env) name no address
     pids = list(programs) + _descendants(list(programs))
