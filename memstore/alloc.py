@@ -174,8 +174,8 @@ def _acquire_unless_stuck(lock: threading.Lock, stuck_s: float) -> None:
 
 def _flock_unless_stuck(fd: int, stuck_s: float) -> None:
     """flock(fd, LOCK_EX), polled, given up once one holder has kept it stuck_s."""
-    pause, seen, start = 0.001, _flock_holder(fd), time.monotonic()
-    since = checked = start
+    pause, seen = 0.001, _flock_holder(fd)
+    since = checked = time.monotonic()
     while True:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

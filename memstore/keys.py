@@ -170,8 +170,7 @@ def _sort_with_order(keys: np.ndarray, num_rows: int) -> tuple[np.ndarray, np.nd
     if n < 2 or bool((keys[1:] > keys[:-1]).all()):
         return keys, None
     if num_rows <= (2**63 - 1) // n:
-        ordered, order = np.divmod(np.sort(keys * n + np.arange(n, dtype=np.int64)), n)
-        return ordered, order
+        return tuple(np.divmod(np.sort(keys * n + np.arange(n, dtype=np.int64)), n))
     order = np.argsort(keys)
     return keys[order], order
 
